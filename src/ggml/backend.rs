@@ -1,0 +1,205 @@
+//! Backends, buffers, tensor stores and the scheduler.
+
+use super::{Context, Graph, Tensor};
+use llama_cpp_sys_2 as sys;
+use std::collections::HashMap;
+use std::ffi::CStr;
+use std::ptr::NonNull;
+use std::sync::Arc;
+
+/// Owns a `ggml_backend_t` (a device stream: CPU, CUDA, Metal, Vulkan).
+pub struct Backend {
+    ptr: NonNull<sys::ggml_backend>,
+}
+
+// SAFETY: a backend handle may be used from any one thread at a time; Backend
+// is not Sync, so no two threads use it concurrently.
+unsafe impl Send for Backend {}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        // SAFETY: freed exactly once; schedulers hold an Arc to it, so none is
+        // alive here. Buffers do not reference the backend object.
+        unsafe { sys::ggml_backend_free(self.ptr.as_ptr()) }
+    }
+}
+
+impl Backend {
+    /// The CPU backend with `n_threads` threads.
+    pub fn cpu(n_threads: usize) -> Arc<Self> {
+        super::init_logging();
+        // SAFETY: plain constructor; null only on allocation failure.
+        let ptr = unsafe { sys::ggml_backend_cpu_init() };
+        let b = Backend {
+            ptr: NonNull::new(ptr).expect("ggml_backend_cpu_init failed"),
+        };
+        // SAFETY: b is a CPU backend.
+        unsafe { sys::ggml_backend_cpu_set_n_threads(b.raw(), n_threads.max(1) as i32) };
+        Arc::new(b)
+    }
+
+    pub(crate) fn raw(&self) -> sys::ggml_backend_t {
+        self.ptr.as_ptr()
+    }
+
+    /// The backend's name (e.g. "CPU").
+    pub fn name(&self) -> String {
+        // SAFETY: valid backend; the name is a static NUL-terminated string.
+        unsafe { CStr::from_ptr(sys::ggml_backend_name(self.raw())) }
+            .to_string_lossy()
+            .into_owned()
+    }
+
+    /// Allocates every tensor of `ctx` in one buffer of this backend and
+    /// returns both as a store whose tensors can be looked up by name.
+    pub fn alloc_store(&self, ctx: Context) -> TensorStore {
+        // SAFETY: ctx is a no_alloc context whose tensors have no data yet;
+        // returns null when the context has no tensors or allocation fails.
+        let p = unsafe { sys::ggml_backend_alloc_ctx_tensors(ctx.raw(), self.raw()) };
+        let buf = NonNull::new(p).map(|ptr| Buffer { ptr });
+        let mut names = HashMap::new();
+        for (i, t) in ctx.tensors().into_iter().enumerate() {
+            assert!(
+                buf.is_some(),
+                "allocating {} tensors on {} failed",
+                i + 1,
+                self.name()
+            );
+            names.insert(t.name(), i);
+        }
+        TensorStore { buf, ctx, names }
+    }
+}
+
+/// Owns a backend buffer. Buffers reference their buffer type, not the
+/// backend object, so they need no lifetime.
+pub struct Buffer {
+    ptr: NonNull<sys::ggml_backend_buffer>,
+}
+
+// SAFETY: a buffer is plain device memory; access goes through &self methods
+// that ggml synchronises per call.
+unsafe impl Send for Buffer {}
+
+impl Drop for Buffer {
+    fn drop(&mut self) {
+        // SAFETY: freed exactly once.
+        unsafe { sys::ggml_backend_buffer_free(self.ptr.as_ptr()) }
+    }
+}
+
+impl Buffer {
+    /// Size in bytes.
+    pub fn size(&self) -> usize {
+        // SAFETY: valid buffer.
+        unsafe { sys::ggml_backend_buffer_get_size(self.ptr.as_ptr()) }
+    }
+
+    /// Fills the whole buffer with a byte value.
+    pub fn clear(&self, value: u8) {
+        // SAFETY: valid buffer.
+        unsafe { sys::ggml_backend_buffer_clear(self.ptr.as_ptr(), value) }
+    }
+}
+
+/// A context together with the buffer holding its tensors' data; tensors
+/// handed out borrow the store, so their data cannot be freed under them.
+pub struct TensorStore {
+    buf: Option<Buffer>,
+    ctx: Context,
+    names: HashMap<String, usize>,
+}
+
+impl TensorStore {
+    /// The tensor with this name.
+    pub fn get(&self, name: &str) -> Option<Tensor<'_>> {
+        let &i = self.names.get(name)?;
+        self.ctx.tensors().get(i).copied()
+    }
+
+    /// Every tensor, in creation order.
+    pub fn tensors(&self) -> Vec<Tensor<'_>> {
+        self.ctx.tensors()
+    }
+
+    /// Bytes of device memory held.
+    pub fn size(&self) -> usize {
+        self.buf.as_ref().map_or(0, |b| b.size())
+    }
+
+    /// Zeroes all data.
+    pub fn clear(&self) {
+        if let Some(b) = &self.buf {
+            b.clear(0)
+        }
+    }
+}
+
+/// Owns a `ggml_backend_sched`: allocates graphs and runs them over one or
+/// more backends (the first preferred, the last the CPU).
+pub struct Sched {
+    ptr: NonNull<sys::ggml_backend_sched>,
+    _backends: Vec<Arc<Backend>>,
+}
+
+impl Drop for Sched {
+    fn drop(&mut self) {
+        // SAFETY: freed exactly once, before the backends it holds.
+        unsafe { sys::ggml_backend_sched_free(self.ptr.as_ptr()) }
+    }
+}
+
+/// Why a graph could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ComputeError {
+    #[error("could not allocate compute buffers for a graph of {0} nodes (out of memory?)")]
+    Alloc(usize),
+    #[error("graph computation failed with ggml status {0}")]
+    Status(i32),
+}
+
+impl Sched {
+    /// A scheduler over `backends` for graphs of up to `graph_size` nodes.
+    pub fn new(backends: &[Arc<Backend>], graph_size: usize) -> Self {
+        let mut raw: Vec<sys::ggml_backend_t> = backends.iter().map(|b| b.raw()).collect();
+        // SAFETY: raw holds valid backends kept alive by the Arcs stored in the
+        // scheduler; null bufts selects each backend's default buffer type.
+        let p = unsafe {
+            sys::ggml_backend_sched_new(
+                raw.as_mut_ptr(),
+                std::ptr::null_mut(),
+                raw.len() as i32,
+                graph_size,
+                false,
+                false,
+            )
+        };
+        Sched {
+            ptr: NonNull::new(p).expect("ggml_backend_sched_new failed"),
+            _backends: backends.to_vec(),
+        }
+    }
+
+    /// Allocates the graph's tensors (inputs can be written after this).
+    pub fn alloc(&mut self, g: &Graph<'_>) -> Result<(), ComputeError> {
+        // SAFETY: valid scheduler and graph; reset frees the previous allocation.
+        unsafe { sys::ggml_backend_sched_reset(self.ptr.as_ptr()) };
+        // SAFETY: as above.
+        if unsafe { sys::ggml_backend_sched_alloc_graph(self.ptr.as_ptr(), g.raw()) } {
+            Ok(())
+        } else {
+            Err(ComputeError::Alloc(g.n_nodes()))
+        }
+    }
+
+    /// Runs an allocated graph to completion.
+    pub fn compute(&mut self, g: &Graph<'_>) -> Result<(), ComputeError> {
+        // SAFETY: the graph was allocated by this scheduler and its inputs set.
+        let st = unsafe { sys::ggml_backend_sched_graph_compute(self.ptr.as_ptr(), g.raw()) };
+        if st == sys::GGML_STATUS_SUCCESS {
+            Ok(())
+        } else {
+            Err(ComputeError::Status(st))
+        }
+    }
+}

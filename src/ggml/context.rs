@@ -1,0 +1,491 @@
+//! ggml contexts, tensors and graphs.
+//!
+//! A [`Context`] owns the tensor metadata arena; a [`Tensor`] is a copyable
+//! handle that borrows its context, so it cannot outlive it. Contexts are
+//! always created with `no_alloc`: tensor data lives in backend buffers.
+
+use super::GgmlType;
+use llama_cpp_sys_2 as sys;
+use std::ffi::CString;
+use std::marker::PhantomData;
+use std::ptr::NonNull;
+
+/// Owns a `ggml_context` (tensor and graph metadata only; data lives in backend buffers).
+pub struct Context {
+    ptr: NonNull<sys::ggml_context>,
+}
+
+// SAFETY: a ggml context is a plain arena with no thread affinity; all
+// mutation goes through &self methods that the borrow checker serialises per
+// thread, and Context is not Sync.
+unsafe impl Send for Context {}
+
+impl Drop for Context {
+    fn drop(&mut self) {
+        // SAFETY: ptr came from ggml_init and is freed exactly once.
+        unsafe { sys::ggml_free(self.ptr.as_ptr()) }
+    }
+}
+
+/// A handle to a tensor whose metadata lives in a context borrowed for `'a`.
+#[derive(Clone, Copy)]
+pub struct Tensor<'a> {
+    ptr: NonNull<sys::ggml_tensor>,
+    _ctx: PhantomData<&'a Context>,
+}
+
+/// A computation graph allocated in a context borrowed for `'a`.
+pub struct Graph<'a> {
+    ptr: NonNull<sys::ggml_cgraph>,
+    _ctx: PhantomData<&'a Context>,
+}
+
+impl Context {
+    /// A metadata-only context with room for `n_tensors` tensors and one
+    /// graph of `graph_size` nodes (with gradients if `grads`).
+    pub fn new(n_tensors: usize, graph_size: usize, grads: bool) -> Self {
+        // SAFETY: pure size queries.
+        let mem = unsafe {
+            sys::ggml_tensor_overhead() * n_tensors
+                + if graph_size > 0 {
+                    sys::ggml_graph_overhead_custom(graph_size, grads)
+                } else {
+                    0
+                }
+        } + 1024;
+        let params = sys::ggml_init_params {
+            mem_size: mem,
+            mem_buffer: std::ptr::null_mut(),
+            no_alloc: true,
+        };
+        // SAFETY: ggml allocates its own arena (mem_buffer null); no_alloc means
+        // tensors get no data here.
+        let ptr = unsafe { sys::ggml_init(params) };
+        Context {
+            ptr: NonNull::new(ptr).expect("ggml_init failed (out of memory)"),
+        }
+    }
+
+    pub(crate) fn raw(&self) -> *mut sys::ggml_context {
+        self.ptr.as_ptr()
+    }
+
+    fn wrap<'a>(&'a self, p: *mut sys::ggml_tensor) -> Tensor<'a> {
+        Tensor {
+            ptr: NonNull::new(p).expect("ggml returned a null tensor (context full)"),
+            _ctx: PhantomData,
+        }
+    }
+
+    /// A new tensor of shape `ne` (1 to 4 dims, ggml order).
+    pub fn new_tensor(&self, ty: GgmlType, ne: &[i64]) -> Tensor<'_> {
+        assert!((1..=4).contains(&ne.len()));
+        // SAFETY: ctx is valid; ne has ne.len() entries.
+        self.wrap(unsafe {
+            sys::ggml_new_tensor(self.raw(), ty.raw(), ne.len() as i32, ne.as_ptr())
+        })
+    }
+
+    /// A new graph with room for `size` nodes.
+    pub fn new_graph(&self, size: usize, grads: bool) -> Graph<'_> {
+        // SAFETY: the context was sized for a graph of this size by the caller;
+        // ggml asserts (aborts) otherwise.
+        let p = unsafe { sys::ggml_new_graph_custom(self.raw(), size, grads) };
+        Graph {
+            ptr: NonNull::new(p).expect("graph allocation failed"),
+            _ctx: PhantomData,
+        }
+    }
+
+    /// Iterates over every tensor created in this context.
+    pub fn tensors(&self) -> Vec<Tensor<'_>> {
+        let mut out = Vec::new();
+        // SAFETY: walking the context's own tensor list.
+        let mut t = unsafe { sys::ggml_get_first_tensor(self.raw()) };
+        while !t.is_null() {
+            out.push(self.wrap(t));
+            // SAFETY: t is a tensor of this context.
+            t = unsafe { sys::ggml_get_next_tensor(self.raw(), t) };
+        }
+        out
+    }
+}
+
+macro_rules! unary_ops {
+    ($($(#[$m:meta])* $name:ident => $f:ident;)*) => {
+        impl Context {
+            $($(#[$m])* pub fn $name<'a>(&'a self, a: Tensor<'a>) -> Tensor<'a> {
+                // SAFETY: valid context and tensor; ggml checks shapes.
+                self.wrap(unsafe { sys::$f(self.raw(), a.raw()) })
+            })*
+        }
+    };
+}
+
+macro_rules! binary_ops {
+    ($($(#[$m:meta])* $name:ident => $f:ident;)*) => {
+        impl Context {
+            $($(#[$m])* pub fn $name<'a>(&'a self, a: Tensor<'a>, b: Tensor<'a>) -> Tensor<'a> {
+                // SAFETY: valid context and tensors; ggml checks shapes.
+                self.wrap(unsafe { sys::$f(self.raw(), a.raw(), b.raw()) })
+            })*
+        }
+    };
+}
+
+unary_ops! {
+    /// Makes a tensor contiguous.
+    cont => ggml_cont;
+    /// Swaps the first two dimensions (a view).
+    transpose => ggml_transpose;
+    /// x * sigmoid(x).
+    silu => ggml_silu;
+    /// x².
+    sqr => ggml_sqr;
+    /// log(1 + exp(x)).
+    softplus => ggml_softplus;
+    /// exp(x).
+    exp => ggml_exp;
+    /// tanh(x) (no backward in ggml: inference only).
+    tanh => ggml_tanh;
+    /// Sums each row.
+    sum_rows => ggml_sum_rows;
+    /// Sums all elements to a scalar.
+    sum => ggml_sum;
+}
+
+binary_ops! {
+    /// `a.ne=[K,M], b.ne=[K,N]` → `[M,N]`: rows of a dotted with rows of b.
+    mul_mat => ggml_mul_mat;
+    /// Element-wise sum with broadcasting of b.
+    add => ggml_add;
+    /// Element-wise product with broadcasting of b.
+    mul => ggml_mul;
+    /// Element-wise difference with broadcasting of b.
+    sub => ggml_sub;
+    /// Rows of a selected by the I32 indices in b.
+    get_rows => ggml_get_rows;
+    /// Copies a into b's layout (and type); returns the view of b.
+    cpy => ggml_cpy;
+    /// silu(a) * b.
+    swiglu_split => ggml_swiglu_split;
+    /// gelu(a) * b (tanh approximation; no backward in ggml).
+    geglu_split => ggml_geglu_split;
+    /// Cross-entropy of softmax(a) against probabilities b, summed to a scalar.
+    cross_entropy_loss => ggml_cross_entropy_loss;
+    /// Repeats a to b's shape.
+    repeat => ggml_repeat;
+}
+
+impl Context {
+    /// a * s.
+    pub fn scale<'a>(&'a self, a: Tensor<'a>, s: f32) -> Tensor<'a> {
+        // SAFETY: valid context and tensor.
+        self.wrap(unsafe { sys::ggml_scale(self.raw(), a.raw(), s) })
+    }
+
+    /// RMS-normalises each row: x / sqrt(mean(x²) + eps).
+    pub fn rms_norm<'a>(&'a self, a: Tensor<'a>, eps: f32) -> Tensor<'a> {
+        // SAFETY: valid context and tensor.
+        self.wrap(unsafe { sys::ggml_rms_norm(self.raw(), a.raw(), eps) })
+    }
+
+    /// Softmax over rows of `a * scale + mask`.
+    pub fn soft_max_ext<'a>(
+        &'a self,
+        a: Tensor<'a>,
+        mask: Option<Tensor<'a>>,
+        scale: f32,
+    ) -> Tensor<'a> {
+        let m = mask.map_or(std::ptr::null_mut(), |m| m.raw());
+        // SAFETY: valid context and tensors; ggml checks the mask shape.
+        self.wrap(unsafe { sys::ggml_soft_max_ext(self.raw(), a.raw(), m, scale, 0.0) })
+    }
+
+    /// Rotary embedding of `a` ([head_dim, heads, tokens]) at positions `pos` (I32).
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope_ext<'a>(
+        &'a self,
+        a: Tensor<'a>,
+        pos: Tensor<'a>,
+        n_dims: i32,
+        mode: i32,
+        n_ctx_orig: i32,
+        freq_base: f32,
+        freq_scale: f32,
+    ) -> Tensor<'a> {
+        // SAFETY: valid context and tensors. ext_factor 0 (no YaRN), attn_factor
+        // 1, beta_fast 32, beta_slow 1 match llama.cpp's defaults without YaRN.
+        self.wrap(unsafe {
+            sys::ggml_rope_ext(
+                self.raw(),
+                a.raw(),
+                pos.raw(),
+                std::ptr::null_mut(),
+                n_dims,
+                mode,
+                n_ctx_orig,
+                freq_base,
+                freq_scale,
+                0.0,
+                1.0,
+                32.0,
+                1.0,
+            )
+        })
+    }
+
+    /// Reinterprets a contiguous tensor with a new shape.
+    pub fn reshape<'a>(&'a self, a: Tensor<'a>, ne: &[i64]) -> Tensor<'a> {
+        // SAFETY: valid context and tensor; ggml asserts element counts match
+        // and that `a` is contiguous.
+        let p = unsafe {
+            match *ne {
+                [a0] => sys::ggml_reshape_1d(self.raw(), a.raw(), a0),
+                [a0, a1] => sys::ggml_reshape_2d(self.raw(), a.raw(), a0, a1),
+                [a0, a1, a2] => sys::ggml_reshape_3d(self.raw(), a.raw(), a0, a1, a2),
+                [a0, a1, a2, a3] => sys::ggml_reshape_4d(self.raw(), a.raw(), a0, a1, a2, a3),
+                _ => panic!("reshape to {} dims", ne.len()),
+            }
+        };
+        self.wrap(p)
+    }
+
+    /// Permutes dimensions: axis i of `a` becomes axis `axes[i]`.
+    pub fn permute<'a>(&'a self, a: Tensor<'a>, axes: [i32; 4]) -> Tensor<'a> {
+        // SAFETY: valid context and tensor; ggml asserts a valid permutation.
+        self.wrap(unsafe {
+            sys::ggml_permute(self.raw(), a.raw(), axes[0], axes[1], axes[2], axes[3])
+        })
+    }
+
+    /// A strided view: shape `ne`, byte strides `nb` (for dims 1..), byte offset.
+    pub fn view<'a>(
+        &'a self,
+        a: Tensor<'a>,
+        ne: &[i64],
+        nb: &[usize],
+        offset: usize,
+    ) -> Tensor<'a> {
+        // SAFETY: valid context and tensor; ggml asserts the view stays inside a.
+        let p = unsafe {
+            match (ne, nb) {
+                ([a0], []) => sys::ggml_view_1d(self.raw(), a.raw(), *a0, offset),
+                ([a0, a1], [b1]) => sys::ggml_view_2d(self.raw(), a.raw(), *a0, *a1, *b1, offset),
+                ([a0, a1, a2], [b1, b2]) => {
+                    sys::ggml_view_3d(self.raw(), a.raw(), *a0, *a1, *a2, *b1, *b2, offset)
+                }
+                ([a0, a1, a2, a3], [b1, b2, b3]) => sys::ggml_view_4d(
+                    self.raw(),
+                    a.raw(),
+                    *a0,
+                    *a1,
+                    *a2,
+                    *a3,
+                    *b1,
+                    *b2,
+                    *b3,
+                    offset,
+                ),
+                _ => panic!("view with {} dims and {} strides", ne.len(), nb.len()),
+            }
+        };
+        self.wrap(p)
+    }
+}
+
+impl<'a> Tensor<'a> {
+    pub(crate) fn raw(self) -> *mut sys::ggml_tensor {
+        self.ptr.as_ptr()
+    }
+
+    fn get(&self) -> &sys::ggml_tensor {
+        // SAFETY: the tensor lives as long as its context, which 'a borrows.
+        unsafe { self.ptr.as_ref() }
+    }
+
+    /// Shape, ggml order, always 4 entries.
+    pub fn ne(self) -> [i64; 4] {
+        self.get().ne
+    }
+
+    /// Byte strides.
+    pub fn nb(self) -> [usize; 4] {
+        self.get().nb
+    }
+
+    /// Element type.
+    pub fn ty(self) -> GgmlType {
+        GgmlType::from_code(self.get().type_).expect("known type")
+    }
+
+    /// Number of elements.
+    pub fn n_elements(self) -> usize {
+        self.ne().iter().product::<i64>() as usize
+    }
+
+    /// Bytes of data.
+    pub fn n_bytes(self) -> usize {
+        // SAFETY: valid tensor.
+        unsafe { sys::ggml_nbytes(self.raw()) }
+    }
+
+    /// Sets the tensor's name (truncated to ggml's 63 bytes).
+    pub fn set_name(self, name: &str) -> Self {
+        let c = CString::new(name.replace('\0', "")).unwrap();
+        // SAFETY: valid tensor; ggml copies and truncates the name.
+        unsafe { sys::ggml_set_name(self.raw(), c.as_ptr()) };
+        self
+    }
+
+    /// The tensor's name.
+    pub fn name(self) -> String {
+        let n = &self.get().name;
+        let bytes: Vec<u8> = n
+            .iter()
+            .take_while(|&&c| c != 0)
+            .map(|&c| c as u8)
+            .collect();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    /// Marks the tensor as a graph input (allocated before compute, not reused).
+    pub fn set_input(self) -> Self {
+        // SAFETY: flag update on a valid tensor.
+        unsafe { sys::ggml_set_input(self.raw()) };
+        self
+    }
+
+    /// Marks the tensor as a graph output (never overwritten during compute).
+    pub fn set_output(self) -> Self {
+        // SAFETY: flag update on a valid tensor.
+        unsafe { sys::ggml_set_output(self.raw()) };
+        self
+    }
+
+    /// Marks the tensor as a trainable parameter (gets a gradient).
+    pub fn set_param(self) -> Self {
+        // SAFETY: flag update on a valid tensor.
+        unsafe { sys::ggml_set_param(self.raw()) };
+        self
+    }
+
+    /// Marks the tensor as the loss (a scalar the backward pass starts from).
+    pub fn set_loss(self) -> Self {
+        // SAFETY: flag update on a valid tensor.
+        unsafe { sys::ggml_set_loss(self.raw()) };
+        self
+    }
+
+    /// Whether the tensor has data in a backend buffer.
+    pub fn is_allocated(self) -> bool {
+        !self.get().data.is_null()
+    }
+
+    /// Copies host bytes into the tensor (which must be allocated and contiguous).
+    pub fn write_bytes(self, data: &[u8]) {
+        assert!(
+            self.is_allocated(),
+            "tensor '{}' is not allocated",
+            self.name()
+        );
+        assert_eq!(
+            data.len(),
+            self.n_bytes(),
+            "byte count for tensor '{}'",
+            self.name()
+        );
+        // SAFETY: the tensor is allocated in a backend buffer and data has exactly
+        // its byte size.
+        unsafe {
+            sys::ggml_backend_tensor_set(self.raw(), data.as_ptr() as *const _, 0, data.len())
+        }
+    }
+
+    /// Copies f32 values into an F32 tensor.
+    pub fn write_f32(self, data: &[f32]) {
+        assert_eq!(self.ty(), GgmlType::F32);
+        let bytes: &[u8] = bytemuck_f32(data);
+        self.write_bytes(bytes)
+    }
+
+    /// Copies i32 values into an I32 tensor.
+    pub fn write_i32(self, data: &[i32]) {
+        assert_eq!(self.ty(), GgmlType::I32);
+        // SAFETY: i32 has no padding and alignment ≥ u8's; the slice covers
+        // exactly len*4 initialised bytes.
+        let bytes =
+            unsafe { std::slice::from_raw_parts(data.as_ptr() as *const u8, data.len() * 4) };
+        self.write_bytes(bytes)
+    }
+
+    /// Reads the tensor's data (allocated, contiguous) as bytes.
+    pub fn read_bytes(self) -> Vec<u8> {
+        assert!(
+            self.is_allocated(),
+            "tensor '{}' is not allocated",
+            self.name()
+        );
+        let mut out = vec![0u8; self.n_bytes()];
+        // SAFETY: the tensor is allocated and out has exactly its byte size.
+        unsafe {
+            sys::ggml_backend_tensor_get(self.raw(), out.as_mut_ptr() as *mut _, 0, out.len())
+        };
+        out
+    }
+
+    /// Reads an F32 tensor's data.
+    pub fn read_f32(self) -> Vec<f32> {
+        assert_eq!(self.ty(), GgmlType::F32);
+        let bytes = self.read_bytes();
+        bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    }
+}
+
+fn bytemuck_f32(data: &[f32]) -> &[u8] {
+    // SAFETY: f32 has no padding; the byte slice covers exactly the floats.
+    unsafe { std::slice::from_raw_parts(data.as_ptr() as *const u8, std::mem::size_of_val(data)) }
+}
+
+impl<'a> Graph<'a> {
+    pub(crate) fn raw(&self) -> *mut sys::ggml_cgraph {
+        self.ptr.as_ptr()
+    }
+
+    /// Adds `t` and everything it depends on to the graph.
+    pub fn build_forward(&mut self, t: Tensor<'a>) {
+        // SAFETY: graph and tensor belong to contexts alive for 'a.
+        unsafe { sys::ggml_build_forward_expand(self.raw(), t.raw()) }
+    }
+
+    /// Number of nodes.
+    pub fn n_nodes(&self) -> usize {
+        // SAFETY: valid graph.
+        unsafe { sys::ggml_graph_n_nodes(self.raw()) as usize }
+    }
+
+    /// The gradient tensor of `t`, if the backward graph made one.
+    pub fn grad(&self, t: Tensor<'a>) -> Option<Tensor<'a>> {
+        // SAFETY: valid graph and tensor.
+        let p = unsafe { sys::ggml_graph_get_grad(self.raw(), t.raw()) };
+        NonNull::new(p).map(|ptr| Tensor {
+            ptr,
+            _ctx: PhantomData,
+        })
+    }
+
+    /// Appends the backward pass (gradients of every param w.r.t. the loss).
+    pub fn build_backward(&mut self, ctx: &'a Context) {
+        // SAFETY: the graph was created with grads; ctx holds its new tensors.
+        unsafe { sys::ggml_build_backward_expand(ctx.raw(), self.raw(), std::ptr::null_mut()) }
+    }
+
+    /// Zeroes gradients and sets the loss gradient to 1 (after allocation).
+    pub fn reset(&mut self) {
+        // SAFETY: valid, allocated graph with grads.
+        unsafe { sys::ggml_graph_reset(self.raw()) }
+    }
+}

@@ -1,0 +1,75 @@
+//! The only place with `unsafe`: a safe layer over ggml, gguf and the parts
+//! of llama.cpp we call (tokenizer, reference logits).
+//!
+//! One Rust type per C handle, freed in `Drop`; tensors and graphs borrow the
+//! context that owns them, buffers and schedulers borrow their backend.
+
+mod backend;
+mod context;
+pub mod llama;
+mod types;
+
+pub use backend::{Backend, Buffer, ComputeError, Sched, TensorStore};
+pub use context::{Context, Graph, Tensor};
+pub use types::GgmlType;
+
+use llama_cpp_sys_2 as sys;
+
+/// Maps a file read-only.
+pub fn map_readonly(file: &std::fs::File) -> std::io::Result<memmap2::Mmap> {
+    // SAFETY: the mapping is read-only and model files are not modified while
+    // open; a concurrent writer could only change the numbers we read, and every
+    // offset is bounds-checked against the mapping's length.
+    unsafe { memmap2::Mmap::map(file) }
+}
+
+/// Silences ggml's and llama.cpp's log output unless `GGUF_PEFT_LOG` is set.
+pub fn init_logging() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if std::env::var_os("GGUF_PEFT_LOG").is_none() {
+            // SAFETY: installs a static callback that ignores its arguments.
+            unsafe {
+                sys::ggml_log_set(Some(quiet_log), std::ptr::null_mut());
+                sys::llama_log_set(Some(quiet_log), std::ptr::null_mut());
+            }
+        }
+        // SAFETY: one-time global initialisation of llama.cpp's backends.
+        unsafe { sys::llama_backend_init() };
+    });
+}
+
+unsafe extern "C" fn quiet_log(
+    level: sys::ggml_log_level,
+    text: *const std::os::raw::c_char,
+    _user: *mut std::os::raw::c_void,
+) {
+    if level == sys::GGML_LOG_LEVEL_ERROR && !text.is_null() {
+        // SAFETY: ggml passes a NUL-terminated message.
+        let s = unsafe { std::ffi::CStr::from_ptr(text) };
+        eprint!("ggml: {}", s.to_string_lossy());
+    }
+}
+
+/// Whether ggml's own GGUF reader accepts the file (an independent check of
+/// files this crate writes).
+pub fn ggml_accepts_gguf(path: &std::path::Path) -> Result<(i64, i64), String> {
+    let c = std::ffi::CString::new(path.to_string_lossy().as_bytes()).map_err(|e| e.to_string())?;
+    let params = sys::gguf_init_params {
+        no_alloc: true,
+        ctx: std::ptr::null_mut(),
+    };
+    // SAFETY: valid C string; no_alloc with no ggml context requested.
+    let g = unsafe { sys::gguf_init_from_file(c.as_ptr(), params) };
+    if g.is_null() {
+        return Err(format!(
+            "{}: gguf_init_from_file refused the file",
+            path.display()
+        ));
+    }
+    // SAFETY: g is a valid gguf context, freed right after the queries.
+    let r = unsafe { (sys::gguf_get_n_kv(g), sys::gguf_get_n_tensors(g)) };
+    // SAFETY: freed exactly once.
+    unsafe { sys::gguf_free(g) };
+    Ok(r)
+}

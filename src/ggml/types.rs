@@ -1,0 +1,180 @@
+//! ggml tensor types: sizes, names, quantize and dequantize.
+
+use llama_cpp_sys_2 as sys;
+use std::ffi::CStr;
+
+/// A ggml tensor type (`enum ggml_type`), validated against this build of ggml.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct GgmlType(u32);
+
+impl std::fmt::Debug for GgmlType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::fmt::Display for GgmlType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl GgmlType {
+    pub const F32: GgmlType = GgmlType(sys::GGML_TYPE_F32);
+    pub const F16: GgmlType = GgmlType(sys::GGML_TYPE_F16);
+    pub const BF16: GgmlType = GgmlType(sys::GGML_TYPE_BF16);
+    pub const Q4_0: GgmlType = GgmlType(sys::GGML_TYPE_Q4_0);
+    pub const Q4_1: GgmlType = GgmlType(sys::GGML_TYPE_Q4_1);
+    pub const Q5_0: GgmlType = GgmlType(sys::GGML_TYPE_Q5_0);
+    pub const Q5_1: GgmlType = GgmlType(sys::GGML_TYPE_Q5_1);
+    pub const Q8_0: GgmlType = GgmlType(sys::GGML_TYPE_Q8_0);
+    pub const Q2_K: GgmlType = GgmlType(sys::GGML_TYPE_Q2_K);
+    pub const Q3_K: GgmlType = GgmlType(sys::GGML_TYPE_Q3_K);
+    pub const Q4_K: GgmlType = GgmlType(sys::GGML_TYPE_Q4_K);
+    pub const Q5_K: GgmlType = GgmlType(sys::GGML_TYPE_Q5_K);
+    pub const Q6_K: GgmlType = GgmlType(sys::GGML_TYPE_Q6_K);
+    pub const IQ4_NL: GgmlType = GgmlType(sys::GGML_TYPE_IQ4_NL);
+    pub const I32: GgmlType = GgmlType(sys::GGML_TYPE_I32);
+
+    /// A type from its numeric code, if this ggml knows it (removed types,
+    /// whose block size is 0, are refused).
+    pub fn from_code(code: u32) -> Option<Self> {
+        if code >= sys::GGML_TYPE_COUNT {
+            return None;
+        }
+        let t = GgmlType(code);
+        (t.block_size() > 0 && t.type_size() > 0).then_some(t)
+    }
+
+    /// A type from its ggml name, case-insensitive (`q4_k`, `F16`, ...).
+    pub fn from_name(name: &str) -> Option<Self> {
+        (0..sys::GGML_TYPE_COUNT)
+            .filter_map(Self::from_code)
+            .find(|t| t.name().eq_ignore_ascii_case(name))
+    }
+
+    /// The numeric code written in GGUF files.
+    pub fn code(self) -> u32 {
+        self.0
+    }
+
+    pub(crate) fn raw(self) -> sys::ggml_type {
+        self.0
+    }
+
+    fn traits(self) -> &'static sys::ggml_type_traits {
+        // SAFETY: the code is < GGML_TYPE_COUNT (checked at construction), for
+        // which ggml returns a pointer into its static traits table.
+        unsafe { &*sys::ggml_get_type_traits(self.0) }
+    }
+
+    /// ggml's name of the type (`q4_K`, `f32`, ...).
+    pub fn name(self) -> &'static str {
+        let p = self.traits().type_name;
+        if p.is_null() {
+            return "unknown";
+        }
+        // SAFETY: type names are static NUL-terminated strings in ggml.
+        unsafe { CStr::from_ptr(p) }.to_str().unwrap_or("unknown")
+    }
+
+    /// Elements per block.
+    pub fn block_size(self) -> u64 {
+        self.traits().blck_size.max(0) as u64
+    }
+
+    /// Bytes per block.
+    pub fn type_size(self) -> u64 {
+        self.traits().type_size as u64
+    }
+
+    /// Whether this is a block-quantized type.
+    pub fn is_quantized(self) -> bool {
+        self.traits().is_quantized
+    }
+
+    /// Bytes of one row of `n` elements, if `n` is a whole number of blocks.
+    pub fn row_bytes(self, n: u64) -> Option<u64> {
+        let bs = self.block_size();
+        (bs > 0 && n % bs == 0).then(|| n / bs * self.type_size())
+    }
+
+    /// Bytes of a tensor of shape `ne` (ggml order).
+    pub fn tensor_bytes(self, ne: &[u64]) -> Option<u64> {
+        let row = self.row_bytes(*ne.first()?)?;
+        Some(ne[1..].iter().product::<u64>() * row)
+    }
+
+    /// Whether ggml can convert this type to f32.
+    pub fn can_dequantize(self) -> bool {
+        self == Self::F32 || self.traits().to_float.is_some()
+    }
+
+    /// Whether ggml can produce this type from f32 without an importance matrix.
+    pub fn can_quantize(self) -> bool {
+        // SAFETY: pure query on a valid type code.
+        !unsafe { sys::ggml_quantize_requires_imatrix(self.0) }
+            && (self == Self::F32 || self.traits().from_float_ref.is_some())
+    }
+
+    /// Converts `data` (whole rows of this type) to f32.
+    pub fn to_f32(self, data: &[u8], n_elements: usize) -> Vec<f32> {
+        let mut out = vec![0f32; n_elements];
+        self.to_f32_into(data, &mut out);
+        out
+    }
+
+    /// Converts `data` into `out`; panics if the sizes disagree (a caller bug).
+    pub fn to_f32_into(self, data: &[u8], out: &mut [f32]) {
+        let expect = self.row_bytes(out.len() as u64).expect("whole blocks");
+        assert_eq!(
+            data.len() as u64,
+            expect,
+            "byte count for {} elements",
+            out.len()
+        );
+        if self == Self::F32 {
+            for (o, c) in out.iter_mut().zip(data.chunks_exact(4)) {
+                *o = f32::from_le_bytes(c.try_into().unwrap());
+            }
+            return;
+        }
+        let f = self.traits().to_float.expect("type without to_float");
+        // SAFETY: `data` holds exactly out.len() elements of this type (asserted
+        // above) and `out` has room for them; to_float reads/writes only that.
+        unsafe {
+            f(
+                data.as_ptr() as *const _,
+                out.as_mut_ptr(),
+                out.len() as i64,
+            )
+        }
+    }
+
+    /// Quantizes whole rows of f32 (`src.len()` a multiple of `n_per_row`).
+    pub fn from_f32(self, src: &[f32], n_per_row: usize) -> Vec<u8> {
+        assert!(n_per_row > 0 && src.len() % n_per_row == 0);
+        let nrows = src.len() / n_per_row;
+        let row = self.row_bytes(n_per_row as u64).expect("whole blocks") as usize;
+        let mut out = vec![0u8; row * nrows];
+        if nrows == 0 {
+            return out;
+        }
+        // SAFETY: `out` has room for nrows rows of this type; src holds nrows *
+        // n_per_row floats; no importance matrix is passed (types that need one
+        // are refused by can_quantize, and ggml asserts on them).
+        let written = unsafe {
+            sys::ggml_quantize_chunk(
+                self.0,
+                src.as_ptr(),
+                out.as_mut_ptr() as *mut _,
+                0,
+                nrows as i64,
+                n_per_row as i64,
+                std::ptr::null(),
+            )
+        };
+        assert_eq!(written, out.len());
+        out
+    }
+}

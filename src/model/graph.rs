@@ -1,0 +1,348 @@
+//! The graph builder shared by all architectures: inputs (tokens, positions,
+//! masks), the hooked weight matmul, and the common blocks (RMS norm,
+//! attention, gated FFN). Architecture files compose these.
+
+use super::hooks::{Hooks, Site, TensorKind};
+use super::Hparams;
+use crate::ggml::{Context, GgmlType, Tensor, TensorStore};
+use std::cell::RefCell;
+
+/// Tokens to run: one flat stream of one or more packed sequences.
+#[derive(Debug, Clone, Default)]
+pub struct Batch {
+    pub tokens: Vec<i32>,
+    /// Position of each token within its sequence.
+    pub pos: Vec<i32>,
+    /// Sequence id of each token; attention never crosses sequences.
+    pub seq: Vec<u32>,
+    /// Rows whose final hidden state is wanted (logits, loss); `None` = all.
+    pub outputs: Option<Vec<i32>>,
+}
+
+impl Batch {
+    /// One sequence starting at position 0, every position an output.
+    pub fn single(tokens: &[i32]) -> Self {
+        Batch {
+            tokens: tokens.to_vec(),
+            pos: (0..tokens.len() as i32).collect(),
+            seq: vec![0; tokens.len()],
+            outputs: None,
+        }
+    }
+
+    /// Number of output rows.
+    pub fn n_outputs(&self) -> usize {
+        self.outputs.as_ref().map_or(self.tokens.len(), |o| o.len())
+    }
+}
+
+enum InputData {
+    I32(Vec<i32>),
+    F32(Vec<f32>),
+}
+
+/// Builds one forward graph over a [`Batch`]. Holds the inputs it creates so
+/// that [`Forward::fill_inputs`] can write them once the graph is allocated.
+pub struct Forward<'a> {
+    pub ctx: &'a Context,
+    pub hp: &'a Hparams,
+    pub hooks: &'a dyn Hooks,
+    /// RoPE mode of the architecture (0 normal, 2 NeoX).
+    pub rope_mode: i32,
+    /// Whether gradients will flow through this graph: ops without a ggml
+    /// backward are then replaced by compositions of ops that have one.
+    pub differentiable: bool,
+    weights: &'a TensorStore,
+    batch: &'a Batch,
+    n_virtual: usize,
+    pos: Option<Tensor<'a>>,
+    masks: Vec<(bool, usize, Tensor<'a>)>,
+    inputs: RefCell<Vec<(Tensor<'a>, InputData)>>,
+}
+
+impl<'a> Forward<'a> {
+    /// A builder over `batch` with these weights and hooks.
+    pub fn new(
+        ctx: &'a Context,
+        hp: &'a Hparams,
+        weights: &'a TensorStore,
+        hooks: &'a dyn Hooks,
+        rope_mode: i32,
+        batch: &'a Batch,
+        differentiable: bool,
+    ) -> Self {
+        Forward {
+            ctx,
+            hp,
+            hooks,
+            rope_mode,
+            differentiable,
+            weights,
+            batch,
+            n_virtual: 0,
+            pos: None,
+            masks: Vec::new(),
+            inputs: RefCell::new(Vec::new()),
+        }
+    }
+
+    fn input_i32(&self, name: &str, data: Vec<i32>) -> Tensor<'a> {
+        let t = self
+            .ctx
+            .new_tensor(GgmlType::I32, &[data.len() as i64])
+            .set_name(name)
+            .set_input();
+        self.inputs.borrow_mut().push((t, InputData::I32(data)));
+        t
+    }
+
+    fn input_f32(&self, name: &str, ne: &[i64], data: Vec<f32>) -> Tensor<'a> {
+        let t = self
+            .ctx
+            .new_tensor(GgmlType::F32, ne)
+            .set_name(name)
+            .set_input();
+        self.inputs.borrow_mut().push((t, InputData::F32(data)));
+        t
+    }
+
+    /// Writes every input tensor; call after the graph is allocated.
+    pub fn fill_inputs(&self) {
+        for (t, d) in self.inputs.borrow().iter() {
+            match d {
+                InputData::I32(v) => t.write_i32(v),
+                InputData::F32(v) => t.write_f32(v),
+            }
+        }
+    }
+
+    /// A model weight by GGUF name (presence was validated at load).
+    pub fn weight(&self, name: &str) -> Tensor<'a> {
+        self.weights
+            .get(name)
+            .unwrap_or_else(|| panic!("weight '{name}' missing after validation"))
+    }
+
+    /// A model weight if the file has it.
+    pub fn weight_opt(&self, name: &str) -> Option<Tensor<'a>> {
+        self.weights.get(name)
+    }
+
+    /// Token embeddings of the batch through the `input_embeddings` hook,
+    /// multiplied by `scale` first (Gemma scales by sqrt(n_embd)).
+    pub fn embeddings(&mut self, scale: f32) -> Tensor<'a> {
+        let ids = self.input_i32("tokens", self.batch.tokens.clone());
+        let w = self.weight("token_embd.weight");
+        let mut x = self.ctx.get_rows(w, ids);
+        if scale != 1.0 {
+            x = self.ctx.scale(x, scale);
+        }
+        let (x, n_virtual) = self.hooks.input_embeddings(self.ctx, x);
+        assert!(
+            n_virtual == 0 || self.batch.seq.iter().all(|&s| s == self.batch.seq[0]),
+            "virtual tokens need a single-sequence batch"
+        );
+        self.n_virtual = n_virtual;
+        x
+    }
+
+    /// Number of rows in the residual stream (virtual + real tokens).
+    pub fn n_rows(&self) -> usize {
+        self.n_virtual + self.batch.tokens.len()
+    }
+
+    /// Positions of all rows (virtual tokens first, real ones shifted after).
+    pub fn positions(&mut self) -> Tensor<'a> {
+        if let Some(p) = self.pos {
+            return p;
+        }
+        let nv = self.n_virtual as i32;
+        let mut pos: Vec<i32> = (0..nv).collect();
+        pos.extend(self.batch.pos.iter().map(|p| p + nv));
+        let t = self.input_i32("pos", pos);
+        self.pos = Some(t);
+        t
+    }
+
+    fn row_pos_seq(&self) -> Vec<(i32, u32)> {
+        let nv = self.n_virtual as i32;
+        let s0 = self.batch.seq.first().copied().unwrap_or(0);
+        (0..nv)
+            .map(|p| (p, s0))
+            .chain(
+                self.batch
+                    .pos
+                    .iter()
+                    .zip(&self.batch.seq)
+                    .map(|(&p, &s)| (p + nv, s)),
+            )
+            .collect()
+    }
+
+    /// The additive attention mask `[n_prefix + n_rows, n_rows]`: causal within
+    /// each sequence, prefix entries visible to all, and for `swa` layers only
+    /// the last `sliding_window` positions.
+    pub fn mask(&mut self, swa: bool, n_prefix: usize) -> Tensor<'a> {
+        if let Some(&(_, _, t)) = self
+            .masks
+            .iter()
+            .find(|(s, p, _)| *s == swa && *p == n_prefix)
+        {
+            return t;
+        }
+        let rows = self.row_pos_seq();
+        let n = rows.len();
+        let n_kv = n_prefix + n;
+        let window = self.hp.sliding_window as i32;
+        let mut m = vec![f32::NEG_INFINITY; n_kv * n];
+        for (q, &(pq, sq)) in rows.iter().enumerate() {
+            let row = &mut m[q * n_kv..(q + 1) * n_kv];
+            row[..n_prefix].fill(0.0);
+            for (k, &(pk, sk)) in rows.iter().enumerate() {
+                let visible = sk == sq && pk <= pq && !(swa && pq - pk >= window);
+                if visible {
+                    row[n_prefix + k] = 0.0;
+                }
+            }
+        }
+        let t = self.input_f32(
+            if swa { "kq_mask_swa" } else { "kq_mask" },
+            &[n_kv as i64, n as i64],
+            m,
+        );
+        self.masks.push((swa, n_prefix, t));
+        t
+    }
+
+    /// `W x` through the `linear` hook, for a block weight (`layer` Some) or a
+    /// global one; adds the model's bias `<stem>.bias` when the file has one,
+    /// then the `bias` hook.
+    pub fn linear(&self, layer: Option<usize>, kind: TensorKind, x: Tensor<'a>) -> Tensor<'a> {
+        let stem = match layer {
+            Some(il) => format!("blk.{il}.{}", kind.gguf_name()),
+            None => kind.gguf_name().to_string(),
+        };
+        let site = Site {
+            layer,
+            kind,
+            weight: format!("{stem}.weight"),
+        };
+        self.linear_at(&site, x, self.weight_opt(&format!("{stem}.bias")))
+    }
+
+    /// `W x (+ b)` for an explicit site (e.g. a tied output head).
+    pub fn linear_at(&self, site: &Site, x: Tensor<'a>, bias: Option<Tensor<'a>>) -> Tensor<'a> {
+        let w = self.weight(&site.weight);
+        let mut y = self.hooks.linear(self.ctx, site, w, x);
+        if let Some(b) = bias {
+            y = self.ctx.add(y, b);
+        }
+        self.hooks.bias(self.ctx, site, y)
+    }
+
+    /// RMS norm of each column times the named weight.
+    pub fn rms_norm(&self, x: Tensor<'a>, weight: &str) -> Tensor<'a> {
+        let n = self.ctx.rms_norm(x, self.hp.rms_eps);
+        self.ctx.mul(n, self.weight(weight))
+    }
+
+    /// RoPE on `[head_dim, heads, rows]` with this layer's base frequency and
+    /// frequency scale.
+    pub fn rope(&mut self, x: Tensor<'a>, freq_base: f32, freq_scale: f32) -> Tensor<'a> {
+        let pos = self.positions();
+        self.ctx.rope_ext(
+            x,
+            pos,
+            self.hp.n_rot as i32,
+            self.rope_mode,
+            self.hp.n_ctx_train as i32,
+            freq_base,
+            freq_scale,
+        )
+    }
+
+    /// Multi-head attention of `q` `[hd, n_head, n]` over `k`, `v`
+    /// `[hd, n_head_kv, n]` (after RoPE), through the `attn_kv` hook; returns
+    /// `[hd_v * n_head, n]`. Built from mul_mat and soft_max so it has a backward.
+    pub fn attention(
+        &mut self,
+        layer: usize,
+        q: Tensor<'a>,
+        k: Tensor<'a>,
+        v: Tensor<'a>,
+        scale: f32,
+        swa: bool,
+    ) -> Tensor<'a> {
+        let c = self.ctx;
+        let (k, v, n_prefix) = self.hooks.attn_kv(c, layer, k, v);
+        let mask = self.mask(swa, n_prefix);
+        let n = q.ne()[2];
+        let q = c.permute(q, [0, 2, 1, 3]); // [hd, n, n_head]
+        let k = c.permute(k, [0, 2, 1, 3]); // [hd, n_kv, n_head_kv]
+        let kq = c.mul_mat(k, q); // [n_kv, n, n_head]
+        let kq = c.soft_max_ext(kq, Some(mask), scale);
+        let vt = c.cont(c.permute(v, [1, 2, 0, 3])); // [n_kv, hd_v, n_head_kv]
+        let kqv = c.mul_mat(vt, kq); // [hd_v, n, n_head]
+        let o = c.cont(c.permute(kqv, [0, 2, 1, 3])); // [hd_v, n_head, n]
+        c.reshape(o, &[(self.hp.head_dim_v * self.hp.n_head) as i64, n])
+    }
+
+    /// Splits `[heads*hd, n]` into `[hd, heads, n]`.
+    pub fn heads(&self, x: Tensor<'a>, hd: usize, heads: usize) -> Tensor<'a> {
+        let n = x.ne()[1];
+        self.ctx.reshape(x, &[hd as i64, heads as i64, n])
+    }
+
+    /// `gelu(g) * u` (tanh approximation): ggml's fused op when no gradient is
+    /// needed (bit-identical to llama.cpp), else [`Forward::gelu_tanh`].
+    pub fn geglu(&self, g: Tensor<'a>, u: Tensor<'a>) -> Tensor<'a> {
+        if self.differentiable {
+            self.ctx.mul(self.gelu_tanh(g), u)
+        } else {
+            self.ctx.geglu_split(g, u)
+        }
+    }
+
+    /// GELU, tanh approximation, from ops that have a backward:
+    /// `0.5 x (1 + tanh(z)) = x · sigmoid(2z) = x · exp(-softplus(-2z))`,
+    /// `z = sqrt(2/π) (x + 0.044715 x³)`.
+    pub fn gelu_tanh(&self, x: Tensor<'a>) -> Tensor<'a> {
+        let c = self.ctx;
+        const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+        let x3 = c.mul(c.sqr(x), x);
+        let inner = c.add(x, c.scale(x3, 0.044715));
+        let sp = c.softplus(c.scale(inner, -2.0 * SQRT_2_OVER_PI));
+        c.mul(x, c.exp(c.scale(sp, -1.0)))
+    }
+
+    /// Keeps only the output rows of the batch (before the LM head).
+    pub fn select_outputs(&self, x: Tensor<'a>) -> Tensor<'a> {
+        let nv = self.n_virtual as i32;
+        match &self.batch.outputs {
+            None if nv == 0 => x,
+            outs => {
+                let rows: Vec<i32> = match outs {
+                    Some(o) => o.iter().map(|r| r + nv).collect(),
+                    None => (nv..nv + self.batch.tokens.len() as i32).collect(),
+                };
+                let ids = self.input_i32("out_ids", rows);
+                self.ctx.get_rows(x, ids)
+            }
+        }
+    }
+
+    /// The LM head: `output.weight`, or the token embedding when tied.
+    pub fn lm_head(&self, x: Tensor<'a>) -> Tensor<'a> {
+        let weight = if self.weight_opt("output.weight").is_some() {
+            "output.weight"
+        } else {
+            "token_embd.weight"
+        };
+        let site = Site {
+            layer: None,
+            kind: TensorKind::Output,
+            weight: weight.to_string(),
+        };
+        self.linear_at(&site, x, None)
+    }
+}

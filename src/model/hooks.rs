@@ -1,0 +1,125 @@
+//! The contract between architectures and PEFT methods.
+//!
+//! Architectures call these hooks at fixed points of the graph; methods
+//! implement them. An architecture never names a method and a method never
+//! names an architecture.
+
+use crate::ggml::{Context, Tensor};
+
+/// What a weight matmul computes, independent of the architecture's naming.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TensorKind {
+    TokenEmbd,
+    AttnQ,
+    AttnK,
+    AttnV,
+    AttnOut,
+    FfnGate,
+    FfnUp,
+    FfnDown,
+    Output,
+}
+
+impl TensorKind {
+    /// The GGUF tensor name stem (`attn_q`, `ffn_down`, ...).
+    pub fn gguf_name(self) -> &'static str {
+        match self {
+            TensorKind::TokenEmbd => "token_embd",
+            TensorKind::AttnQ => "attn_q",
+            TensorKind::AttnK => "attn_k",
+            TensorKind::AttnV => "attn_v",
+            TensorKind::AttnOut => "attn_output",
+            TensorKind::FfnGate => "ffn_gate",
+            TensorKind::FfnUp => "ffn_up",
+            TensorKind::FfnDown => "ffn_down",
+            TensorKind::Output => "output",
+        }
+    }
+
+    /// Every kind, in a fixed order.
+    pub const ALL: [TensorKind; 9] = [
+        TensorKind::TokenEmbd,
+        TensorKind::AttnQ,
+        TensorKind::AttnK,
+        TensorKind::AttnV,
+        TensorKind::AttnOut,
+        TensorKind::FfnGate,
+        TensorKind::FfnUp,
+        TensorKind::FfnDown,
+        TensorKind::Output,
+    ];
+
+    /// Parses a GGUF stem.
+    pub fn from_gguf_name(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.gguf_name() == s)
+    }
+}
+
+/// Where a weight matmul happens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Site {
+    /// Block index, `None` for token embedding and output.
+    pub layer: Option<usize>,
+    pub kind: TensorKind,
+    /// The GGUF name of the weight tensor, e.g. `blk.3.attn_q.weight`.
+    pub weight: String,
+}
+
+/// Hook points an adapter can answer. Every default is the identity, so the
+/// base model is `NoHooks`.
+pub trait Hooks {
+    /// Every weight matmul: `y = W x` by default (ggml `mul_mat(w, x)`).
+    fn linear<'a>(
+        &'a self,
+        ctx: &'a Context,
+        site: &Site,
+        w: Tensor<'a>,
+        x: Tensor<'a>,
+    ) -> Tensor<'a> {
+        let _ = site;
+        ctx.mul_mat(w, x)
+    }
+
+    /// The input embeddings `[n_embd, n_tokens]` after the architecture's own
+    /// scaling; may prepend virtual tokens (their count is returned with it).
+    fn input_embeddings<'a>(&'a self, ctx: &'a Context, x: Tensor<'a>) -> (Tensor<'a>, usize) {
+        let _ = ctx;
+        (x, 0)
+    }
+
+    /// Keys and values of layer `layer`, `[head_dim, n_head_kv, n_tokens]`
+    /// after RoPE; may prepend prefix entries (their count is returned).
+    fn attn_kv<'a>(
+        &'a self,
+        ctx: &'a Context,
+        layer: usize,
+        k: Tensor<'a>,
+        v: Tensor<'a>,
+    ) -> (Tensor<'a>, Tensor<'a>, usize) {
+        let _ = (ctx, layer);
+        (k, v, 0)
+    }
+
+    /// The attention block's output before the residual add.
+    fn after_attn<'a>(&'a self, ctx: &'a Context, layer: usize, h: Tensor<'a>) -> Tensor<'a> {
+        let _ = (ctx, layer);
+        h
+    }
+
+    /// The feed-forward block's output before the residual add.
+    fn after_ffn<'a>(&'a self, ctx: &'a Context, layer: usize, h: Tensor<'a>) -> Tensor<'a> {
+        let _ = (ctx, layer);
+        h
+    }
+
+    /// The output of a matmul after its (optional) model bias.
+    fn bias<'a>(&'a self, ctx: &'a Context, site: &Site, y: Tensor<'a>) -> Tensor<'a> {
+        let _ = (ctx, site);
+        y
+    }
+}
+
+/// The base model: every hook is the identity.
+pub struct NoHooks;
+
+impl Hooks for NoHooks {}

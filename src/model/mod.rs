@@ -1,0 +1,206 @@
+//! Models: hyperparameters, frozen weights in their original GGUF types on a
+//! ggml backend, and the forward graph (one file per architecture).
+
+pub mod arch;
+pub mod graph;
+pub mod hooks;
+mod hparams;
+pub mod synthetic;
+
+pub use graph::{Batch, Forward};
+pub use hooks::{Hooks, NoHooks, Site, TensorKind};
+pub use hparams::Hparams;
+
+use crate::ggml::{Backend, Context, GgmlType, Graph, Sched, Tensor, TensorStore};
+use crate::gguf::GgufFile;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Errors of the model layer; each names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Gguf(#[from] crate::gguf::GgufError),
+    #[error("{path}: unsupported architecture '{arch}' (supported: {supported})")]
+    UnsupportedArch {
+        path: PathBuf,
+        arch: String,
+        supported: String,
+    },
+    #[error(
+        "{path}: tensor '{name}' has shape {found}, expected {expected} (maybe wrong base model?)"
+    )]
+    Shape {
+        path: PathBuf,
+        name: String,
+        found: String,
+        expected: String,
+    },
+    #[error("{path}: {msg}")]
+    Invalid { path: PathBuf, msg: String },
+}
+
+/// A loaded model: GGUF metadata, hyperparameters and the frozen weights on
+/// a backend, each tensor in the type the file stores it in.
+pub struct Model {
+    pub file: GgufFile,
+    pub hparams: Hparams,
+    pub arch: &'static dyn Architecture,
+    backend: Arc<Backend>,
+    weights: TensorStore,
+}
+
+pub use arch::Architecture;
+
+/// Maximum graph size; a transformer block takes well under 100 nodes.
+fn graph_size(hp: &Hparams) -> usize {
+    (hp.n_layer * 120 + 256).max(2048)
+}
+
+impl Model {
+    /// Opens a GGUF model and loads its weights onto `backend`.
+    pub fn load(path: impl AsRef<Path>, backend: Arc<Backend>) -> Result<Self, ModelError> {
+        let file = GgufFile::open(path.as_ref())?;
+        let path = file.path().to_owned();
+        let arch_name = file.get_str("general.architecture")?.to_owned();
+        let arch = arch::find(&arch_name).ok_or_else(|| ModelError::UnsupportedArch {
+            path: path.clone(),
+            arch: arch_name.clone(),
+            supported: arch::names().join(", "),
+        })?;
+        let hparams = Hparams::from_gguf(&file, &arch_name)?;
+        let decls = arch.tensors(&hparams);
+        let mut present = Vec::new();
+        for d in &decls {
+            match file.tensor(&d.name) {
+                Some(t) => {
+                    if t.ne != d.ne {
+                        return Err(ModelError::Shape {
+                            path,
+                            name: d.name.clone(),
+                            found: t.shape_str(),
+                            expected: format!("{:?}", d.ne),
+                        });
+                    }
+                    if !t.ty.can_dequantize() {
+                        return Err(ModelError::Invalid {
+                            path,
+                            msg: format!(
+                                "tensor '{}' has type {} that ggml cannot compute with here",
+                                t.name, t.ty
+                            ),
+                        });
+                    }
+                    present.push(t.clone());
+                }
+                None if d.required => {
+                    return Err(ModelError::Invalid {
+                        path,
+                        msg: format!(
+                            "missing tensor '{}' for architecture '{}' (incomplete or wrong file?)",
+                            d.name, arch_name
+                        ),
+                    })
+                }
+                None => {}
+            }
+        }
+        let ctx = Context::new(present.len() + 1, 0, false);
+        for t in &present {
+            let ne: Vec<i64> = t.ne.iter().map(|&n| n as i64).collect();
+            ctx.new_tensor(t.ty, &ne).set_name(&t.name);
+        }
+        let weights = backend.alloc_store(ctx);
+        for t in &present {
+            let dst = weights.get(&t.name).expect("just created");
+            dst.write_bytes(file.tensor_data(t));
+        }
+        Ok(Model {
+            file,
+            hparams,
+            arch,
+            backend,
+            weights,
+        })
+    }
+
+    /// The file this model was loaded from.
+    pub fn path(&self) -> &Path {
+        self.file.path()
+    }
+
+    /// The backend the weights live on.
+    pub fn backend(&self) -> &Arc<Backend> {
+        &self.backend
+    }
+
+    /// The frozen weights.
+    pub fn weights(&self) -> &TensorStore {
+        &self.weights
+    }
+
+    /// A weight's ggml type.
+    pub fn weight_type(&self, name: &str) -> Option<GgmlType> {
+        self.weights.get(name).map(|t| t.ty())
+    }
+
+    /// A scheduler sized for this model's graphs.
+    pub fn sched(&self) -> Sched {
+        Sched::new(
+            std::slice::from_ref(&self.backend),
+            graph_size(&self.hparams) * 4,
+        )
+    }
+
+    /// Builds the forward graph for `batch` in `ctx` and returns the logits
+    /// tensor `[n_vocab, n_outputs]` and the builder (which holds the inputs).
+    /// `differentiable` selects ops that have a backward (for training).
+    pub fn build_logits<'a>(
+        &'a self,
+        ctx: &'a Context,
+        batch: &'a Batch,
+        hooks: &'a dyn Hooks,
+        differentiable: bool,
+    ) -> (Tensor<'a>, Forward<'a>) {
+        let mut f = Forward::new(
+            ctx,
+            &self.hparams,
+            &self.weights,
+            hooks,
+            self.arch.rope_mode(),
+            batch,
+            differentiable,
+        );
+        let h = self.arch.build(&mut f);
+        let h = f.select_outputs(h);
+        let mut logits = f.lm_head(h);
+        let cap = self.hparams.final_logit_softcap;
+        if cap > 0.0 {
+            logits = ctx.scale(ctx.tanh(ctx.scale(logits, 1.0 / cap)), cap);
+        }
+        (logits.set_name("logits").set_output(), f)
+    }
+
+    /// Runs the forward pass and returns the logits, one `n_vocab` row per
+    /// output position of the batch.
+    pub fn logits(
+        &self,
+        sched: &mut Sched,
+        batch: &Batch,
+        hooks: &dyn Hooks,
+    ) -> Result<Vec<Vec<f32>>, crate::ggml::ComputeError> {
+        let gs = graph_size(&self.hparams);
+        let ctx = Context::new(gs * 2, gs, false);
+        let (logits, f) = self.build_logits(&ctx, batch, hooks, false);
+        let mut g: Graph = ctx.new_graph(gs, false);
+        g.build_forward(logits);
+        sched.alloc(&g)?;
+        f.fill_inputs();
+        sched.compute(&g)?;
+        let flat = logits.read_f32();
+        Ok(flat
+            .chunks(self.hparams.n_vocab)
+            .map(|c| c.to_vec())
+            .collect())
+    }
+}

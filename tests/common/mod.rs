@@ -1,0 +1,91 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use gguf_peft::ggml::llama::LlamaModel;
+use gguf_peft::ggml::{Backend, GgmlType};
+use gguf_peft::model::synthetic::{write_synthetic, SynthSpec};
+use gguf_peft::model::{Batch, Model, NoHooks};
+use std::path::{Path, PathBuf};
+
+/// A fresh temporary directory for one test.
+pub fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("gguf-peft-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Threads for tests (CI has 2 cores).
+pub fn threads() -> usize {
+    std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .min(4)
+}
+
+/// The demo model, fetched by tools/fetch-model.sh (see README).
+pub fn smollm2() -> PathBuf {
+    let p = std::env::var_os("GGUF_PEFT_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let home = std::env::var_os("HOME")
+                .map(PathBuf::from)
+                .unwrap_or_default();
+            std::env::var_os("GGUF_PEFT_MODELS")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| home.join(".cache/gguf-peft/models"))
+                .join("SmolLM2-135M-Instruct.Q4_1.gguf")
+        });
+    assert!(
+        p.exists(),
+        "{}: demo model missing; run tools/fetch-model.sh (or set GGUF_PEFT_MODEL)",
+        p.display()
+    );
+    p
+}
+
+/// Writes a tiny synthetic model and returns its path.
+pub fn synth(dir: &Path, arch: &str, ty: GgmlType) -> PathBuf {
+    let p = dir.join(format!("{arch}-{}.gguf", ty.name()));
+    write_synthetic(&p, &SynthSpec::tiny(arch, ty)).unwrap();
+    p
+}
+
+/// Our logits for one sequence.
+pub fn our_logits(path: &Path, tokens: &[i32]) -> Vec<Vec<f32>> {
+    let model = Model::load(path, Backend::cpu(threads())).unwrap();
+    let mut sched = model.sched();
+    model
+        .logits(&mut sched, &Batch::single(tokens), &NoHooks)
+        .unwrap()
+}
+
+/// llama.cpp's logits for one sequence (fresh context, F32 KV cache).
+pub fn llama_logits(path: &Path, tokens: &[i32]) -> Vec<Vec<f32>> {
+    let m = LlamaModel::load(path, false).unwrap();
+    let mut ctx = m.context(tokens.len().max(64) as u32, threads()).unwrap();
+    ctx.decode(tokens, 0).unwrap()
+}
+
+/// (max |a-b|, max |b|) over all rows.
+pub fn compare(a: &[Vec<f32>], b: &[Vec<f32>]) -> (f32, f32) {
+    assert_eq!(a.len(), b.len());
+    let mut d = 0f32;
+    let mut m = 0f32;
+    for (ra, rb) in a.iter().zip(b) {
+        assert_eq!(ra.len(), rb.len());
+        for (x, y) in ra.iter().zip(rb) {
+            assert!(x.is_finite(), "non-finite logit");
+            d = d.max((x - y).abs());
+            m = m.max(y.abs());
+        }
+    }
+    (d, m)
+}
+
+/// Deterministic pseudo-random tokens in [3, n_vocab).
+pub fn some_tokens(n: usize, n_vocab: usize, seed: u64) -> Vec<i32> {
+    let mut r = gguf_peft::rng::Rng::new(seed);
+    let mut t = vec![1];
+    t.extend((1..n).map(|_| 3 + r.below(n_vocab - 3) as i32));
+    t
+}
