@@ -12,6 +12,8 @@ pub enum Error {
     Model(#[from] crate::model::ModelError),
     #[error(transparent)]
     Compute(#[from] crate::ggml::ComputeError),
+    #[error(transparent)]
+    Data(#[from] crate::data::DataError),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,

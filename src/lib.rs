@@ -6,6 +6,10 @@
 //! (hyperparameters, frozen weights, one graph builder per architecture with
 //! hook points for adapters), [`tokenizer`], and the CLI in the binary.
 
+pub mod cli;
+pub mod data;
+pub mod eval;
+pub mod generate;
 pub mod ggml;
 pub mod gguf;
 pub mod model;

@@ -16,7 +16,7 @@ pub struct Tokenizer {
 }
 
 /// One chat message.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Message {
     pub role: String,
     pub content: String,
@@ -73,15 +73,9 @@ impl Tokenizer {
 
     /// Renders `messages` with the model's chat template (minijinja with
     /// Python-compatible string methods), optionally opening the assistant turn.
-    pub fn apply_chat_template(
-        &self,
-        messages: &[Message],
-        add_generation_prompt: bool,
-    ) -> Result<String> {
+    pub fn apply_chat_template(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
         let tpl = self.chat_template.as_deref().ok_or_else(|| {
-            Error::Msg(
-                "this model has no tokenizer.chat_template; use a prompt without --chat".into(),
-            )
+            Error::Msg("this model has no tokenizer.chat_template; use a prompt without --chat".into())
         })?;
         let mut env = minijinja::Environment::new();
         minijinja_contrib::add_to_environment(&mut env);
@@ -89,10 +83,7 @@ impl Tokenizer {
         env.add_function(
             "raise_exception",
             |msg: String| -> std::result::Result<String, minijinja::Error> {
-                Err(minijinja::Error::new(
-                    minijinja::ErrorKind::InvalidOperation,
-                    msg,
-                ))
+                Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
             },
         );
         env.add_template("chat", tpl)

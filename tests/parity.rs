@@ -28,10 +28,7 @@ fn check_arch(arch: &str) {
             "{arch:7} {:5}: max|Δ| = {d:.3e}, max|logit| = {m:.3}, ratio = {rel:.2e}",
             ty.name()
         );
-        assert!(
-            rel <= REL_BOUND,
-            "{arch} {ty}: ratio {rel:.2e} > {REL_BOUND:e}"
-        );
+        assert!(rel <= REL_BOUND, "{arch} {ty}: ratio {rel:.2e} > {REL_BOUND:e}");
         worst = worst.max(rel);
     }
     println!("{arch}: worst ratio {worst:.2e} (bound {REL_BOUND:e})");

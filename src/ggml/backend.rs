@@ -59,12 +59,7 @@ impl Backend {
         let buf = NonNull::new(p).map(|ptr| Buffer { ptr });
         let mut names = HashMap::new();
         for (i, t) in ctx.tensors().into_iter().enumerate() {
-            assert!(
-                buf.is_some(),
-                "allocating {} tensors on {} failed",
-                i + 1,
-                self.name()
-            );
+            assert!(buf.is_some(), "allocating {} tensors on {} failed", i + 1, self.name());
             names.insert(t.name(), i);
         }
         TensorStore { buf, ctx, names }

@@ -81,9 +81,7 @@ impl Context {
     pub fn new_tensor(&self, ty: GgmlType, ne: &[i64]) -> Tensor<'_> {
         assert!((1..=4).contains(&ne.len()));
         // SAFETY: ctx is valid; ne has ne.len() entries.
-        self.wrap(unsafe {
-            sys::ggml_new_tensor(self.raw(), ty.raw(), ne.len() as i32, ne.as_ptr())
-        })
+        self.wrap(unsafe { sys::ggml_new_tensor(self.raw(), ty.raw(), ne.len() as i32, ne.as_ptr()) })
     }
 
     /// A new graph with room for `size` nodes.
@@ -184,6 +182,12 @@ impl Context {
         self.wrap(unsafe { sys::ggml_scale(self.raw(), a.raw(), s) })
     }
 
+    /// Concatenates along dimension `dim` (no backward in ggml: inference only).
+    pub fn concat<'a>(&'a self, a: Tensor<'a>, b: Tensor<'a>, dim: i32) -> Tensor<'a> {
+        // SAFETY: valid context and tensors; ggml checks the other dimensions.
+        self.wrap(unsafe { sys::ggml_concat(self.raw(), a.raw(), b.raw(), dim) })
+    }
+
     /// RMS-normalises each row: x / sqrt(mean(x²) + eps).
     pub fn rms_norm<'a>(&'a self, a: Tensor<'a>, eps: f32) -> Tensor<'a> {
         // SAFETY: valid context and tensor.
@@ -191,12 +195,7 @@ impl Context {
     }
 
     /// Softmax over rows of `a * scale + mask`.
-    pub fn soft_max_ext<'a>(
-        &'a self,
-        a: Tensor<'a>,
-        mask: Option<Tensor<'a>>,
-        scale: f32,
-    ) -> Tensor<'a> {
+    pub fn soft_max_ext<'a>(&'a self, a: Tensor<'a>, mask: Option<Tensor<'a>>, scale: f32) -> Tensor<'a> {
         let m = mask.map_or(std::ptr::null_mut(), |m| m.raw());
         // SAFETY: valid context and tensors; ggml checks the mask shape.
         self.wrap(unsafe { sys::ggml_soft_max_ext(self.raw(), a.raw(), m, scale, 0.0) })
@@ -254,39 +253,20 @@ impl Context {
     /// Permutes dimensions: axis i of `a` becomes axis `axes[i]`.
     pub fn permute<'a>(&'a self, a: Tensor<'a>, axes: [i32; 4]) -> Tensor<'a> {
         // SAFETY: valid context and tensor; ggml asserts a valid permutation.
-        self.wrap(unsafe {
-            sys::ggml_permute(self.raw(), a.raw(), axes[0], axes[1], axes[2], axes[3])
-        })
+        self.wrap(unsafe { sys::ggml_permute(self.raw(), a.raw(), axes[0], axes[1], axes[2], axes[3]) })
     }
 
     /// A strided view: shape `ne`, byte strides `nb` (for dims 1..), byte offset.
-    pub fn view<'a>(
-        &'a self,
-        a: Tensor<'a>,
-        ne: &[i64],
-        nb: &[usize],
-        offset: usize,
-    ) -> Tensor<'a> {
+    pub fn view<'a>(&'a self, a: Tensor<'a>, ne: &[i64], nb: &[usize], offset: usize) -> Tensor<'a> {
         // SAFETY: valid context and tensor; ggml asserts the view stays inside a.
         let p = unsafe {
             match (ne, nb) {
                 ([a0], []) => sys::ggml_view_1d(self.raw(), a.raw(), *a0, offset),
                 ([a0, a1], [b1]) => sys::ggml_view_2d(self.raw(), a.raw(), *a0, *a1, *b1, offset),
-                ([a0, a1, a2], [b1, b2]) => {
-                    sys::ggml_view_3d(self.raw(), a.raw(), *a0, *a1, *a2, *b1, *b2, offset)
+                ([a0, a1, a2], [b1, b2]) => sys::ggml_view_3d(self.raw(), a.raw(), *a0, *a1, *a2, *b1, *b2, offset),
+                ([a0, a1, a2, a3], [b1, b2, b3]) => {
+                    sys::ggml_view_4d(self.raw(), a.raw(), *a0, *a1, *a2, *a3, *b1, *b2, *b3, offset)
                 }
-                ([a0, a1, a2, a3], [b1, b2, b3]) => sys::ggml_view_4d(
-                    self.raw(),
-                    a.raw(),
-                    *a0,
-                    *a1,
-                    *a2,
-                    *a3,
-                    *b1,
-                    *b2,
-                    *b3,
-                    offset,
-                ),
                 _ => panic!("view with {} dims and {} strides", ne.len(), nb.len()),
             }
         };
@@ -341,11 +321,7 @@ impl<'a> Tensor<'a> {
     /// The tensor's name.
     pub fn name(self) -> String {
         let n = &self.get().name;
-        let bytes: Vec<u8> = n
-            .iter()
-            .take_while(|&&c| c != 0)
-            .map(|&c| c as u8)
-            .collect();
+        let bytes: Vec<u8> = n.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
         String::from_utf8_lossy(&bytes).into_owned()
     }
 
@@ -384,22 +360,11 @@ impl<'a> Tensor<'a> {
 
     /// Copies host bytes into the tensor (which must be allocated and contiguous).
     pub fn write_bytes(self, data: &[u8]) {
-        assert!(
-            self.is_allocated(),
-            "tensor '{}' is not allocated",
-            self.name()
-        );
-        assert_eq!(
-            data.len(),
-            self.n_bytes(),
-            "byte count for tensor '{}'",
-            self.name()
-        );
+        assert!(self.is_allocated(), "tensor '{}' is not allocated", self.name());
+        assert_eq!(data.len(), self.n_bytes(), "byte count for tensor '{}'", self.name());
         // SAFETY: the tensor is allocated in a backend buffer and data has exactly
         // its byte size.
-        unsafe {
-            sys::ggml_backend_tensor_set(self.raw(), data.as_ptr() as *const _, 0, data.len())
-        }
+        unsafe { sys::ggml_backend_tensor_set(self.raw(), data.as_ptr() as *const _, 0, data.len()) }
     }
 
     /// Copies f32 values into an F32 tensor.
@@ -414,23 +379,16 @@ impl<'a> Tensor<'a> {
         assert_eq!(self.ty(), GgmlType::I32);
         // SAFETY: i32 has no padding and alignment ≥ u8's; the slice covers
         // exactly len*4 initialised bytes.
-        let bytes =
-            unsafe { std::slice::from_raw_parts(data.as_ptr() as *const u8, data.len() * 4) };
+        let bytes = unsafe { std::slice::from_raw_parts(data.as_ptr() as *const u8, data.len() * 4) };
         self.write_bytes(bytes)
     }
 
     /// Reads the tensor's data (allocated, contiguous) as bytes.
     pub fn read_bytes(self) -> Vec<u8> {
-        assert!(
-            self.is_allocated(),
-            "tensor '{}' is not allocated",
-            self.name()
-        );
+        assert!(self.is_allocated(), "tensor '{}' is not allocated", self.name());
         let mut out = vec![0u8; self.n_bytes()];
         // SAFETY: the tensor is allocated and out has exactly its byte size.
-        unsafe {
-            sys::ggml_backend_tensor_get(self.raw(), out.as_mut_ptr() as *mut _, 0, out.len())
-        };
+        unsafe { sys::ggml_backend_tensor_get(self.raw(), out.as_mut_ptr() as *mut _, 0, out.len()) };
         out
     }
 
@@ -471,10 +429,7 @@ impl<'a> Graph<'a> {
     pub fn grad(&self, t: Tensor<'a>) -> Option<Tensor<'a>> {
         // SAFETY: valid graph and tensor.
         let p = unsafe { sys::ggml_graph_get_grad(self.raw(), t.raw()) };
-        NonNull::new(p).map(|ptr| Tensor {
-            ptr,
-            _ctx: PhantomData,
-        })
+        NonNull::new(p).map(|ptr| Tensor { ptr, _ctx: PhantomData })
     }
 
     /// Appends the backward pass (gradients of every param w.r.t. the loss).

@@ -26,8 +26,7 @@ impl Drop for LlamaModel {
 }
 
 fn c_path(path: &Path) -> Result<CString, String> {
-    CString::new(path.to_string_lossy().as_bytes())
-        .map_err(|_| format!("{}: path contains a NUL byte", path.display()))
+    CString::new(path.to_string_lossy().as_bytes()).map_err(|_| format!("{}: path contains a NUL byte", path.display()))
 }
 
 impl LlamaModel {
@@ -180,10 +179,7 @@ impl LlamaModel {
         // SAFETY: valid model and path; null on failure.
         let p = unsafe { sys::llama_adapter_lora_init(self.ptr.as_ptr(), c.as_ptr()) };
         NonNull::new(p)
-            .map(|ptr| LlamaAdapter {
-                ptr,
-                _m: PhantomData,
-            })
+            .map(|ptr| LlamaAdapter { ptr, _m: PhantomData })
             .ok_or_else(|| format!("{}: llama.cpp refused this LoRA adapter", path.display()))
     }
 }
@@ -219,17 +215,11 @@ impl Drop for LlamaContext<'_> {
 impl<'m> LlamaContext<'m> {
     /// Applies LoRA adapters with their scales (replacing earlier ones).
     pub fn set_adapters(&mut self, adapters: &[(&'m LlamaAdapter<'m>, f32)]) -> Result<(), String> {
-        let mut ptrs: Vec<*mut sys::llama_adapter_lora> =
-            adapters.iter().map(|(a, _)| a.ptr.as_ptr()).collect();
+        let mut ptrs: Vec<*mut sys::llama_adapter_lora> = adapters.iter().map(|(a, _)| a.ptr.as_ptr()).collect();
         let mut scales: Vec<f32> = adapters.iter().map(|(_, s)| *s).collect();
         // SAFETY: arrays of equal length with valid adapters of this context's model.
         let r = unsafe {
-            sys::llama_set_adapters_lora(
-                self.ptr.as_ptr(),
-                ptrs.as_mut_ptr(),
-                ptrs.len(),
-                scales.as_mut_ptr(),
-            )
+            sys::llama_set_adapters_lora(self.ptr.as_ptr(), ptrs.as_mut_ptr(), ptrs.len(), scales.as_mut_ptr())
         };
         if r == 0 {
             Ok(())

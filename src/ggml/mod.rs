@@ -62,10 +62,7 @@ pub fn ggml_accepts_gguf(path: &std::path::Path) -> Result<(i64, i64), String> {
     // SAFETY: valid C string; no_alloc with no ggml context requested.
     let g = unsafe { sys::gguf_init_from_file(c.as_ptr(), params) };
     if g.is_null() {
-        return Err(format!(
-            "{}: gguf_init_from_file refused the file",
-            path.display()
-        ));
+        return Err(format!("{}: gguf_init_from_file refused the file", path.display()));
     }
     // SAFETY: g is a valid gguf context, freed right after the queries.
     let r = unsafe { (sys::gguf_get_n_kv(g), sys::gguf_get_n_tensors(g)) };

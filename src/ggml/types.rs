@@ -127,12 +127,7 @@ impl GgmlType {
     /// Converts `data` into `out`; panics if the sizes disagree (a caller bug).
     pub fn to_f32_into(self, data: &[u8], out: &mut [f32]) {
         let expect = self.row_bytes(out.len() as u64).expect("whole blocks");
-        assert_eq!(
-            data.len() as u64,
-            expect,
-            "byte count for {} elements",
-            out.len()
-        );
+        assert_eq!(data.len() as u64, expect, "byte count for {} elements", out.len());
         if self == Self::F32 {
             for (o, c) in out.iter_mut().zip(data.chunks_exact(4)) {
                 *o = f32::from_le_bytes(c.try_into().unwrap());
@@ -142,13 +137,7 @@ impl GgmlType {
         let f = self.traits().to_float.expect("type without to_float");
         // SAFETY: `data` holds exactly out.len() elements of this type (asserted
         // above) and `out` has room for them; to_float reads/writes only that.
-        unsafe {
-            f(
-                data.as_ptr() as *const _,
-                out.as_mut_ptr(),
-                out.len() as i64,
-            )
-        }
+        unsafe { f(data.as_ptr() as *const _, out.as_mut_ptr(), out.len() as i64) }
     }
 
     /// Quantizes whole rows of f32 (`src.len()` a multiple of `n_per_row`).

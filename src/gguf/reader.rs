@@ -222,9 +222,7 @@ impl GgufFile {
             let code = c.u32(&wn)?;
             let ty = GgmlType::from_code(code).ok_or_else(|| GgufError::Invalid {
                 path: path.clone(),
-                msg: format!(
-                    "tensor '{name}' has unknown ggml type {code} (file from a newer llama.cpp?)"
-                ),
+                msg: format!("tensor '{name}' has unknown ggml type {code} (file from a newer llama.cpp?)"),
             })?;
             let offset = c.u64(&wn)?;
             let size = ty.tensor_bytes(&ne).ok_or_else(|| GgufError::Invalid {
@@ -239,9 +237,7 @@ impl GgufFile {
             if offset % alignment != 0 {
                 return Err(GgufError::Invalid {
                     path,
-                    msg: format!(
-                        "tensor '{name}' data offset {offset} is not aligned to {alignment}"
-                    ),
+                    msg: format!("tensor '{name}' data offset {offset} is not aligned to {alignment}"),
                 });
             }
             if tensor_index.insert(name.clone(), tensors.len()).is_some() {
@@ -327,8 +323,7 @@ impl GgufFile {
     /// A required integer value.
     pub fn get_u64(&self, key: &str) -> Result<u64> {
         let v = self.require(key)?;
-        v.as_u64()
-            .ok_or_else(|| self.type_err(key, v, "unsigned integer"))
+        v.as_u64().ok_or_else(|| self.type_err(key, v, "unsigned integer"))
     }
 
     /// An optional integer value (present with the wrong type is an error).
@@ -346,10 +341,7 @@ impl GgufFile {
     pub fn get_f64_opt(&self, key: &str) -> Result<Option<f64>> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => v
-                .as_f64()
-                .map(Some)
-                .ok_or_else(|| self.type_err(key, v, "number")),
+            Some(v) => v.as_f64().map(Some).ok_or_else(|| self.type_err(key, v, "number")),
         }
     }
 

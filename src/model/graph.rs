@@ -36,6 +36,21 @@ impl Batch {
     }
 }
 
+/// Keys and values of earlier positions of one sequence (after RoPE), per
+/// layer, so that generation runs one new token per step as llama.cpp does.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    /// Positions cached.
+    pub n_past: usize,
+    /// Per layer: `[head_dim, n_head_kv, n_past]` keys, flattened.
+    pub k: Vec<Vec<f32>>,
+    /// Per layer: `[head_dim_v, n_head_kv, n_past]` values, flattened.
+    pub v: Vec<Vec<f32>>,
+}
+
+/// KV cells are allocated in multiples of this (as llama.cpp does).
+const KV_PAD: usize = 256;
+
 enum InputData {
     I32(Vec<i32>),
     F32(Vec<f32>),
@@ -58,6 +73,9 @@ pub struct Forward<'a> {
     pos: Option<Tensor<'a>>,
     masks: Vec<(bool, usize, Tensor<'a>)>,
     inputs: RefCell<Vec<(Tensor<'a>, InputData)>>,
+    cache: Option<&'a KvCache>,
+    /// Per layer: the full keys and values (cached + new), marked as outputs.
+    kv_out: Vec<(Tensor<'a>, Tensor<'a>)>,
 }
 
 impl<'a> Forward<'a> {
@@ -83,6 +101,26 @@ impl<'a> Forward<'a> {
             pos: None,
             masks: Vec::new(),
             inputs: RefCell::new(Vec::new()),
+            cache: None,
+            kv_out: Vec::new(),
+        }
+    }
+
+    /// Attends over `cache` before the batch's own tokens (which must then
+    /// continue the cached sequence), and records every layer's full keys and
+    /// values as outputs for [`Forward::read_cache`].
+    pub fn with_cache(mut self, cache: &'a KvCache) -> Self {
+        self.cache = Some(cache);
+        self
+    }
+
+    /// The keys and values of all positions so far, after compute.
+    pub fn read_cache(&self) -> KvCache {
+        let n_past = self.cache.map_or(0, |c| c.n_past) + self.batch.tokens.len();
+        KvCache {
+            n_past,
+            k: self.kv_out.iter().map(|(k, _)| k.read_f32()).collect(),
+            v: self.kv_out.iter().map(|(_, v)| v.read_f32()).collect(),
         }
     }
 
@@ -97,11 +135,7 @@ impl<'a> Forward<'a> {
     }
 
     fn input_f32(&self, name: &str, ne: &[i64], data: Vec<f32>) -> Tensor<'a> {
-        let t = self
-            .ctx
-            .new_tensor(GgmlType::F32, ne)
-            .set_name(name)
-            .set_input();
+        let t = self.ctx.new_tensor(GgmlType::F32, ne).set_name(name).set_input();
         self.inputs.borrow_mut().push((t, InputData::F32(data)));
         t
     }
@@ -169,47 +203,40 @@ impl<'a> Forward<'a> {
         let s0 = self.batch.seq.first().copied().unwrap_or(0);
         (0..nv)
             .map(|p| (p, s0))
-            .chain(
-                self.batch
-                    .pos
-                    .iter()
-                    .zip(&self.batch.seq)
-                    .map(|(&p, &s)| (p + nv, s)),
-            )
+            .chain(self.batch.pos.iter().zip(&self.batch.seq).map(|(&p, &s)| (p + nv, s)))
             .collect()
     }
 
-    /// The additive attention mask `[n_prefix + n_rows, n_rows]`: causal within
-    /// each sequence, prefix entries visible to all, and for `swa` layers only
-    /// the last `sliding_window` positions.
+    /// The additive attention mask `[n_prefix + n_past + n_rows, n_rows]`:
+    /// causal within each sequence, prefix entries visible to all, cached
+    /// positions before the batch's, and for `swa` layers only the last
+    /// `sliding_window` positions.
     pub fn mask(&mut self, swa: bool, n_prefix: usize) -> Tensor<'a> {
-        if let Some(&(_, _, t)) = self
-            .masks
-            .iter()
-            .find(|(s, p, _)| *s == swa && *p == n_prefix)
-        {
+        if let Some(&(_, _, t)) = self.masks.iter().find(|(s, p, _)| *s == swa && *p == n_prefix) {
             return t;
         }
         let rows = self.row_pos_seq();
         let n = rows.len();
-        let n_kv = n_prefix + n;
+        let s0 = self.batch.seq.first().copied().unwrap_or(0);
+        let n_past = self.cache.map_or(0, |c| c.n_past);
+        let keys: Vec<(i32, u32)> = (0..n_past as i32)
+            .map(|p| (p, s0))
+            .chain(rows.iter().copied())
+            .collect();
+        let n_kv = n_prefix + keys.len() + self.cache_pad();
         let window = self.hp.sliding_window as i32;
         let mut m = vec![f32::NEG_INFINITY; n_kv * n];
         for (q, &(pq, sq)) in rows.iter().enumerate() {
             let row = &mut m[q * n_kv..(q + 1) * n_kv];
             row[..n_prefix].fill(0.0);
-            for (k, &(pk, sk)) in rows.iter().enumerate() {
+            for (k, &(pk, sk)) in keys.iter().enumerate() {
                 let visible = sk == sq && pk <= pq && !(swa && pq - pk >= window);
                 if visible {
                     row[n_prefix + k] = 0.0;
                 }
             }
         }
-        let t = self.input_f32(
-            if swa { "kq_mask_swa" } else { "kq_mask" },
-            &[n_kv as i64, n as i64],
-            m,
-        );
+        let t = self.input_f32(if swa { "kq_mask_swa" } else { "kq_mask" }, &[n_kv as i64, n as i64], m);
         self.masks.push((swa, n_prefix, t));
         t
     }
@@ -274,6 +301,7 @@ impl<'a> Forward<'a> {
         swa: bool,
     ) -> Tensor<'a> {
         let c = self.ctx;
+        let (k, v) = self.extend_with_cache(layer, k, v);
         let (k, v, n_prefix) = self.hooks.attn_kv(c, layer, k, v);
         let mask = self.mask(swa, n_prefix);
         let n = q.ne()[2];
@@ -285,6 +313,57 @@ impl<'a> Forward<'a> {
         let kqv = c.mul_mat(vt, kq); // [hd_v, n, n_head]
         let o = c.cont(c.permute(kqv, [0, 2, 1, 3])); // [hd_v, n_head, n]
         c.reshape(o, &[(self.hp.head_dim_v * self.hp.n_head) as i64, n])
+    }
+
+    /// Empty cells after the keys when a cache is used: llama.cpp rounds its
+    /// KV cells up to 256, and padding the same way makes every step run the
+    /// same kernels on the same shapes (so greedy output matches exactly).
+    fn cache_pad(&self) -> usize {
+        match self.cache {
+            Some(c) => {
+                let n = c.n_past + self.n_rows();
+                n.next_multiple_of(KV_PAD) - n
+            }
+            None => 0,
+        }
+    }
+
+    /// Prepends this layer's cached keys and values (when generating with a
+    /// cache), records the result as an output, and pads it with empty cells.
+    fn extend_with_cache(&mut self, layer: usize, k: Tensor<'a>, v: Tensor<'a>) -> (Tensor<'a>, Tensor<'a>) {
+        let Some(cache) = self.cache else {
+            return (k, v);
+        };
+        let c = self.ctx;
+        let (k, v) = if cache.n_past > 0 {
+            let [hk, nk, _, _] = k.ne();
+            let [hv, nv, _, _] = v.ne();
+            let np = cache.n_past as i64;
+            let pk = self.input_f32(&format!("past_k.{layer}"), &[hk, nk, np], cache.k[layer].clone());
+            let pv = self.input_f32(&format!("past_v.{layer}"), &[hv, nv, np], cache.v[layer].clone());
+            (c.concat(pk, k, 2), c.concat(pv, v, 2))
+        } else {
+            (c.cont(k), c.cont(v))
+        };
+        let (k, v) = (k.set_output(), v.set_output());
+        self.kv_out.push((k, v));
+        let pad = self.cache_pad() as i64;
+        if pad == 0 {
+            return (k, v);
+        }
+        let [hk, nk, _, _] = k.ne();
+        let [hv, nv, _, _] = v.ne();
+        let zk = self.input_f32(
+            &format!("pad_k.{layer}"),
+            &[hk, nk, pad],
+            vec![0.0; (hk * nk * pad) as usize],
+        );
+        let zv = self.input_f32(
+            &format!("pad_v.{layer}"),
+            &[hv, nv, pad],
+            vec![0.0; (hv * nv * pad) as usize],
+        );
+        (c.concat(k, zk, 2), c.concat(v, zv, 2))
     }
 
     /// Splits `[heads*hd, n]` into `[hd, heads, n]`.

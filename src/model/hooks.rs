@@ -69,13 +69,7 @@ pub struct Site {
 /// base model is `NoHooks`.
 pub trait Hooks {
     /// Every weight matmul: `y = W x` by default (ggml `mul_mat(w, x)`).
-    fn linear<'a>(
-        &'a self,
-        ctx: &'a Context,
-        site: &Site,
-        w: Tensor<'a>,
-        x: Tensor<'a>,
-    ) -> Tensor<'a> {
+    fn linear<'a>(&'a self, ctx: &'a Context, site: &Site, w: Tensor<'a>, x: Tensor<'a>) -> Tensor<'a> {
         let _ = site;
         ctx.mul_mat(w, x)
     }

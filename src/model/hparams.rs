@@ -38,12 +38,9 @@ impl Hparams {
         let k = |s: &str| format!("{arch}.{s}");
         let path = file.path().to_owned();
         let need = |key: String| -> Result<usize, ModelError> { Ok(file.get_u64(&key)? as usize) };
-        let opt_u = |key: String| -> Result<Option<usize>, ModelError> {
-            Ok(file.get_u64_opt(&key)?.map(|v| v as usize))
-        };
-        let opt_f = |key: String| -> Result<Option<f32>, ModelError> {
-            Ok(file.get_f64_opt(&key)?.map(|v| v as f32))
-        };
+        let opt_u =
+            |key: String| -> Result<Option<usize>, ModelError> { Ok(file.get_u64_opt(&key)?.map(|v| v as usize)) };
+        let opt_f = |key: String| -> Result<Option<f32>, ModelError> { Ok(file.get_f64_opt(&key)?.map(|v| v as f32)) };
         let n_embd = need(k("embedding_length"))?;
         let n_layer = need(k("block_count"))?;
         let n_head = need(k("attention.head_count"))?;
@@ -52,9 +49,7 @@ impl Hparams {
         if n_head == 0 || n_head_kv == 0 || n_head % n_head_kv != 0 {
             return Err(ModelError::Invalid {
                 path,
-                msg: format!(
-                    "{n_head} attention heads cannot be grouped over {n_head_kv} KV heads"
-                ),
+                msg: format!("{n_head} attention heads cannot be grouped over {n_head_kv} KV heads"),
             });
         }
         let head_dim = opt_u(k("attention.key_length"))?.unwrap_or(n_embd / n_head);
@@ -73,9 +68,7 @@ impl Hparams {
             Some(other) => {
                 return Err(ModelError::Invalid {
                     path,
-                    msg: format!(
-                        "rope scaling '{other}' is not supported yet (supported: none, linear)"
-                    ),
+                    msg: format!("rope scaling '{other}' is not supported yet (supported: none, linear)"),
                 })
             }
         };

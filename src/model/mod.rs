@@ -7,11 +7,11 @@ pub mod hooks;
 mod hparams;
 pub mod synthetic;
 
-pub use graph::{Batch, Forward};
+pub use graph::{Batch, Forward, KvCache};
 pub use hooks::{Hooks, NoHooks, Site, TensorKind};
 pub use hparams::Hparams;
 
-use crate::ggml::{Backend, Context, GgmlType, Graph, Sched, Tensor, TensorStore};
+use crate::ggml::{Backend, ComputeError, Context, GgmlType, Graph, Sched, Tensor, TensorStore};
 use crate::gguf::GgufFile;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -27,9 +27,7 @@ pub enum ModelError {
         arch: String,
         supported: String,
     },
-    #[error(
-        "{path}: tensor '{name}' has shape {found}, expected {expected} (maybe wrong base model?)"
-    )]
+    #[error("{path}: tensor '{name}' has shape {found}, expected {expected} (maybe wrong base model?)")]
     Shape {
         path: PathBuf,
         name: String,
@@ -146,10 +144,7 @@ impl Model {
 
     /// A scheduler sized for this model's graphs.
     pub fn sched(&self) -> Sched {
-        Sched::new(
-            std::slice::from_ref(&self.backend),
-            graph_size(&self.hparams) * 4,
-        )
+        Sched::new(std::slice::from_ref(&self.backend), graph_size(&self.hparams) * 4)
     }
 
     /// Builds the forward graph for `batch` in `ctx` and returns the logits
@@ -171,36 +166,70 @@ impl Model {
             batch,
             differentiable,
         );
-        let h = self.arch.build(&mut f);
+        let logits = self.head(ctx, &mut f);
+        (logits, f)
+    }
+
+    /// The blocks, output selection, LM head and soft-capping.
+    fn head<'a>(&'a self, ctx: &'a Context, f: &mut Forward<'a>) -> Tensor<'a> {
+        let h = self.arch.build(f);
         let h = f.select_outputs(h);
         let mut logits = f.lm_head(h);
         let cap = self.hparams.final_logit_softcap;
         if cap > 0.0 {
             logits = ctx.scale(ctx.tanh(ctx.scale(logits, 1.0 / cap)), cap);
         }
-        (logits.set_name("logits").set_output(), f)
+        logits.set_name("logits").set_output()
     }
 
     /// Runs the forward pass and returns the logits, one `n_vocab` row per
     /// output position of the batch.
-    pub fn logits(
+    pub fn logits(&self, sched: &mut Sched, batch: &Batch, hooks: &dyn Hooks) -> Result<Vec<Vec<f32>>, ComputeError> {
+        self.run(sched, batch, hooks, None).map(|(l, _)| l)
+    }
+
+    /// Like [`Model::logits`] for a batch that continues the sequence in
+    /// `cache`; returns the logits and the cache extended by the batch.
+    pub fn logits_cached(
         &self,
         sched: &mut Sched,
         batch: &Batch,
         hooks: &dyn Hooks,
-    ) -> Result<Vec<Vec<f32>>, crate::ggml::ComputeError> {
+        cache: &KvCache,
+    ) -> Result<(Vec<Vec<f32>>, KvCache), ComputeError> {
+        self.run(sched, batch, hooks, Some(cache))
+            .map(|(l, c)| (l, c.expect("cache requested")))
+    }
+
+    fn run(
+        &self,
+        sched: &mut Sched,
+        batch: &Batch,
+        hooks: &dyn Hooks,
+        cache: Option<&KvCache>,
+    ) -> Result<(Vec<Vec<f32>>, Option<KvCache>), ComputeError> {
         let gs = graph_size(&self.hparams);
         let ctx = Context::new(gs * 2, gs, false);
-        let (logits, f) = self.build_logits(&ctx, batch, hooks, false);
+        let mut f = Forward::new(
+            &ctx,
+            &self.hparams,
+            &self.weights,
+            hooks,
+            self.arch.rope_mode(),
+            batch,
+            false,
+        );
+        if let Some(c) = cache {
+            f = f.with_cache(c);
+        }
+        let logits = self.head(&ctx, &mut f);
         let mut g: Graph = ctx.new_graph(gs, false);
         g.build_forward(logits);
         sched.alloc(&g)?;
         f.fill_inputs();
         sched.compute(&g)?;
         let flat = logits.read_f32();
-        Ok(flat
-            .chunks(self.hparams.n_vocab)
-            .map(|c| c.to_vec())
-            .collect())
+        let rows = flat.chunks(self.hparams.n_vocab).map(|c| c.to_vec()).collect();
+        Ok((rows, cache.map(|_| f.read_cache())))
     }
 }

@@ -86,16 +86,12 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
 
 /// Writes a random model of `spec` to `path`.
 pub fn write_synthetic(path: &Path, spec: &SynthSpec) -> crate::Result<()> {
-    let a = arch::find(&spec.arch)
-        .ok_or_else(|| crate::Error::Msg(format!("unknown architecture {}", spec.arch)))?;
+    let a = arch::find(&spec.arch).ok_or_else(|| crate::Error::Msg(format!("unknown architecture {}", spec.arch)))?;
     let hp = spec.hparams();
     let mut w = GgufWriter::new();
     let ar = &spec.arch;
     w.set("general.architecture", Value::String(ar.clone()));
-    w.set(
-        "general.name",
-        Value::String(format!("synthetic-{ar}-{}", spec.ty)),
-    );
+    w.set("general.name", Value::String(format!("synthetic-{ar}-{}", spec.ty)));
     w.set("general.file_type", Value::U32(1));
     let u = |v: usize| Value::U32(v as u32);
     w.set(format!("{ar}.context_length"), u(hp.n_ctx_train));
@@ -107,19 +103,10 @@ pub fn write_synthetic(path: &Path, spec: &SynthSpec) -> crate::Result<()> {
     w.set(format!("{ar}.attention.key_length"), u(hp.head_dim));
     w.set(format!("{ar}.attention.value_length"), u(hp.head_dim_v));
     w.set(format!("{ar}.rope.dimension_count"), u(hp.n_rot));
-    w.set(
-        format!("{ar}.rope.freq_base"),
-        Value::F32(hp.rope_freq_base),
-    );
-    w.set(
-        format!("{ar}.attention.layer_norm_rms_epsilon"),
-        Value::F32(hp.rms_eps),
-    );
+    w.set(format!("{ar}.rope.freq_base"), Value::F32(hp.rope_freq_base));
+    w.set(format!("{ar}.attention.layer_norm_rms_epsilon"), Value::F32(hp.rms_eps));
     if ar == "gemma3" && spec.sliding_window > 0 {
-        w.set(
-            format!("{ar}.attention.sliding_window"),
-            u(spec.sliding_window),
-        );
+        w.set(format!("{ar}.attention.sliding_window"), u(spec.sliding_window));
         w.set(format!("{ar}.attention.sliding_window_pattern"), u(2));
     }
     // Vocabulary: SentencePiece layout that llama.cpp's "llama" tokenizer loads.
@@ -129,9 +116,7 @@ pub fn write_synthetic(path: &Path, spec: &SynthSpec) -> crate::Result<()> {
         tokens.push(format!("<0x{b:02X}>"));
         types.push(6);
     }
-    const SYL: [&str; 12] = [
-        "a", "e", "i", "o", "u", "ka", "lo", "mi", "ne", "ru", "sa", "to",
-    ];
+    const SYL: [&str; 12] = ["a", "e", "i", "o", "u", "ka", "lo", "mi", "ne", "ru", "sa", "to"];
     for i in 0..spec.n_words {
         let word = format!("\u{2581}{}{}", SYL[i % 12], SYL[(i / 12) % 12]);
         tokens.push(if tokens.contains(&word) {
@@ -145,15 +130,9 @@ pub fn write_synthetic(path: &Path, spec: &SynthSpec) -> crate::Result<()> {
     w.set("tokenizer.ggml.model", Value::String("llama".into()));
     w.set(
         "tokenizer.ggml.tokens",
-        Value::Array(
-            ValueType::String,
-            tokens.into_iter().map(Value::String).collect(),
-        ),
+        Value::Array(ValueType::String, tokens.into_iter().map(Value::String).collect()),
     );
-    w.set(
-        "tokenizer.ggml.scores",
-        Value::Array(ValueType::F32, scores),
-    );
+    w.set("tokenizer.ggml.scores", Value::Array(ValueType::F32, scores));
     w.set(
         "tokenizer.ggml.token_type",
         Value::Array(ValueType::I32, types.into_iter().map(Value::I32).collect()),
@@ -181,11 +160,7 @@ pub fn write_synthetic(path: &Path, spec: &SynthSpec) -> crate::Result<()> {
             let lim = (3.0 / d.ne[0] as f32).sqrt();
             (0..n).map(|_| rng.uniform(-lim, lim)).collect()
         };
-        let ty = if d.ne.len() == 1 {
-            GgmlType::F32
-        } else {
-            spec.ty
-        };
+        let ty = if d.ne.len() == 1 { GgmlType::F32 } else { spec.ty };
         let bytes = if ty == GgmlType::F32 {
             f32_bytes(&vals)
         } else {

@@ -17,9 +17,7 @@ pub fn tmpdir(name: &str) -> PathBuf {
 
 /// Threads for tests (CI has 2 cores).
 pub fn threads() -> usize {
-    std::thread::available_parallelism()
-        .map_or(2, |n| n.get())
-        .min(4)
+    std::thread::available_parallelism().map_or(2, |n| n.get()).min(4)
 }
 
 /// The demo model, fetched by tools/fetch-model.sh (see README).
@@ -27,9 +25,7 @@ pub fn smollm2() -> PathBuf {
     let p = std::env::var_os("GGUF_PEFT_MODEL")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
-            let home = std::env::var_os("HOME")
-                .map(PathBuf::from)
-                .unwrap_or_default();
+            let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
             std::env::var_os("GGUF_PEFT_MODELS")
                 .map(PathBuf::from)
                 .unwrap_or_else(|| home.join(".cache/gguf-peft/models"))
@@ -54,9 +50,7 @@ pub fn synth(dir: &Path, arch: &str, ty: GgmlType) -> PathBuf {
 pub fn our_logits(path: &Path, tokens: &[i32]) -> Vec<Vec<f32>> {
     let model = Model::load(path, Backend::cpu(threads())).unwrap();
     let mut sched = model.sched();
-    model
-        .logits(&mut sched, &Batch::single(tokens), &NoHooks)
-        .unwrap()
+    model.logits(&mut sched, &Batch::single(tokens), &NoHooks).unwrap()
 }
 
 /// llama.cpp's logits for one sequence (fresh context, F32 KV cache).

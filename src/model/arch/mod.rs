@@ -33,8 +33,7 @@ pub trait Architecture: Sync {
 }
 
 /// Every supported architecture.
-pub static REGISTRY: &[&dyn Architecture] =
-    &[&llama::Llama, &qwen2::Qwen2, &qwen3::Qwen3, &gemma3::Gemma3];
+pub static REGISTRY: &[&dyn Architecture] = &[&llama::Llama, &qwen2::Qwen2, &qwen3::Qwen3, &gemma3::Gemma3];
 
 /// Looks an architecture up by its GGUF name.
 pub fn find(name: &str) -> Option<&'static dyn Architecture> {
@@ -79,11 +78,7 @@ fn decoder_tensors(hp: &Hparams, l: Layout) -> Vec<TensorDecl> {
         out.push(decl(b("attn_q.weight"), &[e, hp.q_dim()], true));
         out.push(decl(b("attn_k.weight"), &[e, hp.k_dim()], true));
         out.push(decl(b("attn_v.weight"), &[e, hp.v_dim()], true));
-        out.push(decl(
-            b("attn_output.weight"),
-            &[hp.head_dim_v * hp.n_head, e],
-            true,
-        ));
+        out.push(decl(b("attn_output.weight"), &[hp.head_dim_v * hp.n_head, e], true));
         out.push(decl(b("attn_q.bias"), &[hp.q_dim()], l.qkv_bias));
         out.push(decl(b("attn_k.bias"), &[hp.k_dim()], l.qkv_bias));
         out.push(decl(b("attn_v.bias"), &[hp.v_dim()], l.qkv_bias));

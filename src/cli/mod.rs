@@ -1,0 +1,242 @@
+//! The `gguf-peft` command line.
+
+mod inspect;
+
+use crate::generate::SamplingOptions;
+use crate::ggml::Backend;
+use crate::model::{Model, NoHooks};
+use crate::tokenizer::{Message, Tokenizer};
+use crate::{Error, Result};
+use clap::{Args, Parser, Subcommand};
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+
+/// Fine-tune LLMs with parameter-efficient methods directly on GGUF files.
+#[derive(Parser, Debug)]
+#[command(name = "gguf-peft", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Show a GGUF model's architecture, hyperparameters and tensors.
+    Inspect(inspect::InspectArgs),
+    /// Generate text with our own graph (greedy at --temp 0).
+    Generate(GenerateArgs),
+    /// Mean token NLL and perplexity of a model over a text or JSONL file.
+    Eval(EvalArgs),
+}
+
+/// Options every compute command takes.
+#[derive(Args, Debug, Clone)]
+pub struct ComputeArgs {
+    /// CPU threads (default: number of physical cores).
+    #[arg(short = 't', long)]
+    threads: Option<usize>,
+}
+
+impl ComputeArgs {
+    fn threads(&self) -> usize {
+        self.threads.unwrap_or_else(num_cpus::get_physical).max(1)
+    }
+}
+
+#[derive(Args, Debug)]
+struct GenerateArgs {
+    /// GGUF model file.
+    #[arg(short, long)]
+    model: PathBuf,
+    /// Prompt text.
+    #[arg(short, long)]
+    prompt: String,
+    /// Wrap the prompt as a user message in the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    /// System message (with --chat).
+    #[arg(long)]
+    system: Option<String>,
+    /// Maximum new tokens.
+    #[arg(short = 'n', long, default_value_t = 128)]
+    max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long = "temp", default_value_t = 0.0)]
+    temperature: f32,
+    /// Top-k sampling (0: off).
+    #[arg(long, default_value_t = 40)]
+    top_k: usize,
+    /// Top-p (nucleus) sampling (1: off).
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    /// Random seed for sampling.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Print the rendered prompt and its token count to stderr first.
+    #[arg(long)]
+    verbose_prompt: bool,
+    #[command(flatten)]
+    compute: ComputeArgs,
+}
+
+#[derive(Args, Debug)]
+struct EvalArgs {
+    /// GGUF model file.
+    #[arg(short, long)]
+    model: PathBuf,
+    /// Text file, or JSONL with text / prompt+completion / messages records.
+    #[arg(short, long)]
+    data: PathBuf,
+    /// Tokens per evaluation window; longer texts are cut into windows.
+    #[arg(short = 'c', long, default_value_t = 512)]
+    ctx_size: usize,
+    /// Print a JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    compute: ComputeArgs,
+}
+
+/// Parses arguments and runs the command; errors are printed as one line.
+pub fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Inspect(a) => inspect::run(a),
+        Command::Generate(a) => generate(a),
+        Command::Eval(a) => eval(a),
+    }
+}
+
+/// Loads a model and its tokenizer on the CPU backend.
+pub(crate) fn load(path: &std::path::Path, threads: usize) -> Result<(Model, Tokenizer)> {
+    if !path.exists() {
+        return Err(Error::Msg(format!("{}: no such file", path.display())));
+    }
+    let model = Model::load(path, Backend::cpu(threads))?;
+    let tok = Tokenizer::load(path, &model.file)?;
+    Ok((model, tok))
+}
+
+fn generate(a: GenerateArgs) -> Result<()> {
+    let (model, tok) = load(&a.model, a.compute.threads())?;
+    let text = if a.chat {
+        let mut msgs = Vec::new();
+        if let Some(s) = &a.system {
+            msgs.push(Message {
+                role: "system".into(),
+                content: s.clone(),
+            });
+        }
+        msgs.push(Message {
+            role: "user".into(),
+            content: a.prompt.clone(),
+        });
+        tok.apply_chat_template(&msgs, true)?
+    } else {
+        a.prompt.clone()
+    };
+    let prompt = tok.encode(&text, true);
+    if a.verbose_prompt {
+        eprintln!("prompt ({} tokens):\n{text}\n---", prompt.len());
+    }
+    let opts = SamplingOptions {
+        max_tokens: a.max_tokens,
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        seed: a.seed,
+    };
+    let mut sched = model.sched();
+    let mut out = std::io::stdout().lock();
+    if !a.chat {
+        let _ = write!(out, "{}", a.prompt);
+    }
+    // Decode incrementally so multi-byte characters split over tokens print whole.
+    let mut shown = String::new();
+    let mut toks = Vec::new();
+    let t0 = std::time::Instant::now();
+    let generated = crate::generate::generate(
+        &model,
+        &mut sched,
+        &NoHooks,
+        &prompt,
+        &opts,
+        |t| tok.is_eog(t),
+        |t| {
+            toks.push(t);
+            let s = tok.decode(&toks);
+            if let Some(new) = s.strip_prefix(shown.as_str()) {
+                let _ = write!(out, "{new}");
+                let _ = out.flush();
+            }
+            shown = s;
+        },
+    )?;
+    let _ = writeln!(out);
+    let secs = t0.elapsed().as_secs_f64();
+    eprintln!(
+        "[{} prompt tokens, {} generated in {:.2} s, {:.1} tokens/s]",
+        prompt.len(),
+        generated.len(),
+        secs,
+        generated.len() as f64 / secs.max(1e-9)
+    );
+    Ok(())
+}
+
+fn eval(a: EvalArgs) -> Result<()> {
+    let (model, tok) = load(&a.model, a.compute.threads())?;
+    let records = crate::data::read_records(&a.data)?;
+    let mut seqs = Vec::new();
+    for r in &records {
+        seqs.push(tok.encode(&r.render(&tok)?, true));
+    }
+    let mut sched = model.sched();
+    let bar = progress_bar(crate::eval::windows(&seqs, a.ctx_size).len() as u64, "eval");
+    let rep = crate::eval::evaluate(&model, &mut sched, &NoHooks, &seqs, a.ctx_size, |i, _| {
+        if let Some(b) = &bar {
+            b.set_position(i as u64)
+        }
+    })?;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    if a.json {
+        println!("{}", serde_json::to_string(&rep).expect("serialisable"));
+    } else {
+        println!(
+            "{}: {} tokens scored in {} windows of ≤{}: mean NLL {:.4}, perplexity {:.4}",
+            a.data.display(),
+            rep.n_scored,
+            rep.n_windows,
+            rep.ctx_size,
+            rep.mean_nll,
+            rep.perplexity
+        );
+    }
+    Ok(())
+}
+
+/// A progress bar on a TTY, nothing otherwise.
+pub(crate) fn progress_bar(len: u64, what: &str) -> Option<indicatif::ProgressBar> {
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let b = indicatif::ProgressBar::new(len);
+    b.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta}")
+            .expect("valid template"),
+    );
+    b.set_message(what.to_owned());
+    Some(b)
+}
