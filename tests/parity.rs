@@ -54,3 +54,55 @@ fn qwen3_matches_llama_cpp() {
 fn gemma3_matches_llama_cpp() {
     check_arch("gemma3");
 }
+
+/// The differentiable graph (used for training) replaces ops that have no
+/// ggml backward — here Gemma's fused GELU by a composition of softplus and
+/// exp — so it is close to, not bit-identical with, llama.cpp.
+#[test]
+fn gemma3_differentiable_graph_is_close() {
+    use gguf_peft::ggml::{Backend, Context};
+    use gguf_peft::model::{Batch, Model, NoHooks};
+    let dir = tmpdir("parity-gemma3-diff");
+    for ty in [GgmlType::F32, GgmlType::F16] {
+        let path = synth(&dir, "gemma3", ty);
+        let tokens = some_tokens(40, 320, 7);
+        let model = Model::load(&path, Backend::cpu(threads())).unwrap();
+        let mut sched = model.sched();
+        let batch = Batch::single(&tokens);
+        let ctx = Context::new(8192, 4096, false);
+        let (logits, f) = model.build_logits(&ctx, &batch, &NoHooks, true);
+        let mut g = ctx.new_graph(4096, false);
+        g.build_forward(logits);
+        sched.alloc(&g).unwrap();
+        f.fill_inputs();
+        sched.compute(&g).unwrap();
+        let ours: Vec<Vec<f32>> = logits.read_f32().chunks(320).map(|c| c.to_vec()).collect();
+        let (d, m) = compare(&ours, &llama_logits(&path, &tokens));
+        println!("gemma3 differentiable {}: ratio {:.2e}", ty.name(), d / m);
+        assert!(d <= REL_BOUND * m, "ratio {:.2e}", d / m);
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Tokens from our tokenizer are llama.cpp's, and the chat template renders.
+#[test]
+fn tokenizer_and_chat_template() {
+    use gguf_peft::gguf::GgufFile;
+    use gguf_peft::tokenizer::{Message, Tokenizer};
+    let path = smollm2();
+    let file = GgufFile::open(&path).unwrap();
+    let tok = Tokenizer::load(&path, &file).unwrap();
+    let msgs = vec![Message {
+        role: "user".into(),
+        content: "Hi there".into(),
+    }];
+    let text = tok.apply_chat_template(&msgs, true).unwrap();
+    assert!(text.contains("<|im_start|>user\nHi there<|im_end|>\n"), "{text}");
+    assert!(text.ends_with("<|im_start|>assistant\n"), "{text}");
+    let ids = tok.encode(&text, true);
+    // Special tokens are single tokens, and decoding gives the text back.
+    let im_start = tok.encode("<|im_start|>", false);
+    assert_eq!(im_start.len(), 1);
+    assert_eq!(ids.iter().filter(|&&t| t == im_start[0]).count(), 3);
+    assert_eq!(tok.decode(&ids), text);
+}

@@ -89,7 +89,7 @@ impl<'a> Cursor<'a> {
             msg: format!("invalid UTF-8 in {}", w()),
         })
     }
-    fn value(&mut self, ty: ValueType, w: &dyn Fn() -> String, depth: u32) -> Result<Value> {
+    fn value(&mut self, ty: ValueType, w: &dyn Fn() -> String) -> Result<Value> {
         Ok(match ty {
             ValueType::U8 => Value::U8(self.u8(w)?),
             ValueType::I8 => Value::I8(self.u8(w)? as i8),
@@ -109,10 +109,10 @@ impl<'a> Cursor<'a> {
                     path: self.path.to_owned(),
                     msg: format!("unknown array element type {code} in {}", w()),
                 })?;
-                if et == ValueType::Array && depth > 0 {
+                if et == ValueType::Array {
                     return Err(GgufError::Invalid {
                         path: self.path.to_owned(),
-                        msg: format!("nested arrays too deep in {}", w()),
+                        msg: format!("nested arrays (in {}) are not readable by ggml", w()),
                     });
                 }
                 let n = self.u64(w)?;
@@ -125,7 +125,7 @@ impl<'a> Cursor<'a> {
                 }
                 let mut v = Vec::with_capacity(n as usize);
                 for _ in 0..n {
-                    v.push(self.value(et, w, depth + 1)?);
+                    v.push(self.value(et, w)?);
                 }
                 Value::Array(et, v)
             }
@@ -181,7 +181,7 @@ impl GgufFile {
                 path: path.clone(),
                 msg: format!("metadata key '{key}' has unknown type {code}"),
             })?;
-            let v = c.value(ty, &wk, 0)?;
+            let v = c.value(ty, &wk)?;
             if meta_index.insert(key.clone(), metadata.len()).is_some() {
                 return Err(GgufError::Invalid {
                     path: path.clone(),

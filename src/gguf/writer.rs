@@ -76,6 +76,16 @@ impl GgufWriter {
             path: path.to_owned(),
             source: e,
         };
+        if let Some((k, _)) = self
+            .metadata
+            .iter()
+            .find(|(_, v)| matches!(v, Value::Array(t, _) if *t == crate::gguf::ValueType::Array))
+        {
+            return Err(GgufError::Invalid {
+                path: path.to_owned(),
+                msg: format!("metadata key '{k}' is a nested array, which ggml cannot read"),
+            });
+        }
         let result = (|| {
             let sizes = self.tensor_sizes(path)?;
             let mut w = Counting {
