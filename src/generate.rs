@@ -115,3 +115,36 @@ pub fn generate(
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_takes_first_maximum() {
+        assert_eq!(argmax(&[0.0, 3.0, 1.0, 3.0]), 1);
+        let o = SamplingOptions::default();
+        assert_eq!(sample(&[0.0, 3.0, 1.0], &o, &mut Rng::new(0)), 1);
+    }
+
+    #[test]
+    fn top_k_one_is_greedy_and_sampling_follows_probabilities() {
+        let logits = [0.0f32, 1.0, 2.0];
+        let o = SamplingOptions {
+            temperature: 1.0,
+            top_k: 1,
+            top_p: 1.0,
+            ..Default::default()
+        };
+        assert_eq!(sample(&logits, &o, &mut Rng::new(3)), 2);
+        let o = SamplingOptions { top_k: 0, ..o };
+        let mut rng = Rng::new(4);
+        let mut counts = [0usize; 3];
+        for _ in 0..20000 {
+            counts[sample(&logits, &o, &mut rng) as usize] += 1;
+        }
+        // softmax([0,1,2]) = [0.090, 0.245, 0.665]
+        let p2 = counts[2] as f64 / 20000.0;
+        assert!((p2 - 0.665).abs() < 0.02, "{counts:?}");
+    }
+}

@@ -66,3 +66,34 @@ impl Rng {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Rng;
+
+    #[test]
+    fn deterministic_and_in_range() {
+        let (mut a, mut b) = (Rng::new(42), Rng::new(42));
+        for _ in 0..1000 {
+            assert_eq!(a.next_u64(), b.next_u64());
+        }
+        for _ in 0..1000 {
+            let x = a.f32();
+            assert!((0.0..1.0).contains(&x));
+            assert!(a.below(7) < 7);
+        }
+        let n: Vec<f32> = (0..20000).map(|_| a.normal()).collect();
+        let mean = n.iter().sum::<f32>() / n.len() as f32;
+        let var = n.iter().map(|x| (x - mean).powi(2)).sum::<f32>() / n.len() as f32;
+        assert!(mean.abs() < 0.03 && (var - 1.0).abs() < 0.05, "mean {mean} var {var}");
+    }
+
+    #[test]
+    fn shuffle_is_a_permutation() {
+        let mut v: Vec<u32> = (0..100).collect();
+        Rng::new(1).shuffle(&mut v);
+        assert_ne!(v, (0..100).collect::<Vec<_>>());
+        v.sort();
+        assert_eq!(v, (0..100).collect::<Vec<_>>());
+    }
+}

@@ -7,7 +7,10 @@ use std::path::Path;
 use std::process::Command;
 
 fn run(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_gguf-peft")).args(args).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_gguf-peft"))
+        .args(args)
+        .output()
+        .unwrap();
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -33,7 +36,11 @@ fn truncated_gguf() {
     let dir = tmpdir("bad-trunc");
     let good = synth(&dir, "llama", GgmlType::Q8_0);
     let bytes = std::fs::read(&good).unwrap();
-    for (name, len) in [("head.gguf", 20), ("half.gguf", bytes.len() / 2), ("last.gguf", bytes.len() - 7)] {
+    for (name, len) in [
+        ("head.gguf", 20),
+        ("half.gguf", bytes.len() / 2),
+        ("last.gguf", bytes.len() - 7),
+    ] {
         let p = dir.join(name);
         std::fs::write(&p, &bytes[..len]).unwrap();
         let ps = p.to_str().unwrap();
@@ -64,7 +71,11 @@ fn unsupported_architecture() {
     let p = dir.join("mamba.gguf");
     std::fs::write(&p, &bytes).unwrap();
     let ps = p.to_str().unwrap();
-    assert_one_line_error(&["generate", "-m", ps, "-p", "hi"], &p, "unsupported architecture 'mamba'");
+    assert_one_line_error(
+        &["generate", "-m", ps, "-p", "hi"],
+        &p,
+        "unsupported architecture 'mamba'",
+    );
     assert_one_line_error(&["eval", "-m", ps, "-d", ps], &p, "unsupported architecture");
     // inspect still describes the file and says it is not supported.
     let (ok, out, _) = run(&["inspect", ps]);
@@ -87,10 +98,17 @@ fn malformed_eval_data() {
     std::fs::write(&data, "{\"text\": \"fine\"}\n{\"label\": 3}\n").unwrap();
     let (ok, _, err) = run(&["eval", "-m", model.to_str().unwrap(), "-d", data.to_str().unwrap()]);
     assert!(!ok);
-    assert!(err.trim().lines().count() == 1 && err.contains(&format!("{}:2:", data.display())), "{err}");
+    assert!(
+        err.trim().lines().count() == 1 && err.contains(&format!("{}:2:", data.display())),
+        "{err}"
+    );
     let empty = dir.join("empty.jsonl");
     std::fs::write(&empty, "\n").unwrap();
-    assert_one_line_error(&["eval", "-m", model.to_str().unwrap(), "-d", empty.to_str().unwrap()], &empty, "empty");
+    assert_one_line_error(
+        &["eval", "-m", model.to_str().unwrap(), "-d", empty.to_str().unwrap()],
+        &empty,
+        "empty",
+    );
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -105,6 +123,10 @@ fn wrong_tensor_shape() {
     bytes[at..at + 4].copy_from_slice(&1024u32.to_le_bytes());
     let p = dir.join("shape.gguf");
     std::fs::write(&p, &bytes).unwrap();
-    assert_one_line_error(&["generate", "-m", p.to_str().unwrap(), "-p", "x"], &p, "maybe wrong base model");
+    assert_one_line_error(
+        &["generate", "-m", p.to_str().unwrap(), "-p", "x"],
+        &p,
+        "maybe wrong base model",
+    );
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -28,7 +28,10 @@ fn all_values() -> Vec<(String, Value)> {
         ),
         (
             "t.arr_str".into(),
-            Value::Array(ValueType::String, vec![Value::String("a".into()), Value::String("".into())]),
+            Value::Array(
+                ValueType::String,
+                vec![Value::String("a".into()), Value::String("".into())],
+            ),
         ),
         ("t.arr_empty".into(), Value::Array(ValueType::F32, vec![])),
     ]
@@ -96,7 +99,12 @@ fn round_trip_metadata_and_tensors() {
 fn quantize_dequantize_round_trip_is_close() {
     let mut rng = Rng::new(9);
     let vals: Vec<f32> = (0..1024).map(|_| rng.normal()).collect();
-    for (ty, tol) in [(GgmlType::F16, 1e-3), (GgmlType::Q8_0, 2e-2), (GgmlType::Q4_K, 0.2), (GgmlType::Q4_0, 0.3)] {
+    for (ty, tol) in [
+        (GgmlType::F16, 1e-3),
+        (GgmlType::Q8_0, 2e-2),
+        (GgmlType::Q4_K, 0.2),
+        (GgmlType::Q4_0, 0.3),
+    ] {
         let back = ty.to_f32(&ty.from_f32(&vals, 256), vals.len());
         let err = vals.iter().zip(&back).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         println!("{ty}: max round-trip error {err:.2e}");

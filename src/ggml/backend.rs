@@ -25,7 +25,10 @@ impl Drop for Backend {
 }
 
 impl Backend {
-    /// The CPU backend with `n_threads` threads.
+    /// The CPU backend with `n_threads` threads. Shared (weights, schedulers)
+    /// through an `Arc` for ownership, not for use from several threads:
+    /// `Backend` is deliberately not `Sync`.
+    #[allow(clippy::arc_with_non_send_sync)]
     pub fn cpu(n_threads: usize) -> Arc<Self> {
         super::init_logging();
         // SAFETY: plain constructor; null only on allocation failure.

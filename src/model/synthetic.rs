@@ -145,7 +145,8 @@ pub fn write_synthetic(path: &Path, spec: &SynthSpec) -> crate::Result<()> {
     let mut rng = Rng::new(spec.seed);
     let mut data: Vec<Vec<u8>> = Vec::new();
     for d in a.tensors(&hp) {
-        if !d.required && !(d.name == "output.weight" && !spec.tied) {
+        let untied_head = d.name == "output.weight" && !spec.tied;
+        if !d.required && !untied_head {
             continue;
         }
         let n: usize = d.ne.iter().product::<u64>() as usize;
