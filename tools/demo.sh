@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 source tools/setup.sh
 cargo build --release --quiet
 bin="$CARGO_TARGET_DIR/release/gguf-peft"
-"$bin" inspect "$GGUF_PEFT_MODEL" | head -8
+"$bin" inspect --summary "$GGUF_PEFT_MODEL"
 echo
 echo '$ gguf-peft generate --chat -p "Give three tips for staying healthy." -n 64'
 "$bin" generate --model "$GGUF_PEFT_MODEL" --chat -p "Give three tips for staying healthy." -n 64

@@ -5,7 +5,15 @@ use crate::model::{arch, Hparams};
 use crate::{Error, Result};
 use clap::Args;
 use std::collections::BTreeMap;
+use std::fmt::Write;
 use std::path::PathBuf;
+
+/// `writeln!` into a String, which cannot fail.
+macro_rules! w {
+    ($($t:tt)*) => {{
+        let _ = writeln!($($t)*);
+    }};
+}
 
 #[derive(Args, Debug)]
 pub struct InspectArgs {
@@ -17,6 +25,9 @@ pub struct InspectArgs {
     /// Print a JSON object instead of text.
     #[arg(long)]
     json: bool,
+    /// Leave out the per-tensor table.
+    #[arg(long)]
+    summary: bool,
 }
 
 /// Human-readable byte count.
@@ -36,6 +47,13 @@ pub fn human_bytes(n: u64) -> String {
 }
 
 pub fn run(a: InspectArgs) -> Result<()> {
+    let mut out = String::new();
+    report(&a, &mut out)?;
+    super::print_stdout(&out);
+    Ok(())
+}
+
+fn report(a: &InspectArgs, out: &mut String) -> Result<()> {
     if !a.model.exists() {
         return Err(Error::Msg(format!("{}: no such file", a.model.display())));
     }
@@ -60,7 +78,7 @@ pub fn run(a: InspectArgs) -> Result<()> {
             .map(|t| serde_json::json!({"name": t.name, "type": t.ty.name(), "shape": t.ne, "bytes": t.size}))
             .collect();
         let mut j = serde_json::json!({
-            "file": a.model,
+            "file": &a.model,
             "gguf_version": f.version,
             "architecture": arch_name,
             "supported": hp.is_some(),
@@ -80,25 +98,31 @@ pub fn run(a: InspectArgs) -> Result<()> {
                 .collect();
             j["metadata"] = serde_json::Value::Object(m);
         }
-        println!("{}", serde_json::to_string_pretty(&j).expect("serialisable"));
+        w!(out, "{}", serde_json::to_string_pretty(&j).expect("serialisable"));
         return Ok(());
     }
-    println!("file:          {} (GGUF v{})", a.model.display(), f.version);
+    w!(out, "file:          {} (GGUF v{})", a.model.display(), f.version);
     if let Some(n) = f.get("general.name").and_then(|v| v.as_str()) {
-        println!("name:          {n}");
+        w!(out, "name:          {n}");
     }
     let support = if hp.is_some() {
         String::new()
     } else {
         format!(" (not supported for training; supported: {})", arch::names().join(", "))
     };
-    println!("architecture:  {arch_name}{support}");
+    w!(out, "architecture:  {arch_name}{support}");
     if let Some(hp) = &hp {
-        println!(
+        w!(
+            out,
             "hparams:       n_vocab {} · n_ctx_train {} · n_embd {} · n_layer {} · n_ff {}",
-            hp.n_vocab, hp.n_ctx_train, hp.n_embd, hp.n_layer, hp.n_ff
+            hp.n_vocab,
+            hp.n_ctx_train,
+            hp.n_embd,
+            hp.n_layer,
+            hp.n_ff
         );
-        println!(
+        w!(
+            out,
             "attention:     n_head {} · n_head_kv {} · head_dim {} · rope base {} · rms eps {:e}{}",
             hp.n_head,
             hp.n_head_kv,
@@ -112,12 +136,14 @@ pub fn run(a: InspectArgs) -> Result<()> {
             }
         );
         let tied = f.tensor("output.weight").is_none();
-        println!(
+        w!(
+            out,
             "lm head:       {}",
             if tied { "tied to token_embd" } else { "output.weight" }
         );
     }
-    println!(
+    w!(
+        out,
         "parameters:    {} ({:.1} M) in {} tensors, {}",
         n_params,
         n_params as f64 / 1e6,
@@ -128,16 +154,20 @@ pub fn run(a: InspectArgs) -> Result<()> {
         .iter()
         .map(|(t, (n, b))| format!("{t} ×{n} ({})", human_bytes(*b)))
         .collect();
-    println!("types:         {}", types.join(", "));
+    w!(out, "types:         {}", types.join(", "));
     if a.metadata {
-        println!("\nmetadata:");
+        w!(out, "\nmetadata:");
         for (k, v) in f.metadata() {
-            println!("  {k:48} {}", v.display_short());
+            w!(out, "  {k:48} {}", v.display_short());
         }
     }
-    println!("\n{:<40} {:>7} {:>20} {:>12}", "tensor", "type", "shape", "size");
+    if a.summary {
+        return Ok(());
+    }
+    w!(out, "\n{:<40} {:>7} {:>20} {:>12}", "tensor", "type", "shape", "size");
     for t in f.tensors() {
-        println!(
+        w!(
+            out,
             "{:<40} {:>7} {:>20} {:>12}",
             t.name,
             t.ty.name(),

@@ -227,6 +227,12 @@ fn eval(a: EvalArgs) -> Result<()> {
     Ok(())
 }
 
+/// Writes to stdout; a closed pipe (`| head`) ends output quietly.
+pub(crate) fn print_stdout(s: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(s.as_bytes()).and_then(|_| out.flush());
+}
+
 /// A progress bar on a TTY, nothing otherwise.
 pub(crate) fn progress_bar(len: u64, what: &str) -> Option<indicatif::ProgressBar> {
     if !std::io::stderr().is_terminal() {
