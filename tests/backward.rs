@@ -53,7 +53,7 @@ fn check_arch(arch: &str) {
     g.build_forward(loss);
     g.build_backward(&ctx);
     let grad = g.grad(delta).expect("delta has a gradient");
-    let mut sched = gguf_peft::ggml::Sched::new(&[backend.clone()], 8192);
+    let mut sched = gguf_peft::ggml::Sched::new(std::slice::from_ref(&backend), 8192);
     sched.alloc(&g).unwrap();
 
     let mut eval = |d: &[f32]| -> (f32, Vec<f32>) {
