@@ -61,11 +61,13 @@ impl Backend {
         let p = unsafe { sys::ggml_backend_alloc_ctx_tensors(ctx.raw(), self.raw()) };
         let buf = NonNull::new(p).map(|ptr| Buffer { ptr });
         let mut names = HashMap::new();
+        let mut ptrs = Vec::new();
         for (i, t) in ctx.tensors().into_iter().enumerate() {
             assert!(buf.is_some(), "allocating {} tensors on {} failed", i + 1, self.name());
             names.insert(t.name(), i);
+            ptrs.push(NonNull::new(t.raw()).expect("non-null tensor"));
         }
-        TensorStore { buf, ctx, names }
+        TensorStore { buf, ctx, names, ptrs }
     }
 }
 
@@ -106,13 +108,19 @@ pub struct TensorStore {
     buf: Option<Buffer>,
     ctx: Context,
     names: HashMap<String, usize>,
+    /// The context's tensors in creation order (looked up on every graph build).
+    ptrs: Vec<NonNull<sys::ggml_tensor>>,
 }
+
+// SAFETY: the pointers point into `ctx`, which the store owns and moves with
+// it; Context and Buffer are Send.
+unsafe impl Send for TensorStore {}
 
 impl TensorStore {
     /// The tensor with this name.
     pub fn get(&self, name: &str) -> Option<Tensor<'_>> {
         let &i = self.names.get(name)?;
-        self.ctx.tensors().get(i).copied()
+        Some(Tensor::from_raw(self.ptrs[i]))
     }
 
     /// Every tensor, in creation order.

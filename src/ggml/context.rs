@@ -275,6 +275,12 @@ impl Context {
 }
 
 impl<'a> Tensor<'a> {
+    /// A handle to a tensor of a context that `'a` keeps alive (the caller
+    /// guarantees it, e.g. a store that owns the context).
+    pub(crate) fn from_raw(ptr: NonNull<sys::ggml_tensor>) -> Self {
+        Tensor { ptr, _ctx: PhantomData }
+    }
+
     pub(crate) fn raw(self) -> *mut sys::ggml_tensor {
         self.ptr.as_ptr()
     }
