@@ -9,12 +9,15 @@
 pub mod cli;
 pub mod data;
 pub mod eval;
+pub mod export;
 pub mod generate;
 pub mod ggml;
 pub mod gguf;
 pub mod model;
+pub mod peft;
 pub mod rng;
 pub mod tokenizer;
+pub mod train;
 
 mod error;
 pub use error::{Error, Result};

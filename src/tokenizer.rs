@@ -56,6 +56,11 @@ impl Tokenizer {
         String::from_utf8_lossy(&bytes).into_owned()
     }
 
+    /// The end-of-sequence token, if the model has one.
+    pub fn eos(&self) -> Option<i32> {
+        self.vocab.eos()
+    }
+
     /// Whether generation ends at this token.
     pub fn is_eog(&self, token: i32) -> bool {
         self.vocab.is_eog(token)

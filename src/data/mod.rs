@@ -128,3 +128,139 @@ impl Record {
         })
     }
 }
+
+/// A tokenized example: tokens and, per token, whether predicting it is
+/// trained on (completion / assistant tokens by default).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Example {
+    pub tokens: Vec<i32>,
+    pub loss: Vec<bool>,
+}
+
+impl Example {
+    /// Number of tokens that carry loss (targets of predictions).
+    pub fn n_loss(&self) -> usize {
+        self.loss.iter().skip(1).filter(|&&l| l).count()
+    }
+}
+
+/// How records become examples.
+#[derive(Debug, Clone)]
+pub struct TokenizeOptions {
+    /// Train on every token, prompts included.
+    pub train_on_prompt: bool,
+    /// Truncate longer examples to this many tokens.
+    pub max_seq_len: usize,
+}
+
+/// What tokenization did to a dataset.
+#[derive(Debug, Clone, Default)]
+pub struct TokenizeStats {
+    pub n_examples: usize,
+    pub n_truncated: usize,
+    pub n_tokens: usize,
+    pub n_loss_tokens: usize,
+    /// Examples left with no loss token (after truncation) and dropped.
+    pub n_dropped: usize,
+}
+
+/// Tokenizes records: prompt parts (user/system turns, the prompt of a
+/// prompt/completion pair) carry no loss unless `train_on_prompt`.
+pub fn tokenize(
+    records: &[Record],
+    tok: &crate::tokenizer::Tokenizer,
+    o: &TokenizeOptions,
+) -> crate::Result<(Vec<Example>, TokenizeStats)> {
+    let mut out = Vec::new();
+    let mut st = TokenizeStats::default();
+    for r in records {
+        // Segments (text, carries loss); tokenized as a whole and split by
+        // prefix lengths so token boundaries match the full rendering.
+        let segs: Vec<(String, bool)> = match r {
+            Record::Text(t) => vec![(t.clone(), true)],
+            Record::PromptCompletion { prompt, completion } => {
+                vec![(prompt.clone(), false), (completion.clone(), true)]
+            }
+            Record::Chat(msgs) => {
+                let mut segs = Vec::new();
+                let mut prev = String::new();
+                for i in 0..msgs.len() {
+                    let is_asst = msgs[i].role == "assistant";
+                    // The text up to the start of this turn's content, then through it.
+                    let upto = if is_asst {
+                        tok.apply_chat_template(&msgs[..i], true)?
+                    } else {
+                        tok.apply_chat_template(&msgs[..=i], false)?
+                    };
+                    if upto.len() > prev.len() && upto.starts_with(&prev) {
+                        segs.push((upto[prev.len()..].to_string(), false));
+                        prev = upto;
+                    }
+                    if is_asst {
+                        let through = tok.apply_chat_template(&msgs[..=i], false)?;
+                        if through.starts_with(&prev) {
+                            segs.push((through[prev.len()..].to_string(), true));
+                            prev = through;
+                        }
+                    }
+                }
+                segs
+            }
+        };
+        let mut tokens = Vec::new();
+        let mut loss = Vec::new();
+        let mut text = String::new();
+        let mut n_prev = 0;
+        for (s, l) in &segs {
+            text.push_str(s);
+            let t = tok.encode(&text, true);
+            // Tokens of this segment are those beyond the previous prefix's.
+            let n_new = t.len().saturating_sub(n_prev);
+            loss.extend(std::iter::repeat_n(*l || o.train_on_prompt, n_new));
+            tokens = t;
+            n_prev = tokens.len();
+            loss.truncate(n_prev);
+        }
+        if matches!(r, Record::Text(_) | Record::PromptCompletion { .. }) {
+            if let Some(eos) = tok.eos() {
+                tokens.push(eos);
+                loss.push(true);
+            }
+        }
+        if tokens.len() > o.max_seq_len {
+            tokens.truncate(o.max_seq_len);
+            loss.truncate(o.max_seq_len);
+            st.n_truncated += 1;
+        }
+        let ex = Example { tokens, loss };
+        if ex.n_loss() == 0 {
+            st.n_dropped += 1;
+            continue;
+        }
+        st.n_tokens += ex.tokens.len();
+        st.n_loss_tokens += ex.n_loss();
+        out.push(ex);
+    }
+    st.n_examples = out.len();
+    Ok((out, st))
+}
+
+/// Packs short examples together (greedily, in order) into sequences of at
+/// most `max_len` tokens; each packed example keeps its own attention span.
+pub fn pack(examples: &[Example], max_len: usize) -> Vec<Vec<Example>> {
+    let mut out: Vec<Vec<Example>> = Vec::new();
+    let mut cur: Vec<Example> = Vec::new();
+    let mut len = 0;
+    for e in examples {
+        if len + e.tokens.len() > max_len && !cur.is_empty() {
+            out.push(std::mem::take(&mut cur));
+            len = 0;
+        }
+        len += e.tokens.len();
+        cur.push(e.clone());
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}

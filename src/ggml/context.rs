@@ -425,6 +425,14 @@ impl<'a> Graph<'a> {
         unsafe { sys::ggml_build_forward_expand(self.raw(), t.raw()) }
     }
 
+    /// A tensor of the graph by name.
+    pub fn get_tensor(&self, name: &str) -> Option<Tensor<'a>> {
+        let c = CString::new(name).ok()?;
+        // SAFETY: valid graph; returns null when absent.
+        let p = unsafe { sys::ggml_graph_get_tensor(self.raw(), c.as_ptr()) };
+        NonNull::new(p).map(|ptr| Tensor { ptr, _ctx: PhantomData })
+    }
+
     /// Number of nodes.
     pub fn n_nodes(&self) -> usize {
         // SAFETY: valid graph.

@@ -11,7 +11,7 @@ mod writer;
 
 pub use reader::{GgufFile, TensorInfo};
 pub use value::{Value, ValueType};
-pub use writer::{GgufWriter, TensorSpec};
+pub use writer::{tmp_path, GgufWriter, TensorSpec};
 
 use std::path::PathBuf;
 

@@ -142,7 +142,12 @@ impl Model {
         self.weights.get(name).map(|t| t.ty())
     }
 
-    /// A scheduler sized for this model's graphs.
+    /// Node budget of one forward graph of this model.
+    pub fn graph_size(&self) -> usize {
+        graph_size(&self.hparams)
+    }
+
+    /// A scheduler sized for this model's graphs (forward and backward).
     pub fn sched(&self) -> Sched {
         Sched::new(std::slice::from_ref(&self.backend), graph_size(&self.hparams) * 4)
     }

@@ -1,0 +1,3 @@
+//! Export formats, one file each.
+
+pub mod llama_lora;

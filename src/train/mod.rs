@@ -1,0 +1,325 @@
+//! The trainer: batches → graph → masked cross-entropy → ggml backward →
+//! AdamW on the host → checkpoints. Deterministic for a seed: the data order
+//! of every step is a function of (seed, step), so a resumed run repeats an
+//! uninterrupted one step for step.
+
+pub mod checkpoint;
+pub mod metrics;
+pub mod optim;
+
+use crate::data::Example;
+use crate::ggml::{Context, GgmlType, Sched};
+use crate::model::{Batch, Model};
+use crate::peft::Trainable;
+use crate::rng::Rng;
+use crate::{Error, Result};
+pub use checkpoint::TrainState;
+pub use metrics::StepMetrics;
+pub use optim::{AdamW, OptimConfig, Schedule};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Training settings (the method's own live with the method).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TrainConfig {
+    pub optim: OptimConfig,
+    /// Sequences (examples, or packs of examples) per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    pub epochs: usize,
+    /// Stop after this many steps (overrides epochs).
+    pub max_steps: Option<usize>,
+    pub seed: u64,
+    /// Pack short examples into sequences of up to `max_seq_len` tokens.
+    pub pack: bool,
+    pub max_seq_len: usize,
+    /// Evaluate every N steps (0: only at the end).
+    pub eval_every: usize,
+    /// Checkpoint every N steps (0: only at the end or on interrupt).
+    pub save_every: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            optim: OptimConfig::default(),
+            batch_size: 4,
+            grad_accum: 1,
+            epochs: 1,
+            max_steps: None,
+            seed: 0,
+            pack: false,
+            max_seq_len: 512,
+            eval_every: 0,
+            save_every: 0,
+        }
+    }
+}
+
+/// A flat packed batch of examples with next-token targets at loss positions.
+pub fn make_batch(examples: &[&Example]) -> (Batch, Vec<i32>) {
+    let mut b = Batch {
+        outputs: Some(Vec::new()),
+        ..Default::default()
+    };
+    let mut targets = Vec::new();
+    for (si, e) in examples.iter().enumerate() {
+        let base = b.tokens.len() as i32;
+        for i in 0..e.tokens.len() {
+            b.tokens.push(e.tokens[i]);
+            b.pos.push(i as i32);
+            b.seq.push(si as u32);
+            if i + 1 < e.tokens.len() && e.loss[i + 1] {
+                b.outputs.as_mut().unwrap().push(base + i as i32);
+                targets.push(e.tokens[i + 1]);
+            }
+        }
+    }
+    (b, targets)
+}
+
+/// Mean cross-entropy over the loss positions of `examples` and its gradient
+/// for every trainable tensor (in `param_names` order).
+pub fn loss_and_grads(
+    model: &Model,
+    method: &dyn Trainable,
+    sched: &mut Sched,
+    examples: &[&Example],
+) -> Result<(f32, usize, Vec<Vec<f32>>)> {
+    let (batch, targets) = make_batch(examples);
+    let n_out = targets.len();
+    if n_out == 0 {
+        return Err(Error::Msg("batch has no loss tokens".into()));
+    }
+    let n_vocab = model.hparams.n_vocab;
+    let gs = model.graph_size() * 4;
+    let ctx = Context::new(gs, gs, true);
+    let params = method.params();
+    for p in &params {
+        p.set_param();
+    }
+    let (logits, f) = model.build_logits(&ctx, &batch, method, true);
+    let labels = ctx
+        .new_tensor(GgmlType::F32, &[n_vocab as i64, n_out as i64])
+        .set_name("labels")
+        .set_input();
+    let loss = ctx.cross_entropy_loss(logits, labels).set_loss().set_output();
+    let mut g = ctx.new_graph(gs, true);
+    g.build_forward(loss);
+    g.build_backward(&ctx);
+    sched.alloc(&g)?;
+    f.fill_inputs();
+    method.fill_inputs(&g);
+    // Dense one-hot rows only for the positions that carry loss.
+    let mut onehot = vec![0f32; n_vocab * n_out];
+    for (r, &t) in targets.iter().enumerate() {
+        onehot[r * n_vocab + t as usize] = 1.0;
+    }
+    labels.write_f32(&onehot);
+    g.reset();
+    sched.compute(&g)?;
+    let l = loss.read_f32()[0];
+    let grads = params
+        .iter()
+        .map(|p| {
+            g.grad(*p)
+                .map(|t| t.read_f32())
+                .unwrap_or_else(|| vec![0.0; p.n_elements()])
+        })
+        .collect();
+    Ok((l, n_out, grads))
+}
+
+/// Mean token NLL over the loss positions of `examples` (forward only).
+pub fn eval_loss(model: &Model, method: &dyn Trainable, sched: &mut Sched, examples: &[Example]) -> Result<f32> {
+    method.set_training(None);
+    let (mut nll, mut n) = (0f64, 0usize);
+    for chunk in examples.chunks(8) {
+        let refs: Vec<&Example> = chunk.iter().collect();
+        let (batch, targets) = make_batch(&refs);
+        if targets.is_empty() {
+            continue;
+        }
+        let rows = model.logits(sched, &batch, method)?;
+        for (row, &t) in rows.iter().zip(&targets) {
+            nll -= crate::eval::log_prob(row, t as usize);
+            n += 1;
+        }
+    }
+    Ok(if n == 0 { f32::NAN } else { (nll / n as f64) as f32 })
+}
+
+/// What [`train`] did.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub steps_done: usize,
+    pub total_steps: usize,
+    pub interrupted: bool,
+    pub last_checkpoint: Option<PathBuf>,
+    pub first_eval: Option<f32>,
+    pub last_eval: Option<f32>,
+}
+
+/// Where the data comes from and where the run writes.
+pub struct Run<'a> {
+    pub train: &'a [Example],
+    pub eval: &'a [Example],
+    pub out_dir: &'a Path,
+    /// Set (e.g. by Ctrl-C) to stop after the current step with a checkpoint.
+    pub stop: &'a AtomicBool,
+    /// Stop (with a checkpoint) once this step is done, as if interrupted.
+    pub stop_after: Option<usize>,
+}
+
+/// Units of training data: packs of examples, or one example each.
+fn units(train: &[Example], cfg: &TrainConfig) -> Vec<Vec<usize>> {
+    if cfg.pack {
+        let mut out: Vec<Vec<usize>> = Vec::new();
+        let mut len = 0;
+        for (i, e) in train.iter().enumerate() {
+            if out.is_empty() || len + e.tokens.len() > cfg.max_seq_len {
+                out.push(Vec::new());
+                len = 0;
+            }
+            len += e.tokens.len();
+            out.last_mut().unwrap().push(i);
+        }
+        out
+    } else {
+        (0..train.len()).map(|i| vec![i]).collect()
+    }
+}
+
+/// Steps per epoch and in total.
+pub fn plan(n_train: usize, n_units: usize, cfg: &TrainConfig) -> (usize, usize) {
+    let per_step = cfg.batch_size.max(1) * cfg.grad_accum.max(1);
+    let per_epoch = n_units.div_ceil(per_step).max(1);
+    let _ = n_train;
+    (per_epoch, cfg.max_steps.unwrap_or(per_epoch * cfg.epochs.max(1)))
+}
+
+/// The units of each micro-batch of step `step`.
+fn step_units(step: usize, n_units: usize, per_epoch: usize, cfg: &TrainConfig) -> Vec<Vec<usize>> {
+    let epoch = step / per_epoch;
+    let j = step % per_epoch;
+    let mut order: Vec<usize> = (0..n_units).collect();
+    Rng::new(cfg.seed ^ (0x5EED_0000 + epoch as u64).wrapping_mul(0x9E37_79B9)).shuffle(&mut order);
+    let bs = cfg.batch_size.max(1);
+    let start = j * bs * cfg.grad_accum.max(1);
+    (0..cfg.grad_accum.max(1))
+        .map(|k| {
+            let a = (start + k * bs).min(n_units);
+            let b = (start + (k + 1) * bs).min(n_units);
+            order[a..b].to_vec()
+        })
+        .filter(|m| !m.is_empty())
+        .collect()
+}
+
+/// Trains `method` on `model`. Starts from `state` (a fresh one, or one
+/// loaded from a checkpoint) and reports every step to `on_step`.
+pub fn train(
+    model: &Model,
+    method: &dyn Trainable,
+    cfg: &TrainConfig,
+    run: &Run<'_>,
+    mut state: TrainState,
+    mut on_step: impl FnMut(&StepMetrics, usize),
+) -> Result<Outcome> {
+    let units = units(run.train, cfg);
+    if units.is_empty() {
+        return Err(Error::Msg("no training examples".into()));
+    }
+    let (per_epoch, total) = plan(run.train.len(), units.len(), cfg);
+    let mut sched = model.sched();
+    let metrics_path = run.out_dir.join("metrics.jsonl");
+    metrics::truncate_after(&metrics_path, state.step)?;
+    let mut out = Outcome {
+        steps_done: state.step,
+        total_steps: total,
+        interrupted: false,
+        last_checkpoint: None,
+        first_eval: None,
+        last_eval: None,
+    };
+    let do_eval = !run.eval.is_empty();
+    if do_eval && state.step == 0 {
+        let e = eval_loss(model, method, &mut sched, run.eval)?;
+        out.first_eval = Some(e);
+        metrics::append(&metrics_path, &StepMetrics::eval_only(0, e))?;
+    }
+    state.write_params(method);
+    while state.step < total {
+        let t0 = std::time::Instant::now();
+        let step = state.step;
+        let micro = step_units(step, units.len(), per_epoch, cfg);
+        method.set_training(state.rng.take());
+        let mut grads: Vec<Vec<f32>> = state.params.iter().map(|p| vec![0.0; p.len()]).collect();
+        let (mut loss_sum, mut rows, mut n_tokens) = (0f64, 0usize, 0usize);
+        let mut parts = Vec::new();
+        for m in &micro {
+            let exs: Vec<&Example> = m
+                .iter()
+                .flat_map(|&u| units[u].iter().map(|&i| &run.train[i]))
+                .collect();
+            n_tokens += exs.iter().map(|e| e.tokens.len()).sum::<usize>();
+            let (l, n, g) = loss_and_grads(model, method, &mut sched, &exs)?;
+            parts.push((l, n, g));
+            rows += n;
+        }
+        // Token-weighted mean over micro-batches.
+        for (l, n, g) in parts {
+            let w = n as f32 / rows as f32;
+            loss_sum += l as f64 * n as f64;
+            for (acc, gi) in grads.iter_mut().zip(g) {
+                acc.iter_mut().zip(gi).for_each(|(a, x)| *a += w * x);
+            }
+        }
+        state.rng = method.training_rng();
+        method.set_training(None);
+        let loss = (loss_sum / rows as f64) as f32;
+        if !loss.is_finite() {
+            return Err(Error::Msg(format!(
+                "loss became {loss} at step {}; stopping (last good checkpoint: {}); try a lower --lr",
+                step + 1,
+                out.last_checkpoint
+                    .as_ref()
+                    .map_or("none".to_string(), |p| p.display().to_string())
+            )));
+        }
+        let grad_norm = optim::clip(&mut grads, cfg.optim.max_grad_norm);
+        let lr = cfg.optim.lr_at(step, total);
+        state.opt.step(&cfg.optim, lr, &mut state.params, &grads);
+        state.write_params(method);
+        state.step += 1;
+        out.steps_done = state.step;
+        let secs = t0.elapsed().as_secs_f64();
+        let mut m = StepMetrics {
+            step: state.step,
+            loss: Some(loss),
+            lr: Some(lr),
+            grad_norm: Some(grad_norm),
+            tokens: Some(n_tokens),
+            tokens_per_s: Some(n_tokens as f64 / secs.max(1e-9)),
+            eval_loss: None,
+        };
+        let last = state.step == total;
+        if do_eval && (last || (cfg.eval_every > 0 && state.step % cfg.eval_every == 0)) {
+            let e = eval_loss(model, method, &mut sched, run.eval)?;
+            m.eval_loss = Some(e);
+            out.last_eval = Some(e);
+        }
+        metrics::append(&metrics_path, &m)?;
+        on_step(&m, total);
+        let interrupted = run.stop.load(Ordering::SeqCst) || run.stop_after == Some(state.step);
+        if last || interrupted || (cfg.save_every > 0 && state.step % cfg.save_every == 0) {
+            out.last_checkpoint = Some(checkpoint::save(run.out_dir, &state, method, cfg)?);
+        }
+        if interrupted && !last {
+            out.interrupted = true;
+            break;
+        }
+    }
+    Ok(out)
+}

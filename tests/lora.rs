@@ -1,0 +1,161 @@
+//! LoRA: gradients against finite differences, the zero-B identity, and our
+//! exported adapter in llama.cpp against our graph with the same adapter.
+
+mod common;
+use common::*;
+use gguf_peft::data::Example;
+use gguf_peft::ggml::llama::LlamaModel;
+use gguf_peft::ggml::{Backend, GgmlType};
+use gguf_peft::model::{Batch, Model, NoHooks};
+use gguf_peft::peft::lora::{Lora, LoraConfig};
+use gguf_peft::peft::Trainable;
+use gguf_peft::rng::Rng;
+
+fn randomize_b(lora: &Lora, seed: u64, scale: f32) {
+    let mut rng = Rng::new(seed);
+    for s in lora.sites() {
+        let v: Vec<f32> = (0..s.rank * s.n_out).map(|_| scale * rng.normal()).collect();
+        lora.tensor_b(&s.weight).write_f32(&v);
+    }
+}
+
+fn all_targets() -> LoraConfig {
+    LoraConfig {
+        rank: 4,
+        alpha: 8.0,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn gradients_match_finite_differences() {
+    let dir = tmpdir("lora-fd");
+    let path = synth(&dir, "llama", GgmlType::F32);
+    let model = Model::load(&path, Backend::cpu(threads())).unwrap();
+    let lora = Lora::new(&model, all_targets(), 1).unwrap();
+    randomize_b(&lora, 2, 0.05);
+    let tokens = some_tokens(10, model.hparams.n_vocab, 4);
+    let ex = Example {
+        loss: vec![true; tokens.len()],
+        tokens,
+    };
+    let mut sched = model.sched();
+    let (l0, _, grads) = gguf_peft::train::loss_and_grads(&model, &lora, &mut sched, &[&ex]).unwrap();
+    let names = lora.param_names();
+    let params = lora.params();
+    let eps = 1e-2f32;
+    // Per tensor kind (A and B of attn_q / ffn_down in layer 0 and 1), the
+    // entries with the largest gradients.
+    let mut checked = 0;
+    for (i, name) in names.iter().enumerate() {
+        if !(name.contains("attn_q") || name.contains("ffn_down")) {
+            continue;
+        }
+        let g = &grads[i];
+        let mut vals = params[i].read_f32();
+        let mut idx: Vec<usize> = (0..g.len()).collect();
+        idx.sort_by(|&a, &b| g[b].abs().total_cmp(&g[a].abs()));
+        let mut worst = 0f32;
+        for &j in idx.iter().take(3) {
+            let orig = vals[j];
+            vals[j] = orig + eps;
+            params[i].write_f32(&vals);
+            let (lp, _, _) = gguf_peft::train::loss_and_grads(&model, &lora, &mut sched, &[&ex]).unwrap();
+            vals[j] = orig - eps;
+            params[i].write_f32(&vals);
+            let (lm, _, _) = gguf_peft::train::loss_and_grads(&model, &lora, &mut sched, &[&ex]).unwrap();
+            vals[j] = orig;
+            params[i].write_f32(&vals);
+            let fd = (lp - lm) / (2.0 * eps);
+            worst = worst.max((fd - g[j]).abs() / g[j].abs().max(1e-6));
+        }
+        println!("{name}: worst relative error {worst:.2e} (loss {l0:.4})");
+        assert!(worst <= 1e-2, "{name}: {worst:.2e}");
+        checked += 1;
+    }
+    assert_eq!(checked, 8);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn zero_b_is_bit_identical_to_base() {
+    let dir = tmpdir("lora-zero");
+    for arch in ["llama", "gemma3"] {
+        let path = synth(&dir, arch, GgmlType::Q4_K);
+        let model = Model::load(&path, Backend::cpu(threads())).unwrap();
+        let lora = Lora::new(&model, all_targets(), 3).unwrap();
+        let tokens = some_tokens(24, model.hparams.n_vocab, 5);
+        let mut sched = model.sched();
+        let base = model.logits(&mut sched, &Batch::single(&tokens), &NoHooks).unwrap();
+        let with = model.logits(&mut sched, &Batch::single(&tokens), &lora).unwrap();
+        assert_eq!(base, with, "{arch}: zero-B adapter changed the logits");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+fn check_llama_cpp_adapter(path: &std::path::Path, cfg: LoraConfig, b_scale: f32, scale: f32) -> f32 {
+    let model = Model::load(path, Backend::cpu(threads())).unwrap();
+    let mut lora = Lora::new(&model, cfg, 7).unwrap();
+    randomize_b(&lora, 8, b_scale);
+    let adapter = path.with_extension("lora.gguf");
+    gguf_peft::export::llama_lora::write(&lora, &model, &adapter).unwrap();
+    lora.user_scale = scale;
+    let tokens = some_tokens(40, model.hparams.n_vocab, 6);
+    let mut sched = model.sched();
+    let ours = model.logits(&mut sched, &Batch::single(&tokens), &lora).unwrap();
+    let base = model.logits(&mut sched, &Batch::single(&tokens), &NoHooks).unwrap();
+
+    let lm = LlamaModel::load(path, false).unwrap();
+    let ad = lm.load_adapter(&adapter).unwrap();
+    let mut ctx = lm.context(64, threads()).unwrap();
+    ctx.set_adapters(&[(&ad, scale)]).unwrap();
+    let theirs = ctx.decode(&tokens, 0).unwrap();
+    let (d, m) = compare(&ours, &theirs);
+    let (moved, _) = compare(&base, &theirs);
+    println!(
+        "{}: max|Δ| {d:.3e}, ratio {:.2e}; the adapter moves logits by up to {moved:.3}",
+        path.file_name().unwrap().to_string_lossy(),
+        d / m
+    );
+    assert!(moved > 1e-2, "the adapter should change the logits");
+    // Reading our file back gives the same adapter.
+    let back = gguf_peft::export::llama_lora::read(&adapter, &model).unwrap();
+    for s in lora.sites() {
+        assert_eq!(back.tensor_a(&s.weight).read_f32(), lora.tensor_a(&s.weight).read_f32());
+        assert_eq!(back.tensor_b(&s.weight).read_f32(), lora.tensor_b(&s.weight).read_f32());
+    }
+    d / m
+}
+
+#[test]
+fn exported_adapter_in_llama_cpp_matches_tiny_models() {
+    let dir = tmpdir("lora-llamacpp");
+    for arch in ["llama", "qwen2", "qwen3", "gemma3"] {
+        for ty in [GgmlType::F32, GgmlType::Q4_K] {
+            let path = synth(&dir, arch, ty);
+            let mut cfg = all_targets();
+            if arch == "qwen2" {
+                cfg.targets.push("output".into()); // untied head in the synthetic qwen2
+            }
+            let ratio = check_llama_cpp_adapter(&path, cfg, 0.05, 0.7);
+            assert!(ratio <= 1e-3, "{arch} {ty}: ratio {ratio:.2e}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn exported_adapter_in_llama_cpp_matches_smollm2() {
+    let dir = tmpdir("lora-smollm2");
+    let path = dir.join("smollm2.gguf");
+    std::os::unix::fs::symlink(smollm2(), &path).unwrap();
+    let cfg = LoraConfig {
+        rank: 8,
+        alpha: 16.0,
+        rslora: true,
+        ..Default::default()
+    };
+    let ratio = check_llama_cpp_adapter(&path, cfg, 0.01, 1.0);
+    assert!(ratio <= 1e-3, "ratio {ratio:.2e}");
+    let _ = std::fs::remove_dir_all(dir);
+}
