@@ -1,5 +1,6 @@
 //! The `gguf-peft` command line.
 
+mod finetune;
 mod inspect;
 
 use crate::generate::SamplingOptions;
@@ -27,6 +28,33 @@ enum Command {
     Generate(GenerateArgs),
     /// Mean token NLL and perplexity of a model over a text or JSONL file.
     Eval(EvalArgs),
+    /// Train a LoRA adapter on the frozen GGUF base (kept in its quant types).
+    Finetune(finetune::FinetuneArgs),
+}
+
+/// Options to apply a trained adapter.
+#[derive(Args, Debug, Clone)]
+pub struct AdapterArgs {
+    /// LoRA adapter in llama.cpp's GGUF format (e.g. from `finetune`).
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// Multiplier of the adapter's effect.
+    #[arg(long, default_value_t = 1.0)]
+    adapter_scale: f32,
+}
+
+impl AdapterArgs {
+    /// The adapter as hooks, or the base model's.
+    fn hooks(&self, model: &Model) -> Result<Box<dyn crate::model::Hooks>> {
+        Ok(match &self.adapter {
+            Some(p) => {
+                let mut l = crate::export::llama_lora::read(p, model)?;
+                l.user_scale = self.adapter_scale;
+                Box::new(l)
+            }
+            None => Box::new(NoHooks),
+        })
+    }
 }
 
 /// Options every compute command takes.
@@ -76,6 +104,8 @@ struct GenerateArgs {
     #[arg(long)]
     verbose_prompt: bool,
     #[command(flatten)]
+    adapter: AdapterArgs,
+    #[command(flatten)]
     compute: ComputeArgs,
 }
 
@@ -93,6 +123,8 @@ struct EvalArgs {
     /// Print a JSON object instead of text.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    adapter: AdapterArgs,
     #[command(flatten)]
     compute: ComputeArgs,
 }
@@ -114,21 +146,32 @@ fn run(cli: Cli) -> Result<()> {
         Command::Inspect(a) => inspect::run(a),
         Command::Generate(a) => generate(a),
         Command::Eval(a) => eval(a),
+        Command::Finetune(a) => finetune::run(a),
     }
 }
 
-/// Loads a model and its tokenizer on the CPU backend.
+/// Loads a model (in its own types) and its tokenizer on the CPU backend.
 pub(crate) fn load(path: &std::path::Path, threads: usize) -> Result<(Model, Tokenizer)> {
+    load_with(path, threads, crate::model::WeightLayout::Native)
+}
+
+/// Loads a model in `layout` and its tokenizer on the CPU backend.
+pub(crate) fn load_with(
+    path: &std::path::Path,
+    threads: usize,
+    layout: crate::model::WeightLayout,
+) -> Result<(Model, Tokenizer)> {
     if !path.exists() {
         return Err(Error::Msg(format!("{}: no such file", path.display())));
     }
-    let model = Model::load(path, Backend::cpu(threads))?;
+    let model = Model::load_with(path, Backend::cpu(threads), layout)?;
     let tok = Tokenizer::load(path, &model.file)?;
     Ok((model, tok))
 }
 
 fn generate(a: GenerateArgs) -> Result<()> {
     let (model, tok) = load(&a.model, a.compute.threads())?;
+    let hooks = a.adapter.hooks(&model)?;
     let text = if a.chat {
         let mut msgs = Vec::new();
         if let Some(s) = &a.system {
@@ -168,7 +211,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
     let generated = crate::generate::generate(
         &model,
         &mut sched,
-        &NoHooks,
+        hooks.as_ref(),
         &prompt,
         &opts,
         |t| tok.is_eog(t),
@@ -196,6 +239,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
 
 fn eval(a: EvalArgs) -> Result<()> {
     let (model, tok) = load(&a.model, a.compute.threads())?;
+    let hooks = a.adapter.hooks(&model)?;
     let records = crate::data::read_records(&a.data)?;
     let mut seqs = Vec::new();
     for r in &records {
@@ -203,7 +247,7 @@ fn eval(a: EvalArgs) -> Result<()> {
     }
     let mut sched = model.sched();
     let bar = progress_bar(crate::eval::windows(&seqs, a.ctx_size).len() as u64, "eval");
-    let rep = crate::eval::evaluate(&model, &mut sched, &NoHooks, &seqs, a.ctx_size, |i, _| {
+    let rep = crate::eval::evaluate(&model, &mut sched, hooks.as_ref(), &seqs, a.ctx_size, |i, _| {
         if let Some(b) = &bar {
             b.set_position(i as u64)
         }

@@ -38,8 +38,19 @@ pub enum ModelError {
     Invalid { path: PathBuf, msg: String },
 }
 
+/// How frozen weights are held for compute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WeightLayout {
+    /// The file's own types and bytes (what llama.cpp runs).
+    Native,
+    /// Every matrix dequantized once to F32 at load: exact values, faster
+    /// forward and backward on CPU, 4 bytes per weight.
+    F32,
+}
+
 /// A loaded model: GGUF metadata, hyperparameters and the frozen weights on
-/// a backend, each tensor in the type the file stores it in.
+/// a backend, each tensor in the type the file stores it in (or F32).
 pub struct Model {
     pub file: GgufFile,
     pub hparams: Hparams,
@@ -56,8 +67,13 @@ fn graph_size(hp: &Hparams) -> usize {
 }
 
 impl Model {
-    /// Opens a GGUF model and loads its weights onto `backend`.
+    /// Opens a GGUF model and loads its weights onto `backend` in their own types.
     pub fn load(path: impl AsRef<Path>, backend: Arc<Backend>) -> Result<Self, ModelError> {
+        Self::load_with(path, backend, WeightLayout::Native)
+    }
+
+    /// Opens a GGUF model and loads its weights onto `backend` in `layout`.
+    pub fn load_with(path: impl AsRef<Path>, backend: Arc<Backend>, layout: WeightLayout) -> Result<Self, ModelError> {
         let file = GgufFile::open(path.as_ref())?;
         let path = file.path().to_owned();
         let arch_name = file.get_str("general.architecture")?.to_owned();
@@ -104,14 +120,22 @@ impl Model {
             }
         }
         let ctx = Context::new(present.len() + 1, 0, false);
+        let ty_of = |t: &crate::gguf::TensorInfo| match layout {
+            WeightLayout::Native => t.ty,
+            WeightLayout::F32 => GgmlType::F32,
+        };
         for t in &present {
             let ne: Vec<i64> = t.ne.iter().map(|&n| n as i64).collect();
-            ctx.new_tensor(t.ty, &ne).set_name(&t.name);
+            ctx.new_tensor(ty_of(t), &ne).set_name(&t.name);
         }
         let weights = backend.alloc_store(ctx);
         for t in &present {
             let dst = weights.get(&t.name).expect("just created");
-            dst.write_bytes(file.tensor_data(t));
+            if ty_of(t) == t.ty {
+                dst.write_bytes(file.tensor_data(t));
+            } else {
+                dst.write_f32(&t.ty.to_f32(file.tensor_data(t), t.n_elements() as usize));
+            }
         }
         Ok(Model {
             file,

@@ -1,0 +1,353 @@
+//! `gguf-peft finetune`: train an adapter on the frozen (quantized) base and
+//! write it in llama.cpp's LoRA format.
+
+use super::{progress_bar, ComputeArgs};
+use crate::data::{read_records, tokenize, Example, TokenizeOptions};
+use crate::export::llama_lora;
+use crate::model::WeightLayout;
+use crate::peft::lora::{Lora, LoraConfig};
+use crate::peft::Trainable;
+use crate::rng::Rng;
+use crate::train::metrics::{loss_svg, read as read_metrics, write_atomic};
+use crate::train::{checkpoint, OptimConfig, Run, Schedule, TrainConfig, TrainState};
+use crate::{Error, Result};
+use clap::Args;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+#[derive(Args, Debug)]
+pub struct FinetuneArgs {
+    /// Base model (GGUF, any quant type); it stays frozen in its own types.
+    #[arg(short, long)]
+    model: PathBuf,
+    /// Training data: JSONL ({"text"}, {"prompt","completion"}, {"messages"},
+    /// alpaca) or a plain text file.
+    #[arg(short, long)]
+    data: PathBuf,
+    /// Output directory (adapter.gguf, adapter_config.json, metrics.jsonl,
+    /// loss.svg, checkpoints/).
+    #[arg(short, long)]
+    out: PathBuf,
+    /// Evaluation data (same formats).
+    #[arg(long)]
+    eval_data: Option<PathBuf>,
+    /// Hold out this fraction of the training data for evaluation instead.
+    #[arg(long, default_value_t = 0.0)]
+    eval_fraction: f32,
+    /// PEFT method.
+    #[arg(long, default_value = "lora", value_parser = ["lora"])]
+    method: String,
+    /// LoRA rank.
+    #[arg(short = 'r', long, default_value_t = 8)]
+    rank: usize,
+    /// LoRA alpha (scale = alpha / rank).
+    #[arg(long, default_value_t = 16.0)]
+    alpha: f32,
+    /// LoRA dropout on the adapter's input.
+    #[arg(long, default_value_t = 0.0)]
+    dropout: f32,
+    /// Comma-separated GGUF tensor kinds to adapt.
+    #[arg(long, default_value = "attn_q,attn_k,attn_v,attn_output,ffn_gate,ffn_up,ffn_down")]
+    targets: String,
+    /// Comma-separated block indices to adapt (default: all).
+    #[arg(long)]
+    layers: Option<String>,
+    /// rsLoRA scaling: alpha / sqrt(rank).
+    #[arg(long)]
+    rslora: bool,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 2e-4)]
+    lr: f32,
+    #[arg(long, default_value_t = 0.9)]
+    beta1: f32,
+    #[arg(long, default_value_t = 0.999)]
+    beta2: f32,
+    #[arg(long, default_value_t = 1e-8)]
+    adam_eps: f32,
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f32,
+    /// Learning-rate schedule after warmup.
+    #[arg(long, value_enum, default_value_t = Schedule::Cosine)]
+    schedule: Schedule,
+    #[arg(long, default_value_t = 0)]
+    warmup_steps: usize,
+    /// Sequences per micro-batch.
+    #[arg(short = 'b', long, default_value_t = 4)]
+    batch_size: usize,
+    /// Micro-batches per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    grad_accum: usize,
+    /// Clip the global gradient norm (0: off).
+    #[arg(long, default_value_t = 1.0)]
+    max_grad_norm: f32,
+    #[arg(long, default_value_t = 1)]
+    epochs: usize,
+    /// Train this many steps (overrides --epochs).
+    #[arg(long)]
+    max_steps: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Truncate examples to this many tokens (count reported).
+    #[arg(long, default_value_t = 512)]
+    max_seq_len: usize,
+    /// Pack short examples together up to --max-seq-len.
+    #[arg(long)]
+    pack: bool,
+    /// Compute loss on prompt tokens too (default: completions / assistant turns only).
+    #[arg(long)]
+    train_on_prompt: bool,
+    /// Evaluate every N steps (0: at the end only).
+    #[arg(long, default_value_t = 0)]
+    eval_every: usize,
+    /// Checkpoint every N steps (0: at the end and on Ctrl-C only).
+    #[arg(long, default_value_t = 0)]
+    save_every: usize,
+    /// Stop after this step with a checkpoint, as if interrupted (resume later).
+    #[arg(long)]
+    stop_after: Option<usize>,
+    /// Continue from a checkpoint directory, or the newest one in an output directory.
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    /// How the frozen base is held while training: `native` (the file's
+    /// quant types), `f32` (dequantized once: exact values, faster on CPU,
+    /// 4 bytes per weight), `auto` (f32 when that takes at most 4 GiB).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "native", "f32"])]
+    base_compute: String,
+    #[command(flatten)]
+    compute: ComputeArgs,
+}
+
+fn parse_list(s: &str) -> Vec<String> {
+    s.split(',')
+        .map(|x| x.trim().to_owned())
+        .filter(|x| !x.is_empty())
+        .collect()
+}
+
+/// The JSON written as `adapter_config.json`.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct AdapterConfig {
+    method: String,
+    base_model: PathBuf,
+    lora: LoraConfig,
+    train: TrainConfig,
+    data: PathBuf,
+    eval_data: Option<PathBuf>,
+    eval_fraction: f32,
+    train_on_prompt: bool,
+}
+
+pub fn run(a: FinetuneArgs) -> Result<()> {
+    let threads = a.compute.threads();
+    let layout = match a.base_compute.as_str() {
+        "native" => WeightLayout::Native,
+        "f32" => WeightLayout::F32,
+        _ => {
+            let f = crate::gguf::GgufFile::open(&a.model)?;
+            let n: u64 = f.tensors().iter().map(|t| t.n_elements()).sum();
+            if n * 4 <= 4 << 30 {
+                WeightLayout::F32
+            } else {
+                WeightLayout::Native
+            }
+        }
+    };
+    let (model, tok) = super::load_with(&a.model, threads, layout)?;
+    eprintln!(
+        "base: {} held as {:?} ({})",
+        a.model.display(),
+        layout,
+        super::inspect::human_bytes(model.weights().size() as u64)
+    );
+    let tok_opts = TokenizeOptions {
+        train_on_prompt: a.train_on_prompt,
+        max_seq_len: a.max_seq_len,
+    };
+    let (mut train, st) = tokenize(&read_records(&a.data)?, &tok, &tok_opts)?;
+    if train.is_empty() {
+        return Err(Error::Msg(format!(
+            "{}: no example has a token to train on (all {} dropped; use --train-on-prompt?)",
+            a.data.display(),
+            st.n_dropped
+        )));
+    }
+    let mut eval: Vec<Example> = match &a.eval_data {
+        Some(p) => tokenize(&read_records(p)?, &tok, &tok_opts)?.0,
+        None => Vec::new(),
+    };
+    if a.eval_data.is_none() && a.eval_fraction > 0.0 {
+        if !(0.0..1.0).contains(&a.eval_fraction) {
+            return Err(Error::Msg("--eval-fraction must be in [0, 1)".into()));
+        }
+        // A seeded split, so a resumed run holds out the same examples.
+        Rng::new(a.seed ^ 0xE7A1).shuffle(&mut train);
+        let n_eval = ((train.len() as f32 * a.eval_fraction).round() as usize).clamp(1, train.len() - 1);
+        eval = train.split_off(train.len() - n_eval);
+    }
+    eprintln!(
+        "data: {} training examples ({} tokens, {} with loss; {} truncated to {}, {} dropped), {} eval examples",
+        train.len(),
+        st.n_tokens,
+        st.n_loss_tokens,
+        st.n_truncated,
+        a.max_seq_len,
+        st.n_dropped,
+        eval.len()
+    );
+    let lcfg = LoraConfig {
+        rank: a.rank,
+        alpha: a.alpha,
+        dropout: a.dropout,
+        targets: parse_list(&a.targets),
+        layers: match &a.layers {
+            Some(s) => Some(
+                parse_list(s)
+                    .iter()
+                    .map(|x| {
+                        x.parse()
+                            .map_err(|_| Error::Msg(format!("--layers: '{x}' is not a block index")))
+                    })
+                    .collect::<Result<Vec<usize>>>()?,
+            ),
+            None => None,
+        },
+        rslora: a.rslora,
+    };
+    let tcfg = TrainConfig {
+        optim: OptimConfig {
+            lr: a.lr,
+            beta1: a.beta1,
+            beta2: a.beta2,
+            eps: a.adam_eps,
+            weight_decay: a.weight_decay,
+            schedule: a.schedule,
+            warmup_steps: a.warmup_steps,
+            max_grad_norm: a.max_grad_norm,
+        },
+        batch_size: a.batch_size,
+        grad_accum: a.grad_accum,
+        epochs: a.epochs,
+        max_steps: a.max_steps,
+        seed: a.seed,
+        pack: a.pack,
+        max_seq_len: a.max_seq_len,
+        eval_every: a.eval_every,
+        save_every: a.save_every,
+    };
+    let lora = Lora::new(&model, lcfg.clone(), a.seed)?;
+    let n_train = lora.n_trainable();
+    let n_total: u64 = model.file.tensors().iter().map(|t| t.n_elements()).sum();
+    eprintln!(
+        "trainable params: {} || all params: {} || trainable%: {:.4}",
+        n_train,
+        n_total + n_train as u64,
+        100.0 * n_train as f64 / (n_total + n_train as u64) as f64
+    );
+    let out = &a.out;
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let state = match &a.resume {
+        Some(dir) => {
+            let ck = checkpoint::find(dir)?;
+            let s = checkpoint::load(&ck, &lora)?;
+            eprintln!("resuming from {} (step {})", ck.display(), s.step);
+            s
+        }
+        None => {
+            // A fresh run starts a fresh metrics file.
+            let _ = std::fs::remove_file(out.join("metrics.jsonl"));
+            TrainState::fresh(&lora, a.seed)
+        }
+    };
+    let cfg_json = AdapterConfig {
+        method: a.method.clone(),
+        base_model: a.model.clone(),
+        lora: lcfg,
+        train: tcfg.clone(),
+        data: a.data.clone(),
+        eval_data: a.eval_data.clone(),
+        eval_fraction: a.eval_fraction,
+        train_on_prompt: a.train_on_prompt,
+    };
+    write_atomic(
+        &out.join("adapter_config.json"),
+        serde_json::to_string_pretty(&cfg_json)
+            .expect("serialisable")
+            .as_bytes(),
+    )?;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        // A second Ctrl-C while the checkpoint is written would be lost:
+        // the handler only asks the loop to stop after the current step.
+        let _ = ctrlc::set_handler(move || {
+            if stop.swap(true, Ordering::SeqCst) {
+                eprintln!("\nstopping after this step (checkpoint being written)...");
+            } else {
+                eprintln!("\ninterrupt: finishing this step, then writing a checkpoint");
+            }
+        });
+    }
+    let run = Run {
+        train: &train,
+        eval: &eval,
+        out_dir: out,
+        stop: &stop,
+        stop_after: a.stop_after,
+    };
+    let bar = progress_bar(0, "train");
+    let t0 = std::time::Instant::now();
+    let outcome = crate::train::train(&model, &lora, &tcfg, &run, state, |m, total| {
+        let loss = m.loss.unwrap_or(f32::NAN);
+        let line = format!(
+            "step {}/{} loss {:.4} lr {:.2e} grad-norm {:.3} {:.0} tok/s{}",
+            m.step,
+            total,
+            loss,
+            m.lr.unwrap_or(0.0),
+            m.grad_norm.unwrap_or(0.0),
+            m.tokens_per_s.unwrap_or(0.0),
+            m.eval_loss.map_or(String::new(), |e| format!(" eval {e:.4}"))
+        );
+        match &bar {
+            Some(b) => {
+                b.set_length(total as u64);
+                b.set_position(m.step as u64);
+                b.set_message(format!("loss {loss:.4}"));
+                if m.eval_loss.is_some() {
+                    b.println(line);
+                }
+            }
+            None => eprintln!("{line}"),
+        }
+    });
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    let outcome = outcome?;
+    let metrics = read_metrics(&out.join("metrics.jsonl"))?;
+    write_atomic(&out.join("loss.svg"), loss_svg(&metrics).as_bytes())?;
+    let adapter = out.join("adapter.gguf");
+    llama_lora::write(&lora, &model, &adapter)?;
+    let secs = t0.elapsed().as_secs_f64();
+    if outcome.interrupted {
+        eprintln!(
+            "stopped at step {}/{} after {secs:.1} s; checkpoint {}; continue with --resume {}",
+            outcome.steps_done,
+            outcome.total_steps,
+            outcome
+                .last_checkpoint
+                .as_ref()
+                .map_or("-".into(), |p| p.display().to_string()),
+            out.display()
+        );
+    } else {
+        eprintln!("trained {} steps in {secs:.1} s", outcome.steps_done);
+    }
+    if let (Some(f), Some(l)) = (outcome.first_eval, outcome.last_eval) {
+        eprintln!("eval loss {f:.4} -> {l:.4}");
+    }
+    println!("{}", adapter.display());
+    Ok(())
+}
