@@ -1,0 +1,187 @@
+//! `gguf-peft finetune` end to end: resume reproduces an uninterrupted run
+//! step for step, training on the demo task works and llama.cpp with the
+//! exported adapter shows it, and bad input fails cleanly.
+
+mod common;
+use common::*;
+use gguf_peft::ggml::llama::LlamaModel;
+use gguf_peft::ggml::GgmlType;
+use gguf_peft::gguf::GgufFile;
+use gguf_peft::tokenizer::{Message, Tokenizer};
+use gguf_peft::train::metrics::{read, StepMetrics};
+use std::path::Path;
+use std::process::Command;
+
+fn cli(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_gguf-peft")).args(args).output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn tiny_dataset(path: &Path) {
+    const W: [&str; 8] = ["ka", "lo", "mi", "ne", "ru", "sa", "to", "a"];
+    let mut r = gguf_peft::rng::Rng::new(1);
+    let mut s = String::new();
+    for _ in 0..24 {
+        let p: Vec<&str> = (0..4).map(|_| W[r.below(8)]).collect();
+        // The completion repeats the prompt reversed: learnable.
+        let c: Vec<&str> = p.iter().rev().copied().collect();
+        s += &serde_json::json!({"prompt": p.join(" ") + " =", "completion": " ".to_string() + &c.join(" ")}).to_string();
+        s.push('\n');
+    }
+    std::fs::write(path, s).unwrap();
+}
+
+fn losses(ms: &[StepMetrics]) -> Vec<(usize, Option<f32>, Option<f32>, Option<f32>)> {
+    ms.iter().map(|m| (m.step, m.loss, m.grad_norm, m.eval_loss)).collect()
+}
+
+#[test]
+fn resume_matches_uninterrupted_run() {
+    let dir = tmpdir("ft-resume");
+    let model = synth(&dir, "llama", GgmlType::Q8_0);
+    let data = dir.join("train.jsonl");
+    tiny_dataset(&data);
+    let (full, part) = (dir.join("full"), dir.join("part"));
+    let common = |out: &Path| -> Vec<String> {
+        [
+            "finetune", "-m", model.to_str().unwrap(), "-d", data.to_str().unwrap(), "-o", out.to_str().unwrap(),
+            "--max-steps", "6", "-b", "3", "--grad-accum", "2", "--lr", "3e-3", "--dropout", "0.1",
+            "--eval-fraction", "0.25", "--eval-every", "2", "--schedule", "cosine", "--warmup-steps", "2",
+            "--seed", "5", "-t", "2", "--base-compute", "native",
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let args = |v: Vec<String>| v;
+    let run = |v: Vec<String>| {
+        let refs: Vec<&str> = v.iter().map(|s| s.as_str()).collect();
+        let (ok, err) = cli(&refs);
+        assert!(ok, "{err}");
+    };
+    run(args(common(&full)));
+    let mut first = common(&part);
+    first.extend(["--stop-after".into(), "3".into()]);
+    run(first);
+    let half = read(&part.join("metrics.jsonl")).unwrap();
+    assert_eq!(half.last().unwrap().step, 3, "stopped after step 3");
+    assert!(part.join("checkpoints/step-000003/state.gguf").exists());
+    let mut second = common(&part);
+    second.extend(["--resume".into(), part.to_str().unwrap().into()]);
+    run(second);
+    let a = read(&full.join("metrics.jsonl")).unwrap();
+    let b = read(&part.join("metrics.jsonl")).unwrap();
+    for (x, y) in a.iter().zip(&b) {
+        println!("step {}: loss {:?} / {:?}, eval {:?} / {:?}", x.step, x.loss, y.loss, x.eval_loss, y.eval_loss);
+    }
+    assert_eq!(losses(&a), losses(&b), "resumed run differs from the uninterrupted one");
+    assert_eq!(a.len(), 7, "eval at step 0 plus six steps");
+    // Both final adapters are identical files.
+    assert_eq!(
+        std::fs::read(full.join("adapter.gguf")).unwrap(),
+        std::fs::read(part.join("adapter.gguf")).unwrap()
+    );
+    assert!(std::fs::read_to_string(full.join("loss.svg")).unwrap().contains("<polyline"));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Greedy generation by llama.cpp (with or without our adapter) after a chat prompt.
+fn llama_cpp_answer(model: &Path, adapter: Option<&Path>, question: &str) -> String {
+    let file = GgufFile::open(model).unwrap();
+    let tok = Tokenizer::load(model, &file).unwrap();
+    let msgs = vec![Message {
+        role: "user".into(),
+        content: question.into(),
+    }];
+    let prompt = tok.encode(&tok.apply_chat_template(&msgs, true).unwrap(), true);
+    let lm = LlamaModel::load(model, false).unwrap();
+    let ad = adapter.map(|p| lm.load_adapter(p).unwrap());
+    let mut ctx = lm.context(256, threads()).unwrap();
+    if let Some(a) = &ad {
+        ctx.set_adapters(&[(a, 1.0)]).unwrap();
+    }
+    let mut logits = ctx.decode(&prompt, 0).unwrap().pop().unwrap();
+    let mut out = Vec::new();
+    for i in 0..16 {
+        let t = gguf_peft::generate::argmax(&logits) as i32;
+        if lm.is_eog(t) {
+            break;
+        }
+        out.push(t);
+        logits = ctx.decode(&[t], (prompt.len() + i) as i32).unwrap().pop().unwrap();
+    }
+    tok.decode(&out)
+}
+
+#[test]
+fn demo_task_is_learned_and_llama_cpp_shows_it() {
+    let model = smollm2();
+    let dir = tmpdir("ft-demo");
+    let out = dir.join("run");
+    let root = env!("CARGO_MANIFEST_DIR");
+    let (ok, err) = cli(&[
+        "finetune", "-m", model.to_str().unwrap(),
+        "-d", &format!("{root}/data/demo/train.jsonl"),
+        "--eval-data", &format!("{root}/data/demo/eval.jsonl"),
+        "-o", out.to_str().unwrap(), "--epochs", "3", "-b", "4", "--lr", "1e-3", "-t", &threads().to_string(),
+    ]);
+    assert!(ok, "{err}");
+    let ms = read(&out.join("metrics.jsonl")).unwrap();
+    let first = ms.first().unwrap().eval_loss.unwrap();
+    let last = ms.last().unwrap().eval_loss.unwrap();
+    println!("eval loss {first:.4} -> {last:.4} over {} steps", ms.last().unwrap().step);
+    assert!(last <= 0.5 * first, "eval loss should at least halve: {first} -> {last}");
+
+    let q = "Who are you, exactly?"; // not in the training data
+    let base = llama_cpp_answer(&model, None, q);
+    let tuned = llama_cpp_answer(&model, Some(&out.join("adapter.gguf")), q);
+    println!("llama.cpp base:    {base:?}\nllama.cpp adapted: {tuned:?}");
+    assert!(!base.contains("Pebble"));
+    assert!(tuned.contains("Pebble"), "adapted answer: {tuned}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+fn assert_fails_cleanly(args: &[&str], what: &str, out: &Path) {
+    let (ok, err) = cli(args);
+    assert!(!ok);
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(lines[0].contains(what), "expected '{what}' in: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(!out.join("adapter.gguf").exists(), "nothing may be half-written");
+}
+
+#[test]
+fn bad_training_input() {
+    let dir = tmpdir("ft-bad");
+    let model = synth(&dir, "llama", GgmlType::F32);
+    let m = model.to_str().unwrap();
+    let out = dir.join("out");
+    let o = out.to_str().unwrap();
+
+    let empty = dir.join("empty.jsonl");
+    std::fs::write(&empty, "").unwrap();
+    let e = format!("{}: dataset is empty", empty.display());
+    assert_fails_cleanly(&["finetune", "-m", m, "-d", empty.to_str().unwrap(), "-o", o], &e, &out);
+
+    let odd = dir.join("odd.jsonl");
+    std::fs::write(&odd, "{\"text\": \"ka lo\"}\n{\"label\": 1}\n").unwrap();
+    let e = format!("{}:2: record has none of", odd.display());
+    assert_fails_cleanly(&["finetune", "-m", m, "-d", odd.to_str().unwrap(), "-o", o], &e, &out);
+
+    // An adapter made for this model, used with other bases.
+    let good = dir.join("good.jsonl");
+    tiny_dataset(&good);
+    let (ok, err) = cli(&["finetune", "-m", m, "-d", good.to_str().unwrap(), "-o", o, "--max-steps", "1"]);
+    assert!(ok, "{err}");
+    let adapter = out.join("adapter.gguf");
+    let other_arch = synth(&dir, "qwen3", GgmlType::F32);
+    let (ok, err) = cli(&["generate", "-m", other_arch.to_str().unwrap(), "-p", "ka", "-n", "2", "--adapter", adapter.to_str().unwrap()]);
+    assert!(!ok && err.contains("adapter is for architecture 'llama'") && err.contains(&adapter.display().to_string()), "{err}");
+    let mut spec = gguf_peft::model::synthetic::SynthSpec::tiny("llama", GgmlType::F32);
+    spec.n_ff = 768;
+    let other_shape = dir.join("wide.gguf");
+    gguf_peft::model::synthetic::write_synthetic(&other_shape, &spec).unwrap();
+    let (ok, err) = cli(&["eval", "-m", other_shape.to_str().unwrap(), "-d", good.to_str().unwrap(), "--adapter", adapter.to_str().unwrap()]);
+    assert!(!ok && err.contains("wrong base model") && err.lines().count() == 1, "{err}");
+    let _ = std::fs::remove_dir_all(dir);
+}
