@@ -13,7 +13,10 @@ use std::path::Path;
 use std::process::Command;
 
 fn cli(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_gguf-peft")).args(args).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_gguf-peft"))
+        .args(args)
+        .output()
+        .unwrap();
     (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
@@ -25,13 +28,17 @@ fn tiny_dataset(path: &Path) {
         let p: Vec<&str> = (0..4).map(|_| W[r.below(8)]).collect();
         // The completion repeats the prompt reversed: learnable.
         let c: Vec<&str> = p.iter().rev().copied().collect();
-        s += &serde_json::json!({"prompt": p.join(" ") + " =", "completion": " ".to_string() + &c.join(" ")}).to_string();
+        s += &serde_json::json!({"prompt": p.join(" ") + " =", "completion": " ".to_string() + &c.join(" ")})
+            .to_string();
         s.push('\n');
     }
     std::fs::write(path, s).unwrap();
 }
 
-fn losses(ms: &[StepMetrics]) -> Vec<(usize, Option<f32>, Option<f32>, Option<f32>)> {
+/// (step, loss, grad norm, eval loss) of each line.
+type Curve = Vec<(usize, Option<f32>, Option<f32>, Option<f32>)>;
+
+fn losses(ms: &[StepMetrics]) -> Curve {
     ms.iter().map(|m| (m.step, m.loss, m.grad_norm, m.eval_loss)).collect()
 }
 
@@ -44,10 +51,37 @@ fn resume_matches_uninterrupted_run() {
     let (full, part) = (dir.join("full"), dir.join("part"));
     let common = |out: &Path| -> Vec<String> {
         [
-            "finetune", "-m", model.to_str().unwrap(), "-d", data.to_str().unwrap(), "-o", out.to_str().unwrap(),
-            "--max-steps", "6", "-b", "3", "--grad-accum", "2", "--lr", "3e-3", "--dropout", "0.1",
-            "--eval-fraction", "0.25", "--eval-every", "2", "--schedule", "cosine", "--warmup-steps", "2",
-            "--seed", "5", "-t", "2", "--base-compute", "native",
+            "finetune",
+            "-m",
+            model.to_str().unwrap(),
+            "-d",
+            data.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--max-steps",
+            "6",
+            "-b",
+            "3",
+            "--grad-accum",
+            "2",
+            "--lr",
+            "3e-3",
+            "--dropout",
+            "0.1",
+            "--eval-fraction",
+            "0.25",
+            "--eval-every",
+            "2",
+            "--schedule",
+            "cosine",
+            "--warmup-steps",
+            "2",
+            "--seed",
+            "5",
+            "-t",
+            "2",
+            "--base-compute",
+            "native",
         ]
         .map(String::from)
         .to_vec()
@@ -71,7 +105,10 @@ fn resume_matches_uninterrupted_run() {
     let a = read(&full.join("metrics.jsonl")).unwrap();
     let b = read(&part.join("metrics.jsonl")).unwrap();
     for (x, y) in a.iter().zip(&b) {
-        println!("step {}: loss {:?} / {:?}, eval {:?} / {:?}", x.step, x.loss, y.loss, x.eval_loss, y.eval_loss);
+        println!(
+            "step {}: loss {:?} / {:?}, eval {:?} / {:?}",
+            x.step, x.loss, y.loss, x.eval_loss, y.eval_loss
+        );
     }
     assert_eq!(losses(&a), losses(&b), "resumed run differs from the uninterrupted one");
     assert_eq!(a.len(), 7, "eval at step 0 plus six steps");
@@ -80,7 +117,9 @@ fn resume_matches_uninterrupted_run() {
         std::fs::read(full.join("adapter.gguf")).unwrap(),
         std::fs::read(part.join("adapter.gguf")).unwrap()
     );
-    assert!(std::fs::read_to_string(full.join("loss.svg")).unwrap().contains("<polyline"));
+    assert!(std::fs::read_to_string(full.join("loss.svg"))
+        .unwrap()
+        .contains("<polyline"));
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -119,18 +158,57 @@ fn demo_task_is_learned_and_llama_cpp_shows_it() {
     let out = dir.join("run");
     let root = env!("CARGO_MANIFEST_DIR");
     let (ok, err) = cli(&[
-        "finetune", "-m", model.to_str().unwrap(),
-        "-d", &format!("{root}/data/demo/train.jsonl"),
-        "--eval-data", &format!("{root}/data/demo/eval.jsonl"),
-        "-o", out.to_str().unwrap(), "--epochs", "3", "-b", "4", "--lr", "1e-3", "-t", &threads().to_string(),
+        "finetune",
+        "-m",
+        model.to_str().unwrap(),
+        "-d",
+        &format!("{root}/data/demo/train.jsonl"),
+        "--eval-data",
+        &format!("{root}/data/demo/eval.jsonl"),
+        "-o",
+        out.to_str().unwrap(),
+        "--epochs",
+        "3",
+        "-b",
+        "4",
+        "--lr",
+        "1e-3",
+        "-t",
+        &threads().to_string(),
     ]);
     assert!(ok, "{err}");
     let ms = read(&out.join("metrics.jsonl")).unwrap();
     let first = ms.first().unwrap().eval_loss.unwrap();
     let last = ms.last().unwrap().eval_loss.unwrap();
-    println!("eval loss {first:.4} -> {last:.4} over {} steps", ms.last().unwrap().step);
-    assert!(last <= 0.5 * first, "eval loss should at least halve: {first} -> {last}");
+    println!(
+        "eval loss {first:.4} -> {last:.4} over {} steps",
+        ms.last().unwrap().step
+    );
+    assert!(
+        last <= 0.5 * first,
+        "eval loss should at least halve: {first} -> {last}"
+    );
 
+    // Our graph with the trained adapter equals llama.cpp with it.
+    {
+        use gguf_peft::ggml::Backend;
+        use gguf_peft::model::{Batch, Model};
+        let m = Model::load(&model, Backend::cpu(threads())).unwrap();
+        let lora = gguf_peft::export::llama_lora::read(&out.join("adapter.gguf"), &m).unwrap();
+        let lm = LlamaModel::load(&model, false).unwrap();
+        let tokens = lm.tokenize(
+            "Hello! Could you tell me who you are and what you can do for me today?",
+            true,
+            false,
+        );
+        let ours = m.logits(&mut m.sched(), &Batch::single(&tokens), &lora).unwrap();
+        let ad = lm.load_adapter(&out.join("adapter.gguf")).unwrap();
+        let mut ctx = lm.context(64, threads()).unwrap();
+        ctx.set_adapters(&[(&ad, 1.0)]).unwrap();
+        let (d, mx) = compare(&ours, &ctx.decode(&tokens, 0).unwrap());
+        println!("SmolLM2 + trained adapter: max|Δ| {d:.3e}, ratio {:.2e}", d / mx);
+        assert!(d <= 1e-3 * mx);
+    }
     let q = "Who are you, exactly?"; // not in the training data
     let base = llama_cpp_answer(&model, None, q);
     let tuned = llama_cpp_answer(&model, Some(&out.join("adapter.gguf")), q);
@@ -171,17 +249,51 @@ fn bad_training_input() {
     // An adapter made for this model, used with other bases.
     let good = dir.join("good.jsonl");
     tiny_dataset(&good);
-    let (ok, err) = cli(&["finetune", "-m", m, "-d", good.to_str().unwrap(), "-o", o, "--max-steps", "1"]);
+    let (ok, err) = cli(&[
+        "finetune",
+        "-m",
+        m,
+        "-d",
+        good.to_str().unwrap(),
+        "-o",
+        o,
+        "--max-steps",
+        "1",
+    ]);
     assert!(ok, "{err}");
     let adapter = out.join("adapter.gguf");
     let other_arch = synth(&dir, "qwen3", GgmlType::F32);
-    let (ok, err) = cli(&["generate", "-m", other_arch.to_str().unwrap(), "-p", "ka", "-n", "2", "--adapter", adapter.to_str().unwrap()]);
-    assert!(!ok && err.contains("adapter is for architecture 'llama'") && err.contains(&adapter.display().to_string()), "{err}");
+    let (ok, err) = cli(&[
+        "generate",
+        "-m",
+        other_arch.to_str().unwrap(),
+        "-p",
+        "ka",
+        "-n",
+        "2",
+        "--adapter",
+        adapter.to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && err.contains("adapter is for architecture 'llama'") && err.contains(&adapter.display().to_string()),
+        "{err}"
+    );
     let mut spec = gguf_peft::model::synthetic::SynthSpec::tiny("llama", GgmlType::F32);
     spec.n_ff = 768;
     let other_shape = dir.join("wide.gguf");
     gguf_peft::model::synthetic::write_synthetic(&other_shape, &spec).unwrap();
-    let (ok, err) = cli(&["eval", "-m", other_shape.to_str().unwrap(), "-d", good.to_str().unwrap(), "--adapter", adapter.to_str().unwrap()]);
-    assert!(!ok && err.contains("wrong base model") && err.lines().count() == 1, "{err}");
+    let (ok, err) = cli(&[
+        "eval",
+        "-m",
+        other_shape.to_str().unwrap(),
+        "-d",
+        good.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && err.contains("wrong base model") && err.lines().count() == 1,
+        "{err}"
+    );
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -29,7 +29,7 @@ enum Command {
     /// Mean token NLL and perplexity of a model over a text or JSONL file.
     Eval(EvalArgs),
     /// Train a LoRA adapter on the frozen GGUF base (kept in its quant types).
-    Finetune(finetune::FinetuneArgs),
+    Finetune(Box<finetune::FinetuneArgs>),
 }
 
 /// Options to apply a trained adapter.
@@ -146,7 +146,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Inspect(a) => inspect::run(a),
         Command::Generate(a) => generate(a),
         Command::Eval(a) => eval(a),
-        Command::Finetune(a) => finetune::run(a),
+        Command::Finetune(a) => finetune::run(*a),
     }
 }
 
