@@ -297,3 +297,98 @@ fn bad_training_input() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn nan_loss_stops_and_keeps_last_good_checkpoint() {
+    let dir = tmpdir("ft-nan");
+    let model = synth(&dir, "llama", GgmlType::F32);
+    let data = dir.join("train.jsonl");
+    tiny_dataset(&data);
+    let out = dir.join("out");
+    // A huge learning rate blows the adapter up after the first update.
+    let (ok, err) = cli(&[
+        "finetune",
+        "-m",
+        model.to_str().unwrap(),
+        "-d",
+        data.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--max-steps",
+        "5",
+        "--save-every",
+        "1",
+        "--lr",
+        "1e30",
+        "--max-grad-norm",
+        "0",
+        "-t",
+        "2",
+    ]);
+    assert!(!ok);
+    assert!(err.contains("loss became") && err.contains("step-000001"), "{err}");
+    assert!(out.join("checkpoints/step-000001/state.gguf").exists());
+    assert!(!out.join("checkpoints/step-000002").exists());
+    assert!(!out.join("adapter.gguf").exists());
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn ctrl_c_writes_a_checkpoint_and_resume_finishes() {
+    let dir = tmpdir("ft-sigint");
+    let model = synth(&dir, "llama", GgmlType::F32);
+    let data = dir.join("train.jsonl");
+    tiny_dataset(&data);
+    let out = dir.join("out");
+    let args = [
+        "finetune",
+        "-m",
+        model.to_str().unwrap(),
+        "-d",
+        data.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--max-steps",
+        "400",
+        "-b",
+        "1",
+        "-t",
+        "2",
+    ];
+    let child = Command::new(env!("CARGO_BIN_EXE_gguf-peft"))
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let metrics = out.join("metrics.jsonl");
+    let t0 = std::time::Instant::now();
+    while read(&metrics).map(|m| m.len()).unwrap_or(0) < 3 {
+        assert!(t0.elapsed().as_secs() < 120, "training did not start");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let st = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let res = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(res.status.success(), "{err}");
+    assert!(err.contains("--resume"), "{err}");
+    let done = read(&metrics).unwrap().last().unwrap().step;
+    assert!(done < 400, "stopped early at {done}");
+    assert!(out.join(format!("checkpoints/step-{done:06}/state.gguf")).exists());
+    assert!(out.join("adapter.gguf").exists());
+    // Resume with a shorter run: a few more steps.
+    let target = done + 3;
+    let t = target.to_string();
+    let at = args.iter().position(|&a| a == "400").unwrap();
+    let mut resume: Vec<&str> = args.to_vec();
+    resume[at] = &t;
+    resume.extend(["--resume", out.to_str().unwrap()]);
+    let (ok, err) = cli(&resume);
+    assert!(ok, "{err}");
+    assert_eq!(read(&metrics).unwrap().last().unwrap().step, target);
+    let _ = std::fs::remove_dir_all(dir);
+}
