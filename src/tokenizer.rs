@@ -49,11 +49,15 @@ impl Tokenizer {
 
     /// The text of `tokens` (special tokens shown).
     pub fn decode(&self, tokens: &[i32]) -> String {
-        let mut bytes = Vec::new();
-        for &t in tokens {
-            bytes.extend(self.vocab.token_to_piece(t, true));
-        }
-        String::from_utf8_lossy(&bytes).into_owned()
+        String::from_utf8_lossy(&self.decode_bytes(tokens)).into_owned()
+    }
+
+    /// The raw bytes of `tokens` (a character may be split across tokens).
+    pub fn decode_bytes(&self, tokens: &[i32]) -> Vec<u8> {
+        tokens
+            .iter()
+            .flat_map(|&t| self.vocab.token_to_piece(t, true))
+            .collect()
     }
 
     /// The end-of-sequence token, if the model has one.

@@ -205,7 +205,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
         let _ = write!(out, "{}", a.prompt);
     }
     // Decode incrementally so multi-byte characters split over tokens print whole.
-    let mut shown = String::new();
+    let mut shown = 0usize;
     let mut toks = Vec::new();
     let t0 = std::time::Instant::now();
     let generated = crate::generate::generate(
@@ -217,12 +217,16 @@ fn generate(a: GenerateArgs) -> Result<()> {
         |t| tok.is_eog(t),
         |t| {
             toks.push(t);
-            let s = tok.decode(&toks);
-            if let Some(new) = s.strip_prefix(shown.as_str()) {
-                let _ = write!(out, "{new}");
-                let _ = out.flush();
-            }
-            shown = s;
+            let bytes = tok.decode_bytes(&toks);
+            // Print only whole characters; a split one waits for its next token.
+            let valid = match std::str::from_utf8(&bytes[shown..]) {
+                Ok(s) => s.len(),
+                Err(e) if e.error_len().is_none() => e.valid_up_to(),
+                Err(_) => bytes.len() - shown,
+            };
+            let _ = write!(out, "{}", String::from_utf8_lossy(&bytes[shown..shown + valid]));
+            let _ = out.flush();
+            shown += valid;
         },
     )?;
     let _ = writeln!(out);
