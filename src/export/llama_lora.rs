@@ -33,10 +33,8 @@ pub fn write(lora: &Lora, model: &Model, path: &Path) -> Result<()> {
     w.set("gguf_peft.lora.config", Value::String(cfg));
     let mut datas = Vec::new();
     for s in lora.sites() {
-        for (suffix, t, ne) in [
-            ("lora_a", lora.tensor_a(&s.weight), [s.n_in, s.rank]),
-            ("lora_b", lora.tensor_b(&s.weight), [s.rank, s.n_out]),
-        ] {
+        let (sa, sb) = s.shapes();
+        for (suffix, t, ne) in [("lora_a", lora.tensor_a(&s.weight), sa), ("lora_b", lora.tensor_b(&s.weight), sb)] {
             w.add_tensor(TensorSpec {
                 name: format!("{}.{suffix}", s.weight),
                 ty: GgmlType::F32,
@@ -106,12 +104,24 @@ pub fn read(path: &Path, model: &Model) -> Result<Lora> {
             ))
         })?;
         let [n_in, n_out, _, _] = w.ne();
-        if a.ne.len() != 2 || b.ne.len() != 2 || a.ne[0] != n_in as u64 || b.ne[1] != n_out as u64 || a.ne[1] != b.ne[0]
-        {
+        let embedding = base == "token_embd.weight";
+        // The token embedding's pair is flipped: a = [r, n_vocab], b = [r, n_embd].
+        let (n_in, n_out, rank_a) = if embedding {
+            (n_out, n_in, a.ne[0])
+        } else {
+            (n_in, n_out, a.ne.get(1).copied().unwrap_or(0))
+        };
+        let expect_a: Vec<u64> = if embedding {
+            vec![rank_a, n_in as u64]
+        } else {
+            vec![n_in as u64, rank_a]
+        };
+        if a.ne != expect_a || b.ne != vec![rank_a, n_out as u64] {
             return Err(bad(format!(
-                "LoRA for '{base}' has shapes {} and {} but the base weight is [{n_in}, {n_out}] (wrong base model?)",
+                "LoRA for '{base}' has shapes {} and {} that do not fit the base weight {:?} (wrong base model?)",
                 a.shape_str(),
-                b.shape_str()
+                b.shape_str(),
+                w.ne()
             )));
         }
         for t in [a, b] {
@@ -126,7 +136,7 @@ pub fn read(path: &Path, model: &Model) -> Result<Lora> {
             weight: base.clone(),
             n_in: n_in as usize,
             n_out: n_out as usize,
-            rank: a.ne[1] as usize,
+            rank: rank_a as usize,
         });
         order.push(base.clone());
     }

@@ -166,8 +166,13 @@ impl<'a> Forward<'a> {
     /// multiplied by `scale` first (Gemma scales by sqrt(n_embd)).
     pub fn embeddings(&mut self, scale: f32) -> Tensor<'a> {
         let ids = self.input_i32("tokens", self.batch.tokens.clone());
-        let w = self.weight("token_embd.weight");
-        let mut x = self.ctx.get_rows(w, ids);
+        let site = Site {
+            layer: None,
+            kind: TensorKind::TokenEmbd,
+            weight: "token_embd.weight".into(),
+        };
+        let w = self.weight(&site.weight);
+        let mut x = self.hooks.embed(self.ctx, &site, w, ids);
         if scale != 1.0 {
             x = self.ctx.scale(x, scale);
         }

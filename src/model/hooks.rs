@@ -74,6 +74,12 @@ pub trait Hooks {
         ctx.mul_mat(w, x)
     }
 
+    /// The token-embedding lookup: rows `ids` (I32) of `w` by default.
+    fn embed<'a>(&'a self, ctx: &'a Context, site: &Site, w: Tensor<'a>, ids: Tensor<'a>) -> Tensor<'a> {
+        let _ = site;
+        ctx.get_rows(w, ids)
+    }
+
     /// The input embeddings `[n_embd, n_tokens]` after the architecture's own
     /// scaling; may prepend virtual tokens (their count is returned with it).
     fn input_embeddings<'a>(&'a self, ctx: &'a Context, x: Tensor<'a>) -> (Tensor<'a>, usize) {

@@ -68,9 +68,27 @@ impl LoraConfig {
 pub struct LoraSite {
     /// The base weight's GGUF name (`blk.3.attn_q.weight`).
     pub weight: String,
+    /// Input width (for the token embedding: the vocabulary size).
     pub n_in: usize,
     pub n_out: usize,
     pub rank: usize,
+}
+
+impl LoraSite {
+    /// Whether this is the token embedding, whose tensors llama.cpp keeps in
+    /// a flipped layout: `lora_a` ne = [r, n_vocab], `lora_b` ne = [r, n_embd].
+    pub fn is_embedding(&self) -> bool {
+        self.weight == "token_embd.weight"
+    }
+
+    /// Shapes (ggml order) of `lora_a` and `lora_b`.
+    pub fn shapes(&self) -> ([usize; 2], [usize; 2]) {
+        if self.is_embedding() {
+            ([self.rank, self.n_in], [self.rank, self.n_out])
+        } else {
+            ([self.n_in, self.rank], [self.rank, self.n_out])
+        }
+    }
 }
 
 struct Dropout {
@@ -94,9 +112,10 @@ pub struct Lora {
 fn check_target(model: &Model, kind: TensorKind) -> Result<()> {
     let tied = model.weights().get("output.weight").is_none();
     match kind {
-        TensorKind::TokenEmbd => Err(Error::Msg(
-            "LoRA on token_embd is not supported yet; choose among attn_q, attn_k, attn_v, attn_output, ffn_gate, ffn_up, ffn_down, output".into(),
-        )),
+        TensorKind::TokenEmbd if tied => Err(Error::Msg(format!(
+            "{}: the LM head is tied to token_embd, so 'token_embd' cannot be a LoRA target (it would change the head too)",
+            model.path().display()
+        ))),
         TensorKind::Output if tied => Err(Error::Msg(format!(
             "{}: the LM head is tied to token_embd, so 'output' cannot be a LoRA target (llama.cpp could not apply it)",
             model.path().display()
@@ -141,12 +160,18 @@ impl Lora {
         };
         let mut names = Vec::new();
         for &il in &layers {
-            for &k in kinds.iter().filter(|&&k| k != TensorKind::Output) {
+            for &k in kinds
+                .iter()
+                .filter(|&&k| k != TensorKind::Output && k != TensorKind::TokenEmbd)
+            {
                 names.push(format!("blk.{il}.{}.weight", k.gguf_name()));
             }
         }
         if kinds.contains(&TensorKind::Output) {
             names.push("output.weight".into());
+        }
+        if kinds.contains(&TensorKind::TokenEmbd) {
+            names.push("token_embd.weight".into());
         }
         let mut sites = Vec::new();
         for w in names {
@@ -155,10 +180,16 @@ impl Lora {
                 .get(&w)
                 .ok_or_else(|| Error::Msg(format!("{}: no tensor '{w}' to adapt", model.path().display())))?;
             let ne = t.ne();
+            // The embedding maps token ids (n_vocab) to rows of n_embd.
+            let (n_in, n_out) = if w == "token_embd.weight" {
+                (ne[1], ne[0])
+            } else {
+                (ne[0], ne[1])
+            };
             sites.push(LoraSite {
                 weight: w,
-                n_in: ne[0] as usize,
-                n_out: ne[1] as usize,
+                n_in: n_in as usize,
+                n_out: n_out as usize,
                 rank: config.rank,
             });
         }
@@ -169,10 +200,17 @@ impl Lora {
         let lora = Self::alloc(model, config, alpha_file, sites);
         let mut rng = Rng::new(seed);
         for s in &lora.sites {
-            let bound = 1.0 / (s.n_in as f32).sqrt();
-            let a: Vec<f32> = (0..s.n_in * s.rank).map(|_| rng.uniform(-bound, bound)).collect();
-            lora.tensor_a(&s.weight).write_f32(&a);
-            lora.tensor_b(&s.weight).write_f32(&vec![0.0; s.rank * s.n_out]);
+            if s.is_embedding() {
+                // PEFT's embedding init: A zero, B standard normal.
+                let b: Vec<f32> = (0..s.n_out * s.rank).map(|_| rng.normal()).collect();
+                lora.tensor_a(&s.weight).write_f32(&vec![0.0; s.rank * s.n_in]);
+                lora.tensor_b(&s.weight).write_f32(&b);
+            } else {
+                let bound = 1.0 / (s.n_in as f32).sqrt();
+                let a: Vec<f32> = (0..s.n_in * s.rank).map(|_| rng.uniform(-bound, bound)).collect();
+                lora.tensor_a(&s.weight).write_f32(&a);
+                lora.tensor_b(&s.weight).write_f32(&vec![0.0; s.rank * s.n_out]);
+            }
         }
         Ok(lora)
     }
@@ -182,9 +220,10 @@ impl Lora {
         let ctx = Context::new(sites.len() * 2 + 1, 0, false);
         let mut index = HashMap::new();
         for (i, s) in sites.iter().enumerate() {
-            ctx.new_tensor(GgmlType::F32, &[s.n_in as i64, s.rank as i64])
+            let (a, b) = s.shapes();
+            ctx.new_tensor(GgmlType::F32, &[a[0] as i64, a[1] as i64])
                 .set_name(&format!("{}.lora_a", s.weight));
-            ctx.new_tensor(GgmlType::F32, &[s.rank as i64, s.n_out as i64])
+            ctx.new_tensor(GgmlType::F32, &[b[0] as i64, b[1] as i64])
                 .set_name(&format!("{}.lora_b", s.weight));
             index.insert(s.weight.clone(), i);
         }
@@ -227,6 +266,18 @@ impl Lora {
 }
 
 impl Hooks for Lora {
+    fn embed<'a>(&'a self, ctx: &'a Context, site: &Site, w: Tensor<'a>, ids: Tensor<'a>) -> Tensor<'a> {
+        let x = ctx.get_rows(w, ids);
+        let Some(&i) = self.index.get(&site.weight) else {
+            return x;
+        };
+        let s = &self.sites[i];
+        // As llama.cpp: B · rows(A)ᵀ with A ne = [r, n_vocab], B ne = [r, n_embd].
+        let a_rows = ctx.get_rows(self.tensor_a(&s.weight), ids);
+        let delta = ctx.mul_mat(self.tensor_b(&s.weight), a_rows);
+        ctx.add(x, ctx.scale(delta, self.site_scale(s)))
+    }
+
     fn linear<'a>(&'a self, ctx: &'a Context, site: &Site, w: Tensor<'a>, x: Tensor<'a>) -> Tensor<'a> {
         let y = ctx.mul_mat(w, x);
         let Some(&i) = self.index.get(&site.weight) else {
