@@ -245,22 +245,19 @@ pub fn tokenize(
     Ok((out, st))
 }
 
-/// Packs short examples together (greedily, in order) into sequences of at
-/// most `max_len` tokens; each packed example keeps its own attention span.
-pub fn pack(examples: &[Example], max_len: usize) -> Vec<Vec<Example>> {
-    let mut out: Vec<Vec<Example>> = Vec::new();
-    let mut cur: Vec<Example> = Vec::new();
+/// Packs examples of these lengths together (greedily, in order) into
+/// groups of at most `max_len` tokens; returns the groups' indices. Each
+/// packed example keeps its own attention span (sequence id) in a batch.
+pub fn pack(lengths: &[usize], max_len: usize) -> Vec<Vec<usize>> {
+    let mut out: Vec<Vec<usize>> = Vec::new();
     let mut len = 0;
-    for e in examples {
-        if len + e.tokens.len() > max_len && !cur.is_empty() {
-            out.push(std::mem::take(&mut cur));
+    for (i, &n) in lengths.iter().enumerate() {
+        if out.is_empty() || len + n > max_len {
+            out.push(Vec::new());
             len = 0;
         }
-        len += e.tokens.len();
-        cur.push(e.clone());
-    }
-    if !cur.is_empty() {
-        out.push(cur);
+        len += n;
+        out.last_mut().expect("just pushed").push(i);
     }
     out
 }

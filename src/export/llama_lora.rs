@@ -34,7 +34,10 @@ pub fn write(lora: &Lora, model: &Model, path: &Path) -> Result<()> {
     let mut datas = Vec::new();
     for s in lora.sites() {
         let (sa, sb) = s.shapes();
-        for (suffix, t, ne) in [("lora_a", lora.tensor_a(&s.weight), sa), ("lora_b", lora.tensor_b(&s.weight), sb)] {
+        for (suffix, t, ne) in [
+            ("lora_a", lora.tensor_a(&s.weight), sa),
+            ("lora_b", lora.tensor_b(&s.weight), sb),
+        ] {
             w.add_tensor(TensorSpec {
                 name: format!("{}.{suffix}", s.weight),
                 ty: GgmlType::F32,

@@ -175,17 +175,8 @@ pub struct Run<'a> {
 /// Units of training data: packs of examples, or one example each.
 fn units(train: &[Example], cfg: &TrainConfig) -> Vec<Vec<usize>> {
     if cfg.pack {
-        let mut out: Vec<Vec<usize>> = Vec::new();
-        let mut len = 0;
-        for (i, e) in train.iter().enumerate() {
-            if out.is_empty() || len + e.tokens.len() > cfg.max_seq_len {
-                out.push(Vec::new());
-                len = 0;
-            }
-            len += e.tokens.len();
-            out.last_mut().unwrap().push(i);
-        }
-        out
+        let lengths: Vec<usize> = train.iter().map(|e| e.tokens.len()).collect();
+        crate::data::pack(&lengths, cfg.max_seq_len)
     } else {
         (0..train.len()).map(|i| vec![i]).collect()
     }
