@@ -1,5 +1,6 @@
 //! The `gguf-peft` command line.
 
+mod bench;
 mod finetune;
 mod inspect;
 
@@ -30,6 +31,8 @@ enum Command {
     Eval(EvalArgs),
     /// Train a LoRA adapter on the frozen GGUF base (kept in its quant types).
     Finetune(Box<finetune::FinetuneArgs>),
+    /// Forward and training throughput, train/forward ratio and peak memory.
+    Bench(bench::BenchArgs),
 }
 
 /// Options to apply a trained adapter.
@@ -147,6 +150,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Generate(a) => generate(a),
         Command::Eval(a) => eval(a),
         Command::Finetune(a) => finetune::run(*a),
+        Command::Bench(a) => bench::run(a),
     }
 }
 

@@ -1,0 +1,165 @@
+//! `gguf-peft bench`: forward and training throughput of a method on a
+//! model, with warm-up, several measured steps (median and spread) and peak
+//! memory, in the same shape as the PEFT reference script in tools/.
+
+use super::ComputeArgs;
+use crate::data::Example;
+use crate::model::{Batch, WeightLayout};
+use crate::peft::lora::{Lora, LoraConfig};
+use crate::peft::Trainable;
+use crate::rng::Rng;
+use crate::train::{loss_and_grads, optim, OptimConfig, TrainState};
+use crate::{Error, Result};
+use clap::Args;
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// GGUF model.
+    #[arg(short, long)]
+    model: PathBuf,
+    /// Tokens per step (one sequence).
+    #[arg(long, default_value_t = 256)]
+    tokens: usize,
+    /// Measured steps (after warm-up).
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    /// Warm-up steps, not measured.
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// LoRA rank.
+    #[arg(short = 'r', long, default_value_t = 8)]
+    rank: usize,
+    /// LoRA alpha.
+    #[arg(long, default_value_t = 16.0)]
+    alpha: f32,
+    /// Comma-separated LoRA targets.
+    #[arg(long, default_value = "attn_q,attn_k,attn_v,attn_output,ffn_gate,ffn_up,ffn_down")]
+    targets: String,
+    /// How the frozen base is held: native (file types) or f32.
+    #[arg(long, default_value = "native", value_parser = ["native", "f32"])]
+    base_compute: String,
+    /// Print a JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    compute: ComputeArgs,
+}
+
+/// Median, min and max of a sample.
+fn stats(v: &[f64]) -> (f64, f64, f64) {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let med = if s.len() % 2 == 1 {
+        s[s.len() / 2]
+    } else {
+        (s[s.len() / 2 - 1] + s[s.len() / 2]) / 2.0
+    };
+    (med, s[0], s[s.len() - 1])
+}
+
+/// Peak resident set size of this process in bytes (Linux), if known.
+pub fn peak_rss() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+pub fn run(a: BenchArgs) -> Result<()> {
+    let threads = a.compute.threads();
+    let layout = if a.base_compute == "f32" {
+        WeightLayout::F32
+    } else {
+        WeightLayout::Native
+    };
+    if a.steps == 0 || a.tokens < 2 {
+        return Err(Error::Msg("--steps must be ≥ 1 and --tokens ≥ 2".into()));
+    }
+    let (model, _tok) = super::load_with(&a.model, threads, layout)?;
+    let cfg = LoraConfig {
+        rank: a.rank,
+        alpha: a.alpha,
+        targets: a.targets.split(',').map(|s| s.trim().to_owned()).collect(),
+        ..Default::default()
+    };
+    let lora = Lora::new(&model, cfg, 0)?;
+    let mut rng = Rng::new(1);
+    let n_vocab = model.hparams.n_vocab;
+    let tokens: Vec<i32> = (0..a.tokens).map(|_| rng.below(n_vocab) as i32).collect();
+    let ex = Example {
+        loss: vec![true; tokens.len()],
+        tokens: tokens.clone(),
+    };
+    let mut sched = model.sched();
+    let batch = Batch::single(&tokens);
+
+    let mut fwd = Vec::new();
+    for i in 0..a.warmup + a.steps {
+        let t0 = Instant::now();
+        model.logits(&mut sched, &batch, &lora)?;
+        if i >= a.warmup {
+            fwd.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    let ocfg = OptimConfig::default();
+    let mut st = TrainState::fresh(&lora, 0);
+    let mut train = Vec::new();
+    for i in 0..a.warmup + a.steps {
+        let t0 = Instant::now();
+        let (_, _, mut grads) = loss_and_grads(&model, &lora, &mut sched, &[&ex])?;
+        optim::clip(&mut grads, ocfg.max_grad_norm);
+        st.opt.step(&ocfg, ocfg.lr, &mut st.params, &grads);
+        st.write_params(&lora);
+        if i >= a.warmup {
+            train.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    let (fm, fmin, fmax) = stats(&fwd);
+    let (tm, tmin, tmax) = stats(&train);
+    let n = a.tokens as f64;
+    let rss = peak_rss();
+    let weights = model.weights().size() as u64;
+    if a.json {
+        let j = serde_json::json!({
+            "model": a.model, "base_compute": a.base_compute, "threads": threads, "tokens": a.tokens,
+            "steps": a.steps, "warmup": a.warmup, "rank": a.rank, "trainable_params": lora.n_trainable(),
+            "forward_tokens_per_s": n / fm, "forward_s": {"median": fm, "min": fmin, "max": fmax},
+            "train_tokens_per_s": n / tm, "train_step_s": {"median": tm, "min": tmin, "max": tmax},
+            "train_over_forward": tm / fm, "peak_rss_bytes": rss, "weights_bytes": weights,
+        });
+        println!("{}", serde_json::to_string_pretty(&j).expect("serialisable"));
+        return Ok(());
+    }
+    let h = super::inspect::human_bytes;
+    println!(
+        "model {} ({} base, {} on the backend), LoRA r={} on {}, {} trainable, {} threads",
+        a.model.display(),
+        a.base_compute,
+        h(weights),
+        a.rank,
+        a.targets,
+        lora.n_trainable(),
+        threads
+    );
+    println!(
+        "forward    {:8.1} tokens/s   step {:.3} s (min {:.3}, max {:.3}) over {} steps of {} tokens",
+        n / fm,
+        fm,
+        fmin,
+        fmax,
+        a.steps,
+        a.tokens
+    );
+    println!(
+        "train      {:8.1} tokens/s   step {:.3} s (min {:.3}, max {:.3})",
+        n / tm,
+        tm,
+        tmin,
+        tmax
+    );
+    println!("train step / forward pass: {:.2}", tm / fm);
+    println!("peak RSS: {}", rss.map_or("unknown".to_string(), h));
+    Ok(())
+}
