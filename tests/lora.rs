@@ -29,9 +29,23 @@ fn all_targets() -> LoraConfig {
 
 #[test]
 fn gradients_match_finite_differences() {
-    let dir = tmpdir("lora-fd");
+    check_finite_differences(None);
+}
+
+/// The same check with input gradients through transposed weight copies
+/// (F32 copies, so the product is exact).
+#[test]
+fn transposed_backward_gradients_match_finite_differences() {
+    check_finite_differences(Some(GgmlType::F32));
+}
+
+fn check_finite_differences(transposed: Option<GgmlType>) {
+    let dir = tmpdir(&format!("lora-fd-{}", transposed.is_some()));
     let path = synth(&dir, "llama", GgmlType::F32);
-    let model = Model::load(&path, Backend::cpu(threads())).unwrap();
+    let mut model = Model::load(&path, Backend::cpu(threads())).unwrap();
+    if let Some(t) = transposed {
+        model.prepare_transposed(Some(t));
+    }
     let lora = Lora::new(&model, all_targets(), 1).unwrap();
     randomize_b(&lora, 2, 0.05);
     let tokens = some_tokens(10, model.hparams.n_vocab, 4);
@@ -197,5 +211,43 @@ fn exported_adapter_in_llama_cpp_matches_smollm2() {
     };
     let ratio = check_llama_cpp_adapter(&path, cfg, 0.01, 1.0);
     assert!(ratio <= 1e-3, "ratio {ratio:.2e}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// On a quantized base, gradients through transposed Q8_0 copies match
+/// ggml's stock OUT_PROD path (which dequantizes W exactly) within the
+/// quantization noise of the copies.
+#[test]
+fn transposed_backward_matches_stock_on_quantized_weights() {
+    let dir = tmpdir("lora-transposed");
+    for ty in [GgmlType::Q4_K, GgmlType::Q8_0] {
+        let path = synth(&dir, "qwen3", ty);
+        let tokens = some_tokens(20, 320, 9);
+        let ex = Example {
+            loss: vec![true; tokens.len()],
+            tokens,
+        };
+        let grads = |transposed: bool| {
+            let mut model = Model::load(&path, Backend::cpu(threads())).unwrap();
+            if transposed {
+                model.prepare_transposed(None);
+            }
+            let lora = Lora::new(&model, all_targets(), 1).unwrap();
+            randomize_b(&lora, 2, 0.05);
+            let mut sched = model.sched();
+            gguf_peft::train::loss_and_grads(&model, &lora, &mut sched, &[&ex]).unwrap()
+        };
+        let (l_stock, _, g_stock) = grads(false);
+        let (l_t, _, g_t) = grads(true);
+        assert_eq!(l_stock, l_t, "the forward pass is unchanged");
+        let (mut diff, mut norm) = (0f64, 0f64);
+        for (a, b) in g_t.iter().flatten().zip(g_stock.iter().flatten()) {
+            diff += ((a - b) as f64).powi(2);
+            norm += (*b as f64).powi(2);
+        }
+        let rel = (diff / norm).sqrt();
+        println!("{ty}: relative difference of all LoRA gradients, transposed Q8_0 vs stock: {rel:.2e}");
+        assert!(rel <= 2e-2, "{ty}: {rel:.2e}");
+    }
     let _ = std::fs::remove_dir_all(dir);
 }

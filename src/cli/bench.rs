@@ -40,9 +40,19 @@ pub struct BenchArgs {
     /// How the frozen base is held: native (file types) or f32.
     #[arg(long, default_value = "native", value_parser = ["native", "f32"])]
     base_compute: String,
+    /// Input gradients through frozen weights: `transposed` (matmul with a
+    /// transposed Q8_0 copy) or ggml's `stock` OUT_PROD.
+    #[arg(long, default_value = "transposed", value_parser = ["transposed", "stock"])]
+    backward: String,
     /// Print a JSON object instead of text.
     #[arg(long)]
     json: bool,
+    /// Also time one training step op by op (where the time goes).
+    #[arg(long)]
+    profile: bool,
+    /// With --profile: split the times by input shapes too.
+    #[arg(long)]
+    profile_shapes: bool,
     #[command(flatten)]
     compute: ComputeArgs,
 }
@@ -77,7 +87,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if a.steps == 0 || a.tokens < 2 {
         return Err(Error::Msg("--steps must be ≥ 1 and --tokens ≥ 2".into()));
     }
-    let (model, _tok) = super::load_with(&a.model, threads, layout)?;
+    let (mut model, _tok) = super::load_with(&a.model, threads, layout)?;
+    let t_bytes = if a.backward == "transposed" {
+        model.prepare_transposed(None) as u64
+    } else {
+        0
+    };
     let cfg = LoraConfig {
         rank: a.rank,
         alpha: a.alpha,
@@ -116,14 +131,24 @@ pub fn run(a: BenchArgs) -> Result<()> {
             train.push(t0.elapsed().as_secs_f64());
         }
     }
+    let mut profile = Vec::new();
+    if a.profile {
+        crate::train::loss_and_grads_profiled(
+            &model,
+            &lora,
+            &mut sched,
+            &[&ex],
+            Some((&mut profile, a.profile_shapes)),
+        )?;
+    }
     let (fm, fmin, fmax) = stats(&fwd);
     let (tm, tmin, tmax) = stats(&train);
     let n = a.tokens as f64;
     let rss = peak_rss();
-    let weights = model.weights().size() as u64;
+    let weights = model.weights().size() as u64 + t_bytes;
     if a.json {
         let j = serde_json::json!({
-            "model": a.model, "base_compute": a.base_compute, "threads": threads, "tokens": a.tokens,
+            "model": a.model, "base_compute": a.base_compute, "backward": a.backward, "threads": threads, "tokens": a.tokens,
             "steps": a.steps, "warmup": a.warmup, "rank": a.rank, "trainable_params": lora.n_trainable(),
             "forward_tokens_per_s": n / fm, "forward_s": {"median": fm, "min": fmin, "max": fmax},
             "train_tokens_per_s": n / tm, "train_step_s": {"median": tm, "min": tmin, "max": tmax},
@@ -134,9 +159,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     let h = super::inspect::human_bytes;
     println!(
-        "model {} ({} base, {} on the backend), LoRA r={} on {}, {} trainable, {} threads",
+        "model {} ({} base, {} backward, {} of weights), LoRA r={} on {}, {} trainable, {} threads",
         a.model.display(),
         a.base_compute,
+        a.backward,
         h(weights),
         a.rank,
         a.targets,
@@ -161,5 +187,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
     );
     println!("train step / forward pass: {:.2}", tm / fm);
     println!("peak RSS: {}", rss.map_or("unknown".to_string(), h));
+    if a.profile {
+        let total: f64 = profile.iter().map(|p| p.1).sum();
+        println!("\none training step by op ({total:.3} s):");
+        for (op, t, n) in profile.iter().take(15) {
+            println!("  {op:24} {t:8.3} s {:5.1}%  ({n} nodes)", 100.0 * t / total);
+        }
+    }
     Ok(())
 }

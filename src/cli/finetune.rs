@@ -114,6 +114,11 @@ pub struct FinetuneArgs {
     /// 4 bytes per weight), `auto` (f32 when that takes at most 4 GiB).
     #[arg(long, default_value = "auto", value_parser = ["auto", "native", "f32"])]
     base_compute: String,
+    /// Input gradients through the frozen weights: `transposed` (matmul with
+    /// a transposed Q8_0 copy of each weight, made once at load) or ggml's
+    /// `stock` OUT_PROD (no extra memory, several times slower on CPU).
+    #[arg(long, default_value = "transposed", value_parser = ["transposed", "stock"])]
+    backward: String,
     #[command(flatten)]
     compute: ComputeArgs,
 }
@@ -153,12 +158,19 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
             }
         }
     };
-    let (model, tok) = super::load_with(&a.model, threads, layout)?;
+    let (mut model, tok) = super::load_with(&a.model, threads, layout)?;
+    let t_bytes = if a.backward == "transposed" {
+        model.prepare_transposed(None)
+    } else {
+        0
+    };
     eprintln!(
-        "base: {} held as {:?} ({})",
+        "base: {} held as {:?} ({}), {} backward ({} more)",
         a.model.display(),
         layout,
-        super::inspect::human_bytes(model.weights().size() as u64)
+        super::inspect::human_bytes(model.weights().size() as u64),
+        a.backward,
+        super::inspect::human_bytes(t_bytes as u64)
     );
     let tok_opts = TokenizeOptions {
         train_on_prompt: a.train_on_prompt,

@@ -198,6 +198,66 @@ impl Sched {
         }
     }
 
+    /// Runs an allocated graph node by node and returns the time spent per
+    /// op kind (`MUL_MAT`, `OUT_PROD`, ...; with `shapes`, per op and input
+    /// shapes, `nc` marking non-contiguous inputs), largest first: a
+    /// profiler for benchmarks (slower than [`Sched::compute`]).
+    pub fn compute_profiled(&mut self, g: &Graph<'_>, shapes: bool) -> Result<Vec<(String, f64, usize)>, ComputeError> {
+        struct Prof {
+            last: std::time::Instant,
+            shapes: bool,
+            by_op: std::collections::HashMap<String, (f64, usize)>,
+        }
+        fn shape(x: *mut sys::ggml_tensor) -> String {
+            if x.is_null() {
+                return String::new();
+            }
+            // SAFETY: x is a valid source tensor of the node being profiled.
+            let (ne, cont) = unsafe { ((*x).ne, sys::ggml_is_contiguous(x)) };
+            format!(" {ne:?}{}", if cont { "" } else { "nc" })
+        }
+        unsafe extern "C" fn cb(t: *mut sys::ggml_tensor, ask: bool, user: *mut std::os::raw::c_void) -> bool {
+            if ask {
+                return true;
+            }
+            // SAFETY: user is the &mut Prof passed below, alive for the
+            // compute call; t is the node just computed.
+            let p = unsafe { &mut *(user as *mut Prof) };
+            // SAFETY: ggml returns a static NUL-terminated op name.
+            let mut name = unsafe { CStr::from_ptr(sys::ggml_op_desc(t)) }
+                .to_string_lossy()
+                .into_owned();
+            if p.shapes {
+                // SAFETY: t is a valid node; its sources are valid or null.
+                let (a, b) = unsafe { ((*t).src[0], (*t).src[1]) };
+                name = format!("{name}{}{}", shape(a), shape(b));
+            }
+            let now = std::time::Instant::now();
+            let e = p.by_op.entry(name).or_default();
+            e.0 += (now - p.last).as_secs_f64();
+            e.1 += 1;
+            p.last = now;
+            true
+        }
+        let mut prof = Prof {
+            last: std::time::Instant::now(),
+            shapes,
+            by_op: Default::default(),
+        };
+        // SAFETY: the callback and its data live until the compute returns;
+        // the callback is removed right after.
+        unsafe {
+            sys::ggml_backend_sched_set_eval_callback(self.ptr.as_ptr(), Some(cb), &mut prof as *mut Prof as *mut _)
+        };
+        let r = self.compute(g);
+        // SAFETY: clears the callback set above.
+        unsafe { sys::ggml_backend_sched_set_eval_callback(self.ptr.as_ptr(), None, std::ptr::null_mut()) };
+        r?;
+        let mut v: Vec<(String, f64, usize)> = prof.by_op.into_iter().map(|(k, (t, n))| (k, t, n)).collect();
+        v.sort_by(|a, b| b.1.total_cmp(&a.1));
+        Ok(v)
+    }
+
     /// Runs an allocated graph to completion.
     pub fn compute(&mut self, g: &Graph<'_>) -> Result<(), ComputeError> {
         // SAFETY: the graph was allocated by this scheduler and its inputs set.

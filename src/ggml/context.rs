@@ -324,6 +324,11 @@ impl<'a> Tensor<'a> {
         self
     }
 
+    /// Whether both handles point at the same tensor.
+    pub fn same(self, other: Tensor<'_>) -> bool {
+        self.ptr == other.ptr.cast()
+    }
+
     /// The tensor's name.
     pub fn name(self) -> String {
         let n = &self.get().name;
@@ -450,6 +455,54 @@ impl<'a> Graph<'a> {
     pub fn build_backward(&mut self, ctx: &'a Context) {
         // SAFETY: the graph was created with grads; ctx holds its new tensors.
         unsafe { sys::ggml_build_backward_expand(ctx.raw(), self.raw(), std::ptr::null_mut()) }
+    }
+
+    /// Replaces every `out_prod(W, transpose(dy))` — the input gradient ggml
+    /// builds for `mul_mat(W, x)` — whose `W` has a pre-transposed copy
+    /// `Wᵀ` (ne = [W.ne1, W.ne0], returned by `transposed`) with
+    /// `mul_mat(Wᵀ, dy)`: the same product through the fast matmul kernels
+    /// instead of ggml's row-by-row (and, for quantized W, dequantizing)
+    /// OUT_PROD. Call after building the backward pass and before
+    /// allocating. Returns the number of nodes rewritten.
+    pub fn replace_weight_out_prods(&mut self, mut transposed: impl FnMut(Tensor<'a>) -> Option<Tensor<'a>>) -> usize {
+        let mut n = 0;
+        for i in 0..self.n_nodes() {
+            // SAFETY: i < n_nodes; nodes are valid tensors of this graph.
+            let node = unsafe { sys::ggml_graph_node(self.raw(), i as i32) };
+            // SAFETY: node is valid; its srcs are valid or null.
+            let (op, a, b) = unsafe { ((*node).op, (*node).src[0], (*node).src[1]) };
+            if op != sys::GGML_OP_OUT_PROD || a.is_null() || b.is_null() {
+                continue;
+            }
+            // SAFETY: b is a valid tensor (checked non-null).
+            let (b_op, dy) = unsafe { ((*b).op, (*b).src[0]) };
+            if b_op != sys::GGML_OP_TRANSPOSE || dy.is_null() {
+                continue;
+            }
+            let w = Tensor {
+                ptr: NonNull::new(a).expect("non-null"),
+                _ctx: PhantomData,
+            };
+            let Some(wt) = transposed(w) else { continue };
+            let (wne, tne) = (w.ne(), wt.ne());
+            // SAFETY: dy is a valid tensor (checked non-null).
+            let dyne = unsafe { (*dy).ne };
+            let fits = tne[0] == wne[1] && tne[1] == wne[0] && wne[2] == 1 && wne[3] == 1 && dyne[0] == wne[1];
+            if !fits {
+                continue;
+            }
+            // SAFETY: rewriting a node of an unallocated graph; MUL_MAT takes
+            // (Wᵀ, dy) and yields the same shape and type (F32) as the
+            // OUT_PROD it replaces, so allocation sizes are unchanged.
+            unsafe {
+                (*node).op = sys::GGML_OP_MUL_MAT;
+                (*node).op_params = [0; 16];
+                (*node).src[0] = wt.raw();
+                (*node).src[1] = dy;
+            }
+            n += 1;
+        }
+        n
     }
 
     /// Zeroes gradients and sets the loss gradient to 1 (after allocation).

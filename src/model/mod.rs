@@ -57,6 +57,8 @@ pub struct Model {
     pub arch: &'static dyn Architecture,
     backend: Arc<Backend>,
     weights: TensorStore,
+    /// Transposed copies `<name>.T` of the matrices, for the backward pass.
+    transposed: Option<TensorStore>,
 }
 
 pub use arch::Architecture;
@@ -143,6 +145,7 @@ impl Model {
             arch,
             backend,
             weights,
+            transposed: None,
         })
     }
 
@@ -159,6 +162,74 @@ impl Model {
     /// The frozen weights.
     pub fn weights(&self) -> &TensorStore {
         &self.weights
+    }
+
+    /// Makes a transposed copy `Wᵀ` (ne = [n_out, n_in]) of every matrix,
+    /// so that training computes input gradients `Wᵀ dy` with the matmul
+    /// kernels ([`crate::ggml::Graph::replace_weight_out_prods`]) instead of
+    /// ggml's OUT_PROD, which walks W row by row (dequantizing it for every
+    /// token when W is quantized). Copies are Q8_0 where the row length
+    /// allows (near-exact, 1.06 bytes per weight), F16 otherwise, unless `ty`
+    /// says which type to use. Returns the bytes they take.
+    pub fn prepare_transposed(&mut self, ty: Option<GgmlType>) -> usize {
+        use rayon::prelude::*;
+        if let Some(t) = &self.transposed {
+            return t.size();
+        }
+        let mats: Vec<(String, [i64; 4])> = self
+            .weights
+            .tensors()
+            .iter()
+            .filter(|t| t.ne()[1] > 1 && t.ne()[2] == 1 && t.ne()[3] == 1)
+            .map(|t| (t.name(), t.ne()))
+            .collect();
+        let ty_t = |n_out: i64| {
+            if let Some(t) = ty.filter(|t| n_out % t.block_size() as i64 == 0) {
+                t
+            } else if n_out % GgmlType::Q8_0.block_size() as i64 == 0 {
+                GgmlType::Q8_0
+            } else {
+                GgmlType::F16
+            }
+        };
+        let ctx = Context::new(mats.len() + 1, 0, false);
+        for (name, ne) in &mats {
+            ctx.new_tensor(ty_t(ne[1]), &[ne[1], ne[0]])
+                .set_name(&format!("{name}.T"));
+        }
+        let store = self.backend.alloc_store(ctx);
+        let datas: Vec<Vec<u8>> = mats
+            .par_iter()
+            .map(|(name, ne)| {
+                // From the file's own bytes (the loaded copy may be F32 already).
+                let info = self.file.tensor(name).expect("weight from file");
+                let (n_in, n_out) = (ne[0] as usize, ne[1] as usize);
+                let w = info.ty.to_f32(self.file.tensor_data(info), n_in * n_out);
+                let mut t = vec![0f32; n_in * n_out];
+                for o in 0..n_out {
+                    for i in 0..n_in {
+                        t[i * n_out + o] = w[o * n_in + i];
+                    }
+                }
+                ty_t(ne[1]).from_f32(&t, n_out)
+            })
+            .collect();
+        for ((name, _), d) in mats.iter().zip(&datas) {
+            store.get(&format!("{name}.T")).expect("created").write_bytes(d);
+        }
+        let size = store.size();
+        self.transposed = Some(store);
+        size
+    }
+
+    /// The transposed copy of weight `w`, if [`Model::prepare_transposed`] made one.
+    pub fn transposed_of<'a>(&'a self, w: Tensor<'_>) -> Option<Tensor<'a>> {
+        let name = w.name();
+        let own = self.weights.get(&name)?;
+        if !own.same(w) {
+            return None;
+        }
+        self.transposed.as_ref()?.get(&format!("{name}.T"))
     }
 
     /// A weight's ggml type.

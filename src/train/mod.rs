@@ -87,6 +87,17 @@ pub fn loss_and_grads(
     sched: &mut Sched,
     examples: &[&Example],
 ) -> Result<(f32, usize, Vec<Vec<f32>>)> {
+    loss_and_grads_profiled(model, method, sched, examples, None)
+}
+
+/// [`loss_and_grads`], optionally recording the time per op kind.
+pub fn loss_and_grads_profiled(
+    model: &Model,
+    method: &dyn Trainable,
+    sched: &mut Sched,
+    examples: &[&Example],
+    profile: Option<(&mut Vec<(String, f64, usize)>, bool)>,
+) -> Result<(f32, usize, Vec<Vec<f32>>)> {
     let (batch, targets) = make_batch(examples);
     let n_out = targets.len();
     if n_out == 0 {
@@ -108,6 +119,7 @@ pub fn loss_and_grads(
     let mut g = ctx.new_graph(gs, true);
     g.build_forward(loss);
     g.build_backward(&ctx);
+    g.replace_weight_out_prods(|w| model.transposed_of(w));
     sched.alloc(&g)?;
     f.fill_inputs();
     method.fill_inputs(&g);
@@ -118,7 +130,10 @@ pub fn loss_and_grads(
     }
     labels.write_f32(&onehot);
     g.reset();
-    sched.compute(&g)?;
+    match profile {
+        Some((p, shapes)) => *p = sched.compute_profiled(&g, shapes)?,
+        None => sched.compute(&g)?,
+    }
     let l = loss.read_f32()[0];
     let grads = params
         .iter()
