@@ -41,8 +41,9 @@ pub struct BenchArgs {
     #[arg(long, default_value = "native", value_parser = ["native", "f32"])]
     base_compute: String,
     /// Input gradients through frozen weights: `transposed` (matmul with a
-    /// transposed Q8_0 copy) or ggml's `stock` OUT_PROD.
-    #[arg(long, default_value = "transposed", value_parser = ["transposed", "stock"])]
+    /// transposed F16 copy), `transposed-q8` (Q8_0 copy) or ggml's `stock`
+    /// OUT_PROD.
+    #[arg(long, default_value = "transposed", value_parser = ["transposed", "transposed-q8", "stock"])]
     backward: String,
     /// Print a JSON object instead of text.
     #[arg(long)]
@@ -88,11 +89,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
         return Err(Error::Msg("--steps must be ≥ 1 and --tokens ≥ 2".into()));
     }
     let (mut model, _tok) = super::load_with(&a.model, threads, layout)?;
-    let t_bytes = if a.backward == "transposed" {
-        model.prepare_transposed(None) as u64
-    } else {
-        0
-    };
+    let t_bytes = match a.backward.as_str() {
+        "transposed" => model.prepare_transposed(None),
+        "transposed-q8" => model.prepare_transposed(Some(crate::ggml::GgmlType::Q8_0)),
+        _ => 0,
+    } as u64;
     let cfg = LoraConfig {
         rank: a.rank,
         alpha: a.alpha,

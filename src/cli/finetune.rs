@@ -115,9 +115,11 @@ pub struct FinetuneArgs {
     #[arg(long, default_value = "auto", value_parser = ["auto", "native", "f32"])]
     base_compute: String,
     /// Input gradients through the frozen weights: `transposed` (matmul with
-    /// a transposed Q8_0 copy of each weight, made once at load) or ggml's
-    /// `stock` OUT_PROD (no extra memory, several times slower on CPU).
-    #[arg(long, default_value = "transposed", value_parser = ["transposed", "stock"])]
+    /// a transposed F16 copy of each weight, made once at load, 2 bytes per
+    /// weight), `transposed-q8` (Q8_0 copies: half the memory, noisier
+    /// gradients) or ggml's `stock` OUT_PROD (no extra memory, several times
+    /// slower on CPU).
+    #[arg(long, default_value = "transposed", value_parser = ["transposed", "transposed-q8", "stock"])]
     backward: String,
     #[command(flatten)]
     compute: ComputeArgs,
@@ -159,10 +161,10 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         }
     };
     let (mut model, tok) = super::load_with(&a.model, threads, layout)?;
-    let t_bytes = if a.backward == "transposed" {
-        model.prepare_transposed(None)
-    } else {
-        0
+    let t_bytes = match a.backward.as_str() {
+        "transposed" => model.prepare_transposed(None),
+        "transposed-q8" => model.prepare_transposed(Some(crate::ggml::GgmlType::Q8_0)),
+        _ => 0,
     };
     eprintln!(
         "base: {} held as {:?} ({}), {} backward ({} more)",

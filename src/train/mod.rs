@@ -90,13 +90,17 @@ pub fn loss_and_grads(
     loss_and_grads_profiled(model, method, sched, examples, None)
 }
 
-/// [`loss_and_grads`], optionally recording the time per op kind.
+/// Seconds and node counts per op kind, largest first.
+pub type Profile = Vec<(String, f64, usize)>;
+
+/// [`loss_and_grads`], optionally recording the time per op kind (and
+/// input shapes, with the flag).
 pub fn loss_and_grads_profiled(
     model: &Model,
     method: &dyn Trainable,
     sched: &mut Sched,
     examples: &[&Example],
-    profile: Option<(&mut Vec<(String, f64, usize)>, bool)>,
+    profile: Option<(&mut Profile, bool)>,
 ) -> Result<(f32, usize, Vec<Vec<f32>>)> {
     let (batch, targets) = make_batch(examples);
     let n_out = targets.len();
