@@ -392,3 +392,36 @@ fn ctrl_c_writes_a_checkpoint_and_resume_finishes() {
     assert_eq!(read(&metrics).unwrap().last().unwrap().step, target);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// ggml has no OUT_PROD for BF16 weights: the stock backward reports that
+/// cleanly (instead of aborting) and the transposed backward trains.
+#[test]
+fn bf16_base_trains_with_the_transposed_backward() {
+    let dir = tmpdir("ft-bf16");
+    let model = synth(&dir, "llama", GgmlType::BF16);
+    let data = dir.join("train.jsonl");
+    tiny_dataset(&data);
+    let out = dir.join("out");
+    let base = [
+        "finetune",
+        "-m",
+        model.to_str().unwrap(),
+        "-d",
+        data.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--max-steps",
+        "2",
+        "--base-compute",
+        "native",
+        "-t",
+        "2",
+    ];
+    let mut stock = base.to_vec();
+    stock.extend(["--backward", "stock"]);
+    assert_fails_cleanly(&stock, "no backend can run OUT_PROD on bf16 tensors", &out);
+    let (ok, err) = cli(&base);
+    assert!(ok, "{err}");
+    assert!(out.join("adapter.gguf").exists());
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -4,6 +4,7 @@
 
 use super::ComputeArgs;
 use crate::data::Example;
+use crate::ggml::GgmlType;
 use crate::model::{Batch, WeightLayout};
 use crate::peft::lora::{Lora, LoraConfig};
 use crate::peft::Trainable;
@@ -17,8 +18,16 @@ use std::time::Instant;
 #[derive(Args, Debug)]
 pub struct BenchArgs {
     /// GGUF model.
-    #[arg(short, long)]
-    model: PathBuf,
+    #[arg(short, long, required_unless_present = "matmul_types")]
+    model: Option<PathBuf>,
+    /// Instead of a model: time one frozen [N, N] weight matmul per type
+    /// (comma-separated, e.g. q4_0,q4_1,q4_K,q6_K,q8_0,f16,f32): forward,
+    /// ggml's stock input gradient and the transposed one.
+    #[arg(long)]
+    matmul_types: Option<String>,
+    /// N for --matmul-types.
+    #[arg(long, default_value_t = 2048)]
+    matmul_n: usize,
     /// Tokens per step (one sequence).
     #[arg(long, default_value_t = 256)]
     tokens: usize,
@@ -78,8 +87,45 @@ pub fn peak_rss() -> Option<u64> {
     Some(kb * 1024)
 }
 
+fn run_matmul(a: &BenchArgs, types: &str, threads: usize) -> Result<()> {
+    println!(
+        "frozen weight [{n}, {n}], x [{n}, {t}], {threads} threads, median of {r} (ms)",
+        n = a.matmul_n,
+        t = a.tokens,
+        r = a.steps
+    );
+    println!(
+        "{:>8} {:>10} {:>16} {:>16} {:>9}",
+        "type", "forward", "stock backward", "transposed bwd", "speed-up"
+    );
+    for name in types.split(',').map(str::trim) {
+        let ty = GgmlType::from_name(name).ok_or_else(|| Error::Msg(format!("unknown ggml type '{name}'")))?;
+        let m = super::bench_matmul::measure(ty, a.matmul_n, a.tokens, threads, a.steps)?;
+        let (stock, gain) = match m.backward_stock {
+            Some(s) => (
+                format!("{:.2}", s * 1e3),
+                format!("{:.1}×", s / m.backward_transposed.max(1e-9)),
+            ),
+            None => ("unsupported".into(), "-".into()),
+        };
+        println!(
+            "{:>8} {:>10.2} {:>16} {:>16.2} {:>9}",
+            ty.name(),
+            m.forward * 1e3,
+            stock,
+            m.backward_transposed * 1e3,
+            gain
+        );
+    }
+    Ok(())
+}
+
 pub fn run(a: BenchArgs) -> Result<()> {
     let threads = a.compute.threads();
+    if let Some(types) = &a.matmul_types {
+        return run_matmul(&a, types, threads);
+    }
+    let model_path = a.model.clone().expect("required by clap");
     let layout = if a.base_compute == "f32" {
         WeightLayout::F32
     } else {
@@ -88,7 +134,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if a.steps == 0 || a.tokens < 2 {
         return Err(Error::Msg("--steps must be ≥ 1 and --tokens ≥ 2".into()));
     }
-    let (mut model, _tok) = super::load_with(&a.model, threads, layout)?;
+    let (mut model, _tok) = super::load_with(&model_path, threads, layout)?;
     let t_bytes = match a.backward.as_str() {
         "transposed" => model.prepare_transposed(None),
         "transposed-q8" => model.prepare_transposed(Some(crate::ggml::GgmlType::Q8_0)),
@@ -149,7 +195,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let weights = model.weights().size() as u64 + t_bytes;
     if a.json {
         let j = serde_json::json!({
-            "model": a.model, "base_compute": a.base_compute, "backward": a.backward, "threads": threads, "tokens": a.tokens,
+            "model": model_path, "base_compute": a.base_compute, "backward": a.backward, "threads": threads, "tokens": a.tokens,
             "steps": a.steps, "warmup": a.warmup, "rank": a.rank, "trainable_params": lora.n_trainable(),
             "forward_tokens_per_s": n / fm, "forward_s": {"median": fm, "min": fmin, "max": fmax},
             "train_tokens_per_s": n / tm, "train_step_s": {"median": tm, "min": tmin, "max": tmax},
@@ -161,7 +207,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let h = super::inspect::human_bytes;
     println!(
         "model {} ({} base, {} backward, {} of weights), LoRA r={} on {}, {} trainable, {} threads",
-        a.model.display(),
+        model_path.display(),
         a.base_compute,
         a.backward,
         h(weights),

@@ -1,6 +1,7 @@
 //! The `gguf-peft` command line.
 
 mod bench;
+mod bench_matmul;
 mod finetune;
 mod inspect;
 

@@ -162,6 +162,8 @@ pub enum ComputeError {
     Alloc(usize),
     #[error("graph computation failed with ggml status {0}")]
     Status(i32),
+    #[error("no backend can run {0}")]
+    Unsupported(String),
 }
 
 impl Sched {
@@ -187,7 +189,30 @@ impl Sched {
     }
 
     /// Allocates the graph's tensors (inputs can be written after this).
+    /// Fails (instead of letting ggml abort) when some node can run on none
+    /// of the scheduler's backends.
     pub fn alloc(&mut self, g: &Graph<'_>) -> Result<(), ComputeError> {
+        for i in 0..g.n_nodes() {
+            // SAFETY: i < n_nodes; nodes are valid tensors of the graph.
+            let node = unsafe { sys::ggml_graph_node(g.raw(), i as i32) };
+            // SAFETY: valid backends and node.
+            let ok = self
+                ._backends
+                .iter()
+                .any(|b| unsafe { sys::ggml_backend_supports_op(b.raw(), node) });
+            if !ok {
+                // SAFETY: valid node; ggml returns static strings.
+                let (op, ty) = unsafe {
+                    let src = (*node).src[0];
+                    let ty = if src.is_null() { (*node).type_ } else { (*src).type_ };
+                    (
+                        CStr::from_ptr(sys::ggml_op_desc(node)).to_string_lossy().into_owned(),
+                        CStr::from_ptr(sys::ggml_type_name(ty)).to_string_lossy().into_owned(),
+                    )
+                };
+                return Err(ComputeError::Unsupported(format!("{op} on {ty} tensors")));
+            }
+        }
         // SAFETY: valid scheduler and graph; reset frees the previous allocation.
         unsafe { sys::ggml_backend_sched_reset(self.ptr.as_ptr()) };
         // SAFETY: as above.

@@ -1,0 +1,91 @@
+//! `gguf-peft bench --matmul-types …`: the frozen-weight matmul alone, per
+//! quant type — forward, ggml's stock input gradient (OUT_PROD) and ours
+//! (matmul over a transposed F16 copy).
+
+use crate::ggml::{Backend, Context, GgmlType, Sched};
+use crate::rng::Rng;
+use crate::{Error, Result};
+use std::time::Instant;
+
+/// Times of one weight type (median seconds); `None` where ggml cannot run it.
+pub struct MatmulTimes {
+    pub forward: f64,
+    pub backward_stock: Option<f64>,
+    pub backward_transposed: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Measures `y = W x` with W `[n, n]` of type `ty` and x `[n, tokens]`.
+pub fn measure(ty: GgmlType, n: usize, tokens: usize, threads: usize, reps: usize) -> Result<MatmulTimes> {
+    if n % ty.block_size() as usize != 0 {
+        return Err(Error::Msg(format!(
+            "--matmul-n {n} is not a multiple of {ty}'s block size"
+        )));
+    }
+    let backend = Backend::cpu(threads);
+    let mut rng = Rng::new(3);
+    let wctx = Context::new(4, 0, false);
+    wctx.new_tensor(ty, &[n as i64, n as i64]).set_name("w");
+    wctx.new_tensor(GgmlType::F16, &[n as i64, n as i64]).set_name("w.T");
+    wctx.new_tensor(GgmlType::F32, &[n as i64, tokens as i64]).set_name("x");
+    let store = backend.alloc_store(wctx);
+    let w: Vec<f32> = (0..n * n).map(|_| rng.normal() * 0.05).collect();
+    let wq = if ty == GgmlType::F32 {
+        w.iter().flat_map(|x| x.to_le_bytes()).collect()
+    } else {
+        ty.from_f32(&w, n)
+    };
+    store.get("w").unwrap().write_bytes(&wq);
+    let wd = ty.to_f32(&wq, n * n);
+    let mut wt = vec![0f32; n * n];
+    for o in 0..n {
+        for i in 0..n {
+            wt[i * n + o] = wd[o * n + i];
+        }
+    }
+    store.get("w.T").unwrap().write_bytes(&GgmlType::F16.from_f32(&wt, n));
+    let xs: Vec<f32> = (0..n * tokens).map(|_| rng.normal()).collect();
+    store.get("x").unwrap().write_f32(&xs);
+    let mut sched = Sched::new(std::slice::from_ref(&backend), 64);
+    let run = |sched: &mut Sched, backward: bool, transposed: bool| -> Result<f64> {
+        let ctx = Context::new(64, 64, backward);
+        let (w, x) = (store.get("w").unwrap(), store.get("x").unwrap().set_param());
+        let loss = ctx.sum(ctx.mul_mat(w, x)).set_loss().set_output();
+        let mut g = ctx.new_graph(64, backward);
+        g.build_forward(loss);
+        if backward {
+            g.build_backward(&ctx);
+            if transposed {
+                g.replace_weight_out_prods(|t| t.same(w).then(|| store.get("w.T").unwrap()));
+            }
+        }
+        sched.alloc(&g)?;
+        let mut times = Vec::new();
+        for _ in 0..reps + 1 {
+            if backward {
+                g.reset();
+            }
+            let t0 = Instant::now();
+            sched.compute(&g)?;
+            times.push(t0.elapsed().as_secs_f64());
+        }
+        times.remove(0);
+        Ok(median(times))
+    };
+    let forward = run(&mut sched, false, false)?;
+    let stock = match run(&mut sched, true, false) {
+        Ok(t) => Some((t - forward).max(0.0)),
+        Err(Error::Compute(crate::ggml::ComputeError::Unsupported(_))) => None,
+        Err(e) => return Err(e),
+    };
+    let transposed = run(&mut sched, true, true)? - forward;
+    Ok(MatmulTimes {
+        forward,
+        backward_stock: stock,
+        backward_transposed: transposed.max(0.0),
+    })
+}
