@@ -310,8 +310,14 @@ impl<'a> Forward<'a> {
         let (k, v, n_prefix) = self.hooks.attn_kv(c, layer, k, v);
         let mask = self.mask(swa, n_prefix);
         let n = q.ne()[2];
-        let q = c.permute(q, [0, 2, 1, 3]); // [hd, n, n_head]
-        let k = c.permute(k, [0, 2, 1, 3]); // [hd, n_kv, n_head_kv]
+        let mut q = c.permute(q, [0, 2, 1, 3]); // [hd, n, n_head]
+        let mut k = c.permute(k, [0, 2, 1, 3]); // [hd, n_kv, n_head_kv]
+        if self.differentiable {
+            // Contiguous operands make the backward products (OUT_PROD on
+            // these) run on contiguous rows; the forward values are the same.
+            q = c.cont(q);
+            k = c.cont(k);
+        }
         let kq = c.mul_mat(k, q); // [n_kv, n, n_head]
         let kq = c.soft_max_ext(kq, Some(mask), scale);
         let vt = c.cont(c.permute(v, [1, 2, 0, 3])); // [n_kv, hd_v, n_head_kv]
