@@ -32,43 +32,43 @@ impl Architecture for Gemma3 {
         )
     }
 
-    fn build<'a>(&self, f: &mut Forward<'a>) -> Tensor<'a> {
+    fn embed<'a>(&self, f: &mut Forward<'a>) -> Tensor<'a> {
+        f.embeddings((f.hp.n_embd as f32).sqrt())
+    }
+
+    fn block<'a>(&self, f: &mut Forward<'a>, il: usize, x: Tensor<'a>) -> Tensor<'a> {
         let hp = f.hp;
         let c = f.ctx;
-        let mut x = f.embeddings((hp.n_embd as f32).sqrt());
         // The 27B model (62 layers) scales queries by the full width per head.
         let scale = if hp.n_layer == 62 {
             1.0 / ((hp.n_embd / hp.n_head) as f32).sqrt()
         } else {
             1.0 / (hp.head_dim as f32).sqrt()
         };
-        for il in 0..hp.n_layer {
-            let swa = hp.is_swa(il);
-            let (base, fscale) = if swa {
-                (hp.rope_freq_base_swa, 1.0)
-            } else {
-                (hp.rope_freq_base, hp.rope_freq_scale)
-            };
-            let h = f.rms_norm(x, &format!("blk.{il}.attn_norm.weight"));
-            let q = f.heads(f.linear(Some(il), AttnQ, h), hp.head_dim, hp.n_head);
-            let k = f.heads(f.linear(Some(il), AttnK, h), hp.head_dim, hp.n_head_kv);
-            let v = f.heads(f.linear(Some(il), AttnV, h), hp.head_dim_v, hp.n_head_kv);
-            let q = f.rms_norm(q, &format!("blk.{il}.attn_q_norm.weight"));
-            let k = f.rms_norm(k, &format!("blk.{il}.attn_k_norm.weight"));
-            let q = f.rope(q, base, fscale);
-            let k = f.rope(k, base, fscale);
-            let a = f.attention(il, q, k, v, scale, swa);
-            let a = f.linear(Some(il), AttnOut, a);
-            let a = f.rms_norm(a, &format!("blk.{il}.post_attention_norm.weight"));
-            x = c.add(x, f.hooks.after_attn(c, il, a));
+        let swa = hp.is_swa(il);
+        let (base, fscale) = if swa {
+            (hp.rope_freq_base_swa, 1.0)
+        } else {
+            (hp.rope_freq_base, hp.rope_freq_scale)
+        };
+        let h = f.rms_norm(x, &format!("blk.{il}.attn_norm.weight"));
+        let q = f.heads(f.linear(Some(il), AttnQ, h), hp.head_dim, hp.n_head);
+        let k = f.heads(f.linear(Some(il), AttnK, h), hp.head_dim, hp.n_head_kv);
+        let v = f.heads(f.linear(Some(il), AttnV, h), hp.head_dim_v, hp.n_head_kv);
+        let q = f.rms_norm(q, &format!("blk.{il}.attn_q_norm.weight"));
+        let k = f.rms_norm(k, &format!("blk.{il}.attn_k_norm.weight"));
+        let q = f.rope(q, base, fscale);
+        let k = f.rope(k, base, fscale);
+        let a = f.attention(il, q, k, v, scale, swa);
+        let a = f.linear(Some(il), AttnOut, a);
+        let a = f.rms_norm(a, &format!("blk.{il}.post_attention_norm.weight"));
+        let x = c.add(x, f.hooks.after_attn(c, il, a));
 
-            let h = f.rms_norm(x, &format!("blk.{il}.ffn_norm.weight"));
-            let g = f.linear(Some(il), FfnGate, h);
-            let u = f.linear(Some(il), FfnUp, h);
-            let d = f.linear(Some(il), FfnDown, f.geglu(g, u));
-            let d = f.rms_norm(d, &format!("blk.{il}.post_ffw_norm.weight"));
-            x = c.add(x, f.hooks.after_ffn(c, il, d));
-        }
-        f.rms_norm(x, "output_norm.weight")
+        let h = f.rms_norm(x, &format!("blk.{il}.ffn_norm.weight"));
+        let g = f.linear(Some(il), FfnGate, h);
+        let u = f.linear(Some(il), FfnUp, h);
+        let d = f.linear(Some(il), FfnDown, f.geglu(g, u));
+        let d = f.rms_norm(d, &format!("blk.{il}.post_ffw_norm.weight"));
+        c.add(x, f.hooks.after_ffn(c, il, d))
     }
 }

@@ -27,9 +27,26 @@ pub trait Architecture: Sync {
     fn rope_mode(&self) -> i32;
     /// Tensors the file must (or may) hold, with their shapes.
     fn tensors(&self, hp: &Hparams) -> Vec<TensorDecl>;
-    /// Builds the blocks and returns the final normalised hidden states
-    /// `[n_embd, n_rows]`.
-    fn build<'a>(&self, f: &mut Forward<'a>) -> Tensor<'a>;
+    /// The input embeddings `[n_embd, n_rows]` (token lookup, the
+    /// architecture's scaling, the `input_embeddings` hook).
+    fn embed<'a>(&self, f: &mut Forward<'a>) -> Tensor<'a> {
+        f.embeddings(1.0)
+    }
+    /// Transformer block `il`: residual stream in, residual stream out.
+    fn block<'a>(&self, f: &mut Forward<'a>, il: usize, x: Tensor<'a>) -> Tensor<'a>;
+    /// The final norm before the LM head.
+    fn output_norm<'a>(&self, f: &mut Forward<'a>, x: Tensor<'a>) -> Tensor<'a> {
+        f.rms_norm(x, "output_norm.weight")
+    }
+    /// The whole stack: embeddings, every block, the final norm; returns the
+    /// normalised hidden states `[n_embd, n_rows]`.
+    fn build<'a>(&self, f: &mut Forward<'a>) -> Tensor<'a> {
+        let mut x = self.embed(f);
+        for il in 0..f.hp.n_layer {
+            x = self.block(f, il, x);
+        }
+        self.output_norm(f, x)
+    }
 }
 
 /// Every supported architecture.

@@ -27,9 +27,9 @@ impl Architecture for Qwen2 {
         )
     }
 
-    fn build<'a>(&self, f: &mut Forward<'a>) -> Tensor<'a> {
+    fn block<'a>(&self, f: &mut Forward<'a>, il: usize, x: Tensor<'a>) -> Tensor<'a> {
         // Same blocks as llama: the biases are added by `Forward::linear`
         // whenever the file has them, and the rope mode comes from this file.
-        Llama.build(f)
+        Llama.block(f, il, x)
     }
 }

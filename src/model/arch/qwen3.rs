@@ -28,30 +28,26 @@ impl Architecture for Qwen3 {
         )
     }
 
-    fn build<'a>(&self, f: &mut Forward<'a>) -> Tensor<'a> {
+    fn block<'a>(&self, f: &mut Forward<'a>, il: usize, x: Tensor<'a>) -> Tensor<'a> {
         let hp = f.hp;
         let c = f.ctx;
-        let mut x = f.embeddings(1.0);
         let scale = 1.0 / (hp.head_dim as f32).sqrt();
-        for il in 0..hp.n_layer {
-            let h = f.rms_norm(x, &format!("blk.{il}.attn_norm.weight"));
-            let q = f.heads(f.linear(Some(il), AttnQ, h), hp.head_dim, hp.n_head);
-            let k = f.heads(f.linear(Some(il), AttnK, h), hp.head_dim, hp.n_head_kv);
-            let v = f.heads(f.linear(Some(il), AttnV, h), hp.head_dim_v, hp.n_head_kv);
-            let q = f.rms_norm(q, &format!("blk.{il}.attn_q_norm.weight"));
-            let k = f.rms_norm(k, &format!("blk.{il}.attn_k_norm.weight"));
-            let q = f.rope(q, hp.rope_freq_base, hp.rope_freq_scale);
-            let k = f.rope(k, hp.rope_freq_base, hp.rope_freq_scale);
-            let a = f.attention(il, q, k, v, scale, false);
-            let a = f.linear(Some(il), AttnOut, a);
-            x = c.add(x, f.hooks.after_attn(c, il, a));
+        let h = f.rms_norm(x, &format!("blk.{il}.attn_norm.weight"));
+        let q = f.heads(f.linear(Some(il), AttnQ, h), hp.head_dim, hp.n_head);
+        let k = f.heads(f.linear(Some(il), AttnK, h), hp.head_dim, hp.n_head_kv);
+        let v = f.heads(f.linear(Some(il), AttnV, h), hp.head_dim_v, hp.n_head_kv);
+        let q = f.rms_norm(q, &format!("blk.{il}.attn_q_norm.weight"));
+        let k = f.rms_norm(k, &format!("blk.{il}.attn_k_norm.weight"));
+        let q = f.rope(q, hp.rope_freq_base, hp.rope_freq_scale);
+        let k = f.rope(k, hp.rope_freq_base, hp.rope_freq_scale);
+        let a = f.attention(il, q, k, v, scale, false);
+        let a = f.linear(Some(il), AttnOut, a);
+        let x = c.add(x, f.hooks.after_attn(c, il, a));
 
-            let h = f.rms_norm(x, &format!("blk.{il}.ffn_norm.weight"));
-            let g = f.linear(Some(il), FfnGate, h);
-            let u = f.linear(Some(il), FfnUp, h);
-            let d = f.linear(Some(il), FfnDown, c.swiglu_split(g, u));
-            x = c.add(x, f.hooks.after_ffn(c, il, d));
-        }
-        f.rms_norm(x, "output_norm.weight")
+        let h = f.rms_norm(x, &format!("blk.{il}.ffn_norm.weight"));
+        let g = f.linear(Some(il), FfnGate, h);
+        let u = f.linear(Some(il), FfnUp, h);
+        let d = f.linear(Some(il), FfnDown, c.swiglu_split(g, u));
+        c.add(x, f.hooks.after_ffn(c, il, d))
     }
 }
