@@ -425,3 +425,40 @@ fn bf16_base_trains_with_the_transposed_backward() {
     assert!(out.join("adapter.gguf").exists());
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn grad_checkpointing_run_matches_plain_run() {
+    let dir = tmpdir("ft-recompute");
+    let model = synth(&dir, "gemma3", GgmlType::Q8_0);
+    let data = dir.join("train.jsonl");
+    tiny_dataset(&data);
+    let run = |out: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "finetune",
+            "-m",
+            model.to_str().unwrap(),
+            "-d",
+            data.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--max-steps",
+            "4",
+            "-b",
+            "2",
+            "--lr",
+            "3e-3",
+            "--dropout",
+            "0.1",
+            "-t",
+            "2",
+        ];
+        args.extend_from_slice(extra);
+        let (ok, err) = cli(&args);
+        assert!(ok, "{err}");
+        losses(&read(&out.join("metrics.jsonl")).unwrap())
+    };
+    let plain = run(&dir.join("plain"), &[]);
+    let ckpt = run(&dir.join("ckpt"), &["--grad-checkpointing"]);
+    assert_eq!(plain, ckpt);
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -256,3 +256,51 @@ fn transposed_backward_matches_stock_on_quantized_weights() {
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Gradient checkpointing (per-block recomputation) gives the loss and the
+/// gradients of the plain backward pass, for every architecture, with
+/// dropout on and an adapter on the embedding too.
+#[test]
+fn gradient_checkpointing_matches_plain_backward() {
+    let dir = tmpdir("lora-recompute");
+    for arch in ["llama", "qwen2", "qwen3", "gemma3"] {
+        let path = synth(&dir, arch, GgmlType::Q4_K);
+        let mut model = Model::load(&path, Backend::cpu(threads())).unwrap();
+        model.prepare_transposed(None);
+        let mut cfg = all_targets();
+        cfg.dropout = 0.1;
+        if arch == "qwen2" {
+            cfg.targets.push("token_embd".into());
+        }
+        let lora = Lora::new(&model, cfg, 1).unwrap();
+        randomize_b(&lora, 2, 0.05);
+        let exs: Vec<Example> = (0..2)
+            .map(|i| {
+                let tokens = some_tokens(18 + i, 320, 20 + i as u64);
+                Example {
+                    loss: (0..tokens.len()).map(|j| j > 4).collect(),
+                    tokens,
+                }
+            })
+            .collect();
+        let refs: Vec<&Example> = exs.iter().collect();
+        let mut sched = model.sched();
+        lora.set_training(Some(Rng::new(9)));
+        let (l1, n1, g1) = gguf_peft::train::loss_and_grads(&model, &lora, &mut sched, &refs).unwrap();
+        lora.set_training(Some(Rng::new(9)));
+        let (l2, n2, g2) =
+            gguf_peft::train::recompute::loss_and_grads_recompute(&model, &lora, &mut sched, &refs).unwrap();
+        lora.set_training(None);
+        let (mut diff, mut norm) = (0f64, 0f64);
+        for (a, b) in g2.iter().flatten().zip(g1.iter().flatten()) {
+            diff += ((a - b) as f64).powi(2);
+            norm += (*b as f64).powi(2);
+        }
+        let rel = (diff / norm).sqrt();
+        println!("{arch}: loss {l1} / {l2}, gradients relative difference {rel:.2e}");
+        assert_eq!(n1, n2);
+        assert!((l1 - l2).abs() <= 1e-6 * l1.abs(), "{arch}: loss {l1} vs {l2}");
+        assert!(rel <= 1e-5, "{arch}: {rel:.2e}");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}

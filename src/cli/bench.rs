@@ -54,6 +54,9 @@ pub struct BenchArgs {
     /// OUT_PROD.
     #[arg(long, default_value = "transposed", value_parser = ["transposed", "transposed-q8", "stock"])]
     backward: String,
+    /// Gradient checkpointing per block in the training step.
+    #[arg(long)]
+    grad_checkpointing: bool,
     /// Print a JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -170,7 +173,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let mut train = Vec::new();
     for i in 0..a.warmup + a.steps {
         let t0 = Instant::now();
-        let (_, _, mut grads) = loss_and_grads(&model, &lora, &mut sched, &[&ex])?;
+        let (_, _, mut grads) = if a.grad_checkpointing {
+            crate::train::recompute::loss_and_grads_recompute(&model, &lora, &mut sched, &[&ex])?
+        } else {
+            loss_and_grads(&model, &lora, &mut sched, &[&ex])?
+        };
         optim::clip(&mut grads, ocfg.max_grad_norm);
         st.opt.step(&ocfg, ocfg.lr, &mut st.params, &grads);
         st.write_params(&lora);
@@ -199,17 +206,22 @@ pub fn run(a: BenchArgs) -> Result<()> {
             "steps": a.steps, "warmup": a.warmup, "rank": a.rank, "trainable_params": lora.n_trainable(),
             "forward_tokens_per_s": n / fm, "forward_s": {"median": fm, "min": fmin, "max": fmax},
             "train_tokens_per_s": n / tm, "train_step_s": {"median": tm, "min": tmin, "max": tmax},
-            "train_over_forward": tm / fm, "peak_rss_bytes": rss, "weights_bytes": weights,
+            "train_over_forward": tm / fm, "grad_checkpointing": a.grad_checkpointing, "peak_rss_bytes": rss, "weights_bytes": weights,
         });
         println!("{}", serde_json::to_string_pretty(&j).expect("serialisable"));
         return Ok(());
     }
     let h = super::inspect::human_bytes;
     println!(
-        "model {} ({} base, {} backward, {} of weights), LoRA r={} on {}, {} trainable, {} threads",
+        "model {} ({} base, {} backward{}, {} of weights), LoRA r={} on {}, {} trainable, {} threads",
         model_path.display(),
         a.base_compute,
         a.backward,
+        if a.grad_checkpointing {
+            ", gradient checkpointing"
+        } else {
+            ""
+        },
         h(weights),
         a.rank,
         a.targets,

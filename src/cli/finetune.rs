@@ -103,6 +103,11 @@ pub struct FinetuneArgs {
     /// Checkpoint every N steps (0: at the end and on Ctrl-C only).
     #[arg(long, default_value_t = 0)]
     save_every: usize,
+    /// Gradient checkpointing: keep only each block's input in the forward
+    /// pass and recompute the block in the backward pass (less activation
+    /// memory, about one more forward pass of time).
+    #[arg(long)]
+    grad_checkpointing: bool,
     /// Stop after this step with a checkpoint, as if interrupted (resume later).
     #[arg(long)]
     stop_after: Option<usize>,
@@ -248,6 +253,7 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         max_seq_len: a.max_seq_len,
         eval_every: a.eval_every,
         save_every: a.save_every,
+        recompute: a.grad_checkpointing,
     };
     let lora = Lora::new(&model, lcfg.clone(), a.seed)?;
     let n_train = lora.n_trainable();

@@ -430,6 +430,17 @@ impl<'a> Graph<'a> {
         unsafe { sys::ggml_build_forward_expand(self.raw(), t.raw()) }
     }
 
+    /// Whether any node of the graph is a trainable parameter.
+    pub fn has_param(&self) -> bool {
+        (0..self.n_nodes()).any(|i| {
+            // SAFETY: i < n_nodes; nodes are valid tensors of this graph.
+            let node = unsafe { sys::ggml_graph_node(self.raw(), i as i32) };
+            // SAFETY: node is valid.
+            let flags = unsafe { (*node).flags };
+            flags & sys::GGML_TENSOR_FLAG_PARAM as i32 != 0
+        })
+    }
+
     /// A tensor of the graph by name.
     pub fn get_tensor(&self, name: &str) -> Option<Tensor<'a>> {
         let c = CString::new(name).ok()?;

@@ -269,6 +269,12 @@ impl Model {
     /// The blocks, output selection, LM head and soft-capping.
     fn head<'a>(&'a self, ctx: &'a Context, f: &mut Forward<'a>) -> Tensor<'a> {
         let h = self.arch.build(f);
+        self.logits_from_normed(ctx, f, h)
+    }
+
+    /// Output selection, LM head and soft-capping over the final normalised
+    /// hidden states.
+    pub fn logits_from_normed<'a>(&'a self, ctx: &'a Context, f: &mut Forward<'a>, h: Tensor<'a>) -> Tensor<'a> {
         let h = f.select_outputs(h);
         let mut logits = f.lm_head(h);
         let cap = self.hparams.final_logit_softcap;

@@ -93,7 +93,9 @@ impl LoraSite {
 
 struct Dropout {
     rng: Rng,
-    masks: Vec<(String, Vec<f32>)>,
+    /// This batch's mask per site: drawn on first use, reused when the same
+    /// batch is rebuilt (recomputation with gradient checkpointing).
+    masks: HashMap<String, Vec<f32>>,
 }
 
 /// A LoRA adapter on one model: its tensors live on the model's backend.
@@ -291,10 +293,12 @@ impl Hooks for Lora {
                 let keep = 1.0 / (1.0 - p);
                 let ne = x.ne();
                 let n = x.n_elements();
-                let mask: Vec<f32> = (0..n).map(|_| if d.rng.f32() < p { 0.0 } else { keep }).collect();
                 let name = format!("drop.{}", s.weight);
+                let rng = &mut d.rng;
+                d.masks
+                    .entry(name.clone())
+                    .or_insert_with(|| (0..n).map(|_| if rng.f32() < p { 0.0 } else { keep }).collect());
                 let m = ctx.new_tensor(GgmlType::F32, &ne[..2]).set_name(&name).set_input();
-                d.masks.push((name, mask));
                 xin = ctx.mul(x, m);
             }
         }
@@ -317,7 +321,10 @@ impl Trainable for Lora {
     }
 
     fn set_training(&self, rng: Option<Rng>) {
-        *self.dropout.borrow_mut() = rng.map(|rng| Dropout { rng, masks: Vec::new() });
+        *self.dropout.borrow_mut() = rng.map(|rng| Dropout {
+            rng,
+            masks: HashMap::new(),
+        });
     }
 
     fn training_rng(&self) -> Option<Rng> {
@@ -325,12 +332,18 @@ impl Trainable for Lora {
     }
 
     fn fill_inputs(&self, g: &Graph<'_>) {
-        if let Some(d) = self.dropout.borrow_mut().as_mut() {
-            for (name, mask) in d.masks.drain(..) {
-                if let Some(t) = g.get_tensor(&name) {
-                    t.write_f32(&mask);
+        if let Some(d) = self.dropout.borrow().as_ref() {
+            for (name, mask) in &d.masks {
+                if let Some(t) = g.get_tensor(name) {
+                    t.write_f32(mask);
                 }
             }
+        }
+    }
+
+    fn new_batch(&self) {
+        if let Some(d) = self.dropout.borrow_mut().as_mut() {
+            d.masks.clear();
         }
     }
 }

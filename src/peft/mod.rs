@@ -37,4 +37,8 @@ pub trait Trainable: crate::model::Hooks {
 
     /// Writes the random inputs (dropout masks) of a graph built while training.
     fn fill_inputs(&self, g: &Graph<'_>);
+
+    /// Starts a new batch: random inputs are drawn afresh (graphs rebuilt
+    /// for the same batch reuse them).
+    fn new_batch(&self) {}
 }

@@ -6,6 +6,7 @@
 pub mod checkpoint;
 pub mod metrics;
 pub mod optim;
+pub mod recompute;
 
 use crate::data::Example;
 use crate::ggml::{Context, GgmlType, Sched};
@@ -38,6 +39,10 @@ pub struct TrainConfig {
     pub eval_every: usize,
     /// Checkpoint every N steps (0: only at the end or on interrupt).
     pub save_every: usize,
+    /// Gradient checkpointing: recompute each block in the backward pass
+    /// instead of keeping every activation.
+    #[serde(default)]
+    pub recompute: bool,
 }
 
 impl Default for TrainConfig {
@@ -53,6 +58,7 @@ impl Default for TrainConfig {
             max_seq_len: 512,
             eval_every: 0,
             save_every: 0,
+            recompute: false,
         }
     }
 }
@@ -110,6 +116,7 @@ pub fn loss_and_grads_profiled(
     let n_vocab = model.hparams.n_vocab;
     let gs = model.graph_size() * 4;
     let ctx = Context::new(gs, gs, true);
+    method.new_batch();
     let params = method.params();
     for p in &params {
         p.set_param();
@@ -274,7 +281,11 @@ pub fn train(
                 .flat_map(|&u| units[u].iter().map(|&i| &run.train[i]))
                 .collect();
             n_tokens += exs.iter().map(|e| e.tokens.len()).sum::<usize>();
-            let (l, n, g) = loss_and_grads(model, method, &mut sched, &exs)?;
+            let (l, n, g) = if cfg.recompute {
+                recompute::loss_and_grads_recompute(model, method, &mut sched, &exs)?
+            } else {
+                loss_and_grads(model, method, &mut sched, &exs)?
+            };
             parts.push((l, n, g));
             rows += n;
         }

@@ -1,0 +1,154 @@
+//! Gradient checkpointing per transformer block: the forward pass keeps only
+//! each block's input; the backward pass runs the LM head, then every block
+//! from the last to the first, recomputing the block from its saved input
+//! and pulling the upstream gradient through it. Activations of one block
+//! at a time are alive instead of all of them, for one more forward pass.
+
+use super::make_batch;
+use crate::data::Example;
+use crate::ggml::{Context, GgmlType, Graph, Sched, Tensor};
+use crate::model::{Forward, Model};
+use crate::peft::Trainable;
+use crate::{Error, Result};
+
+/// Adds the backward pass and routes input gradients through transposed
+/// weight copies where the model has them.
+fn backward<'a>(model: &'a Model, ctx: &'a Context, g: &mut Graph<'a>) {
+    g.build_backward(ctx);
+    g.replace_weight_out_prods(|w| model.transposed_of(w));
+}
+
+/// Adds `grad(p)` of every parameter the graph reached to `acc`.
+fn accumulate(g: &Graph<'_>, params: &[Tensor<'_>], acc: &mut [Vec<f32>]) {
+    for (p, a) in params.iter().zip(acc.iter_mut()) {
+        if let Some(t) = g.grad(*p) {
+            a.iter_mut().zip(t.read_f32()).for_each(|(x, y)| *x += y);
+        }
+    }
+}
+
+/// [`super::loss_and_grads`] with per-block recomputation: same loss and
+/// gradients (up to float rounding), far less activation memory.
+pub fn loss_and_grads_recompute(
+    model: &Model,
+    method: &dyn Trainable,
+    sched: &mut Sched,
+    examples: &[&Example],
+) -> Result<(f32, usize, Vec<Vec<f32>>)> {
+    let (batch, targets) = make_batch(examples);
+    let n_out = targets.len();
+    if n_out == 0 {
+        return Err(Error::Msg("batch has no loss tokens".into()));
+    }
+    let hp = &model.hparams;
+    let (n_embd, n_vocab, n_layer) = (hp.n_embd, hp.n_vocab, hp.n_layer);
+    let gs = model.graph_size() * 4;
+    let mode = model.arch.rope_mode();
+    method.new_batch();
+    let params = method.params();
+    for p in &params {
+        p.set_param();
+    }
+    let mut grads: Vec<Vec<f32>> = params.iter().map(|p| vec![0.0; p.n_elements()]).collect();
+
+    // 1. Forward, keeping the residual stream entering each block (and the last one).
+    let hs: Vec<Vec<f32>> = {
+        let ctx = Context::new(gs, gs, false);
+        let mut f = Forward::new(&ctx, hp, model.weights(), method, mode, &batch, true);
+        let mut x = model.arch.embed(&mut f).set_output();
+        let mut outs = vec![x];
+        for il in 0..n_layer {
+            x = model.arch.block(&mut f, il, x).set_output();
+            outs.push(x);
+        }
+        let mut g = ctx.new_graph(gs, false);
+        g.build_forward(x);
+        sched.alloc(&g)?;
+        f.fill_inputs();
+        method.fill_inputs(&g);
+        sched.compute(&g)?;
+        outs.iter().map(|t| t.read_f32()).collect()
+    };
+    let n_rows = hs[0].len() / n_embd;
+
+    // Inputs of the stage graphs: a block input (a parameter, to get its
+    // gradient) and the gradient arriving from above.
+    let sctx = Context::new(2, 0, false);
+    sctx.new_tensor(GgmlType::F32, &[n_embd as i64, n_rows as i64])
+        .set_name("ckpt.h");
+    sctx.new_tensor(GgmlType::F32, &[n_embd as i64, n_rows as i64])
+        .set_name("ckpt.g");
+    let store = model.backend().alloc_store(sctx);
+    let h_in = store.get("ckpt.h").expect("created").set_param();
+    let g_in = store.get("ckpt.g").expect("created");
+
+    // 2. Final norm, LM head and loss.
+    let (loss, mut upstream) = {
+        let ctx = Context::new(gs, gs, true);
+        let mut f = Forward::new(&ctx, hp, model.weights(), method, mode, &batch, true);
+        let hn = model.arch.output_norm(&mut f, h_in);
+        let logits = model.logits_from_normed(&ctx, &mut f, hn);
+        let labels = ctx
+            .new_tensor(GgmlType::F32, &[n_vocab as i64, n_out as i64])
+            .set_input();
+        let loss = ctx.cross_entropy_loss(logits, labels).set_loss().set_output();
+        let mut g = ctx.new_graph(gs, true);
+        g.build_forward(loss);
+        backward(model, &ctx, &mut g);
+        sched.alloc(&g)?;
+        f.fill_inputs();
+        method.fill_inputs(&g);
+        h_in.write_f32(&hs[n_layer]);
+        let mut onehot = vec![0f32; n_vocab * n_out];
+        for (r, &t) in targets.iter().enumerate() {
+            onehot[r * n_vocab + t as usize] = 1.0;
+        }
+        labels.write_f32(&onehot);
+        g.reset();
+        sched.compute(&g)?;
+        accumulate(&g, &params, &mut grads);
+        let up = g.grad(h_in).expect("hidden state gradient").read_f32();
+        (loss.read_f32()[0], up)
+    };
+
+    // 3. Blocks, last to first: recompute, pull the gradient through.
+    for il in (0..n_layer).rev() {
+        let ctx = Context::new(gs, gs, true);
+        let mut f = Forward::new(&ctx, hp, model.weights(), method, mode, &batch, true);
+        let y = model.arch.block(&mut f, il, h_in);
+        let l = ctx.sum(ctx.mul(y, g_in)).set_loss().set_output();
+        let mut g = ctx.new_graph(gs, true);
+        g.build_forward(l);
+        backward(model, &ctx, &mut g);
+        sched.alloc(&g)?;
+        f.fill_inputs();
+        method.fill_inputs(&g);
+        h_in.write_f32(&hs[il]);
+        g_in.write_f32(&upstream);
+        g.reset();
+        sched.compute(&g)?;
+        accumulate(&g, &params, &mut grads);
+        upstream = g.grad(h_in).expect("block input gradient").read_f32();
+    }
+
+    // 4. The embeddings, when a parameter acts there (e.g. token_embd LoRA).
+    {
+        let ctx = Context::new(gs, gs, true);
+        let mut f = Forward::new(&ctx, hp, model.weights(), method, mode, &batch, true);
+        let x = model.arch.embed(&mut f);
+        let l = ctx.sum(ctx.mul(x, g_in)).set_loss().set_output();
+        let mut g = ctx.new_graph(gs, true);
+        g.build_forward(l);
+        if g.has_param() {
+            backward(model, &ctx, &mut g);
+            sched.alloc(&g)?;
+            f.fill_inputs();
+            method.fill_inputs(&g);
+            g_in.write_f32(&upstream);
+            g.reset();
+            sched.compute(&g)?;
+            accumulate(&g, &params, &mut grads);
+        }
+    }
+    Ok((loss, n_out, grads))
+}
