@@ -199,7 +199,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let (tm, tmin, tmax) = stats(&train);
     let n = a.tokens as f64;
     let rss = peak_rss();
-    let weights = model.weights().size() as u64 + t_bytes;
+    let weights = model.weights_bytes() as u64 + t_bytes;
     if a.json {
         let j = serde_json::json!({
             "model": model_path, "base_compute": a.base_compute, "backward": a.backward, "threads": threads, "tokens": a.tokens,

@@ -175,7 +175,7 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         "base: {} held as {:?} ({}), {} backward ({} more)",
         a.model.display(),
         layout,
-        super::inspect::human_bytes(model.weights().size() as u64),
+        super::inspect::human_bytes(model.weights_bytes() as u64),
         a.backward,
         super::inspect::human_bytes(t_bytes as u64)
     );

@@ -53,6 +53,51 @@ impl Backend {
             .into_owned()
     }
 
+    /// Whether this is the CPU backend.
+    pub fn is_cpu(&self) -> bool {
+        // SAFETY: valid backend.
+        unsafe { sys::ggml_backend_is_cpu(self.raw()) }
+    }
+
+    /// Makes every tensor of `ctx` point into `host` at the given byte
+    /// offsets (one per tensor, in creation order) without copying: CPU
+    /// weights straight from the mapped file, as llama.cpp does. `None` on
+    /// other backends or when a tensor would not fit.
+    pub fn store_over_host(&self, ctx: Context, host: Arc<memmap2::MmapMut>, offsets: &[usize]) -> Option<TensorStore> {
+        let tensors = ctx.tensors();
+        if !self.is_cpu() || tensors.len() != offsets.len() {
+            return None;
+        }
+        if tensors.iter().zip(offsets).any(|(t, &o)| o + t.n_bytes() > host.len()) {
+            return None;
+        }
+        let base = host.as_ptr() as *mut std::os::raw::c_void;
+        // SAFETY: the buffer wraps the mapping, which the store keeps alive
+        // (Arc) for as long as the buffer exists; it does not own the memory.
+        let p = unsafe { sys::ggml_backend_cpu_buffer_from_ptr(base, host.len()) };
+        let buf = Buffer { ptr: NonNull::new(p)? };
+        let mut names = HashMap::new();
+        let mut ptrs = Vec::new();
+        for (i, (t, &o)) in tensors.iter().zip(offsets).enumerate() {
+            // SAFETY: o + n_bytes <= len (checked above), so the tensor lies
+            // inside the buffer; the tensor has no data yet.
+            let st = unsafe { sys::ggml_backend_tensor_alloc(buf.ptr.as_ptr(), t.raw(), (base as *mut u8).add(o) as *mut _) };
+            if st != sys::GGML_STATUS_SUCCESS {
+                return None;
+            }
+            names.insert(t.name(), i);
+            ptrs.push(NonNull::new(t.raw()).expect("non-null tensor"));
+        }
+        drop(tensors);
+        Some(TensorStore {
+            buf: Some(buf),
+            ctx,
+            names,
+            ptrs,
+            _host: Some(host),
+        })
+    }
+
     /// Allocates every tensor of `ctx` in one buffer of this backend and
     /// returns both as a store whose tensors can be looked up by name.
     pub fn alloc_store(&self, ctx: Context) -> TensorStore {
@@ -67,7 +112,13 @@ impl Backend {
             names.insert(t.name(), i);
             ptrs.push(NonNull::new(t.raw()).expect("non-null tensor"));
         }
-        TensorStore { buf, ctx, names, ptrs }
+        TensorStore {
+            buf,
+            ctx,
+            names,
+            ptrs,
+            _host: None,
+        }
     }
 }
 
@@ -110,6 +161,8 @@ pub struct TensorStore {
     names: HashMap<String, usize>,
     /// The context's tensors in creation order (looked up on every graph build).
     ptrs: Vec<NonNull<sys::ggml_tensor>>,
+    /// Host memory the tensors point into, kept alive with them.
+    _host: Option<Arc<memmap2::MmapMut>>,
 }
 
 // SAFETY: the pointers point into `ctx`, which the store owns and moves with

@@ -15,12 +15,14 @@ pub use types::GgmlType;
 
 use llama_cpp_sys_2 as sys;
 
-/// Maps a file read-only.
-pub fn map_readonly(file: &std::fs::File) -> std::io::Result<memmap2::Mmap> {
-    // SAFETY: the mapping is read-only and model files are not modified while
-    // open; a concurrent writer could only change the numbers we read, and every
-    // offset is bounds-checked against the mapping's length.
-    unsafe { memmap2::Mmap::map(file) }
+/// Maps a file privately (copy-on-write: nothing is ever written back, and
+/// pages are only read unless someone writes), so that CPU weights can point
+/// straight into it.
+pub fn map_file(file: &std::fs::File) -> std::io::Result<std::sync::Arc<memmap2::MmapMut>> {
+    // SAFETY: a private mapping never changes the file; model files are not
+    // modified while open (a concurrent writer could only change the numbers
+    // we read), and every offset is bounds-checked against the length.
+    unsafe { memmap2::MmapOptions::new().map_copy(file) }.map(std::sync::Arc::new)
 }
 
 /// Silences ggml's and llama.cpp's log output unless `GGUF_PEFT_LOG` is set.

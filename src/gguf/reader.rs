@@ -2,7 +2,8 @@
 
 use super::{GgufError, Result, Value, ValueType, DEFAULT_ALIGNMENT, MAGIC};
 use crate::ggml::GgmlType;
-use memmap2::Mmap;
+use memmap2::MmapMut;
+use std::sync::Arc;
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -35,7 +36,7 @@ impl TensorInfo {
 /// An open GGUF file: metadata in memory, tensor bytes in an mmap.
 pub struct GgufFile {
     path: PathBuf,
-    mmap: Mmap,
+    mmap: Arc<MmapMut>,
     pub version: u32,
     metadata: Vec<(String, Value)>,
     meta_index: HashMap<String, usize>,
@@ -142,11 +143,11 @@ impl GgufFile {
             source: e,
         };
         let file = File::open(&path).map_err(io)?;
-        let mmap = crate::ggml::map_readonly(&file).map_err(io)?;
+        let mmap = crate::ggml::map_file(&file).map_err(io)?;
         Self::parse(path, mmap)
     }
 
-    fn parse(path: PathBuf, mmap: Mmap) -> Result<Self> {
+    fn parse(path: PathBuf, mmap: Arc<MmapMut>) -> Result<Self> {
         let buf: &[u8] = &mmap;
         let mut c = Cursor {
             buf,
@@ -367,6 +368,12 @@ impl GgufFile {
     pub fn tensor_data(&self, t: &TensorInfo) -> &[u8] {
         let start = (self.data_offset + t.offset) as usize;
         &self.mmap[start..start + t.size as usize]
+    }
+
+    /// The mapping and the absolute byte offset of a tensor's data in it
+    /// (for zero-copy CPU weights).
+    pub(crate) fn mapping(&self, t: &TensorInfo) -> (Arc<MmapMut>, usize) {
+        (self.mmap.clone(), (self.data_offset + t.offset) as usize)
     }
 
     /// Total bytes of tensor data.

@@ -130,6 +130,23 @@ impl Model {
             let ne: Vec<i64> = t.ne.iter().map(|&n| n as i64).collect();
             ctx.new_tensor(ty_of(t), &ne).set_name(&t.name);
         }
+        if layout == WeightLayout::Native && backend.is_cpu() {
+            // Zero-copy: the CPU weights are the mapped file's pages.
+            let offsets: Vec<usize> = present.iter().map(|t| file.mapping(t).1).collect();
+            let host = file.mapping(&present[0]).0;
+            // Only fails on a malformed layout, which open() already refused.
+            let weights = backend
+                .store_over_host(ctx, host, &offsets)
+                .expect("tensor offsets were validated at open");
+            return Ok(Model {
+                file,
+                hparams,
+                arch,
+                backend,
+                weights,
+                transposed: None,
+            });
+        }
         let weights = backend.alloc_store(ctx);
         for t in &present {
             let dst = weights.get(&t.name).expect("just created");
@@ -159,9 +176,21 @@ impl Model {
         &self.backend
     }
 
-    /// The frozen weights.
-    pub fn weights(&self) -> &TensorStore {
+    /// The frozen weights (crate-internal: they may point into the mapped
+    /// file, so nothing outside may write them).
+    pub(crate) fn weights(&self) -> &TensorStore {
         &self.weights
+    }
+
+    /// Bytes the frozen weights take on the backend (for the CPU with the
+    /// native layout: the mapped file's pages).
+    pub fn weights_bytes(&self) -> usize {
+        self.weights.size()
+    }
+
+    /// Whether the model has a weight tensor of this name.
+    pub fn has_weight(&self, name: &str) -> bool {
+        self.weights.get(name).is_some()
     }
 
     /// Makes a transposed copy `Wᵀ` (ne = [n_out, n_in]) of every matrix,
