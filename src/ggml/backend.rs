@@ -81,7 +81,9 @@ impl Backend {
         for (i, (t, &o)) in tensors.iter().zip(offsets).enumerate() {
             // SAFETY: o + n_bytes <= len (checked above), so the tensor lies
             // inside the buffer; the tensor has no data yet.
-            let st = unsafe { sys::ggml_backend_tensor_alloc(buf.ptr.as_ptr(), t.raw(), (base as *mut u8).add(o) as *mut _) };
+            let st = unsafe {
+                sys::ggml_backend_tensor_alloc(buf.ptr.as_ptr(), t.raw(), (base as *mut u8).add(o) as *mut _)
+            };
             if st != sys::GGML_STATUS_SUCCESS {
                 return None;
             }

@@ -403,6 +403,26 @@ impl<'a> Tensor<'a> {
         out
     }
 
+    /// Reads a contiguous F32 matrix as rows of `ne[0]` values, one host
+    /// copy per row (no intermediate copy of the whole tensor).
+    pub fn read_f32_rows(self) -> Vec<Vec<f32>> {
+        assert_eq!(self.ty(), GgmlType::F32);
+        assert!(self.is_allocated(), "tensor '{}' is not allocated", self.name());
+        let n = self.ne()[0] as usize;
+        let rows = self.n_elements() / n.max(1);
+        (0..rows)
+            .map(|r| {
+                let mut out = vec![0f32; n];
+                // SAFETY: the tensor is allocated and contiguous (F32 rows of n
+                // values); row r lies within its n_bytes; out has n floats.
+                unsafe {
+                    sys::ggml_backend_tensor_get(self.raw(), out.as_mut_ptr() as *mut _, r * n * 4, n * 4);
+                }
+                out
+            })
+            .collect()
+    }
+
     /// Reads an F32 tensor's data.
     pub fn read_f32(self) -> Vec<f32> {
         assert_eq!(self.ty(), GgmlType::F32);

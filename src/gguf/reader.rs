@@ -3,10 +3,10 @@
 use super::{GgufError, Result, Value, ValueType, DEFAULT_ALIGNMENT, MAGIC};
 use crate::ggml::GgmlType;
 use memmap2::MmapMut;
-use std::sync::Arc;
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// One tensor's header entry.
 #[derive(Debug, Clone)]

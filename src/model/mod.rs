@@ -202,7 +202,6 @@ impl Model {
     /// ones) unless `ty` names another type whose block size fits the row
     /// length. Returns the bytes they take.
     pub fn prepare_transposed(&mut self, ty: Option<GgmlType>) -> usize {
-        use rayon::prelude::*;
         if let Some(t) = &self.transposed {
             return t.size();
         }
@@ -223,24 +222,13 @@ impl Model {
                 .set_name(&format!("{name}.T"));
         }
         let store = self.backend.alloc_store(ctx);
-        let datas: Vec<Vec<u8>> = mats
-            .par_iter()
-            .map(|(name, ne)| {
-                // From the file's own bytes (the loaded copy may be F32 already).
-                let info = self.file.tensor(name).expect("weight from file");
-                let (n_in, n_out) = (ne[0] as usize, ne[1] as usize);
-                let w = info.ty.to_f32(self.file.tensor_data(info), n_in * n_out);
-                let mut t = vec![0f32; n_in * n_out];
-                for o in 0..n_out {
-                    for i in 0..n_in {
-                        t[i * n_out + o] = w[o * n_in + i];
-                    }
-                }
-                ty_t(ne[1]).from_f32(&t, n_out)
-            })
-            .collect();
-        for ((name, _), d) in mats.iter().zip(&datas) {
-            store.get(&format!("{name}.T")).expect("created").write_bytes(d);
+        // One matrix at a time, so that the host copies of only one are alive.
+        for (name, ne) in &mats {
+            // From the file's own bytes (the loaded copy may be F32 already).
+            let info = self.file.tensor(name).expect("weight from file");
+            let (n_in, n_out) = (ne[0] as usize, ne[1] as usize);
+            let bytes = transpose_rows(info.ty, self.file.tensor_data(info), n_in, n_out, ty_t(ne[1]));
+            store.get(&format!("{name}.T")).expect("created").write_bytes(&bytes);
         }
         let size = store.size();
         self.transposed = Some(store);
@@ -359,8 +347,36 @@ impl Model {
         sched.alloc(&g)?;
         f.fill_inputs();
         sched.compute(&g)?;
-        let flat = logits.read_f32();
-        let rows = flat.chunks(self.hparams.n_vocab).map(|c| c.to_vec()).collect();
+        let rows = logits.read_f32_rows();
         Ok((rows, cache.map(|_| f.read_cache())))
     }
+}
+
+/// `Wᵀ` in type `to`: `w` holds `n_out` rows of `n_in` values of type `from`;
+/// the result holds `n_in` rows of `n_out`. Built in bands of output rows
+/// (in parallel), so no full f32 copy of W or Wᵀ is ever alive.
+fn transpose_rows(from: GgmlType, w: &[u8], n_in: usize, n_out: usize, to: GgmlType) -> Vec<u8> {
+    use rayon::prelude::*;
+    const ROWS: usize = 64;
+    let row_bytes = from.row_bytes(n_in as u64).expect("whole blocks") as usize;
+    let band = n_in.div_ceil(rayon::current_num_threads().max(1) * 4).max(1);
+    let bands: Vec<Vec<u8>> = (0..n_in.div_ceil(band))
+        .into_par_iter()
+        .map(|bi| {
+            let i0 = bi * band;
+            let rows_here = band.min(n_in - i0);
+            let mut buf = vec![0f32; rows_here * n_out];
+            for o0 in (0..n_out).step_by(ROWS) {
+                let n = ROWS.min(n_out - o0);
+                let vals = from.to_f32(&w[o0 * row_bytes..(o0 + n) * row_bytes], n * n_in);
+                for r in 0..n {
+                    for (k, &v) in vals[r * n_in + i0..r * n_in + i0 + rows_here].iter().enumerate() {
+                        buf[k * n_out + o0 + r] = v;
+                    }
+                }
+            }
+            to.from_f32(&buf, n_out)
+        })
+        .collect();
+    bands.concat()
 }

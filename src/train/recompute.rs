@@ -11,6 +11,9 @@ use crate::model::{Forward, Model};
 use crate::peft::Trainable;
 use crate::{Error, Result};
 
+/// Loss rows per LM-head graph: bounds the n_vocab-wide logits in memory.
+const HEAD_CHUNK: usize = 128;
+
 /// Adds the backward pass and routes input gradients through transposed
 /// weight copies where the model has them.
 fn backward<'a>(model: &'a Model, ctx: &'a Context, g: &mut Graph<'a>) {
@@ -82,25 +85,41 @@ pub fn loss_and_grads_recompute(
     let h_in = store.get("ckpt.h").expect("created").set_param();
     let g_in = store.get("ckpt.g").expect("created");
 
-    // 2. Final norm, LM head and loss.
-    let (loss, mut upstream) = {
+    // 2. Final norm, LM head and loss, over chunks of the loss rows so the
+    //    logits (n_vocab per row) of only one chunk are alive at a time.
+    let rows = batch.outputs.clone().expect("training batches select their loss rows");
+    let mut loss = 0f32;
+    let mut upstream = vec![0f32; n_embd * n_rows];
+    for (ci, chunk) in rows.chunks(HEAD_CHUNK).enumerate() {
+        let cb = crate::model::Batch {
+            outputs: Some(chunk.to_vec()),
+            ..batch.clone()
+        };
         let ctx = Context::new(gs, gs, true);
-        let mut f = Forward::new(&ctx, hp, model.weights(), method, mode, &batch, true);
+        let mut f = Forward::new(&ctx, hp, model.weights(), method, mode, &cb, true);
         let hn = model.arch.output_norm(&mut f, h_in);
         let logits = model.logits_from_normed(&ctx, &mut f, hn);
         let labels = ctx
-            .new_tensor(GgmlType::F32, &[n_vocab as i64, n_out as i64])
+            .new_tensor(GgmlType::F32, &[n_vocab as i64, chunk.len() as i64])
             .set_input();
-        let loss = ctx.cross_entropy_loss(logits, labels).set_loss().set_output();
+        // The mean over all loss rows is the chunk means weighted by size.
+        let w = chunk.len() as f32 / n_out as f32;
+        let l = ctx
+            .scale(ctx.cross_entropy_loss(logits, labels), w)
+            .set_loss()
+            .set_output();
         let mut g = ctx.new_graph(gs, true);
-        g.build_forward(loss);
+        g.build_forward(l);
         backward(model, &ctx, &mut g);
         sched.alloc(&g)?;
         f.fill_inputs();
         method.fill_inputs(&g);
         h_in.write_f32(&hs[n_layer]);
-        let mut onehot = vec![0f32; n_vocab * n_out];
-        for (r, &t) in targets.iter().enumerate() {
+        let mut onehot = vec![0f32; n_vocab * chunk.len()];
+        for (r, &t) in targets[ci * HEAD_CHUNK..ci * HEAD_CHUNK + chunk.len()]
+            .iter()
+            .enumerate()
+        {
             onehot[r * n_vocab + t as usize] = 1.0;
         }
         labels.write_f32(&onehot);
@@ -108,8 +127,9 @@ pub fn loss_and_grads_recompute(
         sched.compute(&g)?;
         accumulate(&g, &params, &mut grads);
         let up = g.grad(h_in).expect("hidden state gradient").read_f32();
-        (loss.read_f32()[0], up)
-    };
+        upstream.iter_mut().zip(up).for_each(|(a, b)| *a += b);
+        loss += l.read_f32()[0];
+    }
 
     // 3. Blocks, last to first: recompute, pull the gradient through.
     for il in (0..n_layer).rev() {
