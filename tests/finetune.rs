@@ -20,6 +20,27 @@ fn cli(args: &[&str]) -> (bool, String) {
     (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
+/// `finetune -m MODEL -d DATA -o OUT -t 2` and the space-separated `extra`.
+fn finetune_args(model: &Path, data: &Path, out: &Path, extra: &str) -> Vec<String> {
+    let mut v: Vec<String> = ["finetune", "-m", model.to_str().unwrap(), "-d", data.to_str().unwrap()]
+        .map(String::from)
+        .to_vec();
+    v.extend([
+        "-o".to_string(),
+        out.to_str().unwrap().to_string(),
+        "-t".into(),
+        "2".into(),
+    ]);
+    v.extend(extra.split_whitespace().map(String::from));
+    v
+}
+
+/// Runs the CLI with owned arguments.
+fn cli_owned(args: &[String]) -> (bool, String) {
+    let refs: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    cli(&refs)
+}
+
 fn tiny_dataset(path: &Path) {
     const W: [&str; 8] = ["ka", "lo", "mi", "ne", "ru", "sa", "to", "a"];
     let mut r = gguf_peft::rng::Rng::new(1);
@@ -306,25 +327,13 @@ fn nan_loss_stops_and_keeps_last_good_checkpoint() {
     tiny_dataset(&data);
     let out = dir.join("out");
     // A huge learning rate blows the adapter up after the first update.
-    let (ok, err) = cli(&[
-        "finetune",
-        "-m",
-        model.to_str().unwrap(),
-        "-d",
-        data.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "--max-steps",
-        "5",
-        "--save-every",
-        "1",
-        "--lr",
-        "1e30",
-        "--max-grad-norm",
-        "0",
-        "-t",
-        "2",
-    ]);
+    let args = finetune_args(
+        &model,
+        &data,
+        &out,
+        "--max-steps 5 --save-every 1 --lr 1e30 --max-grad-norm 0",
+    );
+    let (ok, err) = cli_owned(&args);
     assert!(!ok);
     assert!(err.contains("loss became") && err.contains("step-000001"), "{err}");
     assert!(out.join("checkpoints/step-000001/state.gguf").exists());
@@ -402,25 +411,20 @@ fn bf16_base_trains_with_the_transposed_backward() {
     let data = dir.join("train.jsonl");
     tiny_dataset(&data);
     let out = dir.join("out");
-    let base = [
-        "finetune",
-        "-m",
-        model.to_str().unwrap(),
-        "-d",
-        data.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "--max-steps",
-        "2",
-        "--base-compute",
-        "native",
-        "-t",
-        "2",
-    ];
-    let mut stock = base.to_vec();
-    stock.extend(["--backward", "stock"]);
-    assert_fails_cleanly(&stock, "no backend can run OUT_PROD on bf16 tensors", &out);
-    let (ok, err) = cli(&base);
+    let stock = finetune_args(
+        &model,
+        &data,
+        &out,
+        "--max-steps 2 --base-compute native --backward stock",
+    );
+    let refs: Vec<&str> = stock.iter().map(|s| s.as_str()).collect();
+    assert_fails_cleanly(&refs, "no backend can run OUT_PROD on bf16 tensors", &out);
+    let (ok, err) = cli_owned(&finetune_args(
+        &model,
+        &data,
+        &out,
+        "--max-steps 2 --base-compute native",
+    ));
     assert!(ok, "{err}");
     assert!(out.join("adapter.gguf").exists());
     let _ = std::fs::remove_dir_all(dir);
@@ -432,33 +436,14 @@ fn grad_checkpointing_run_matches_plain_run() {
     let model = synth(&dir, "gemma3", GgmlType::Q8_0);
     let data = dir.join("train.jsonl");
     tiny_dataset(&data);
-    let run = |out: &Path, extra: &[&str]| {
-        let mut args = vec![
-            "finetune",
-            "-m",
-            model.to_str().unwrap(),
-            "-d",
-            data.to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-            "--max-steps",
-            "4",
-            "-b",
-            "2",
-            "--lr",
-            "3e-3",
-            "--dropout",
-            "0.1",
-            "-t",
-            "2",
-        ];
-        args.extend_from_slice(extra);
-        let (ok, err) = cli(&args);
+    let run = |out: &Path, extra: &str| {
+        let common = "--max-steps 4 -b 2 --lr 3e-3 --dropout 0.1 ";
+        let (ok, err) = cli_owned(&finetune_args(&model, &data, out, &(common.to_string() + extra)));
         assert!(ok, "{err}");
         losses(&read(&out.join("metrics.jsonl")).unwrap())
     };
-    let plain = run(&dir.join("plain"), &[]);
-    let ckpt = run(&dir.join("ckpt"), &["--grad-checkpointing"]);
+    let plain = run(&dir.join("plain"), "");
+    let ckpt = run(&dir.join("ckpt"), "--grad-checkpointing");
     assert_eq!(plain, ckpt);
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -21,6 +21,35 @@ fn backward<'a>(model: &'a Model, ctx: &'a Context, g: &mut Graph<'a>) {
     g.replace_weight_out_prods(|w| model.transposed_of(w));
 }
 
+/// Runs one backward stage whose loss is `loss`: builds the backward pass,
+/// allocates, writes the builder's and the method's inputs and then the
+/// stage's own (`write`), computes, and adds the parameter gradients to
+/// `acc`. Returns the graph, for the gradients of the stage's inputs.
+#[allow(clippy::too_many_arguments)]
+fn run_stage<'a>(
+    model: &'a Model,
+    method: &dyn Trainable,
+    sched: &mut Sched,
+    ctx: &'a Context,
+    f: &Forward<'a>,
+    loss: Tensor<'a>,
+    params: &[Tensor<'_>],
+    acc: &mut [Vec<f32>],
+    write: impl FnOnce(),
+) -> Result<Graph<'a>> {
+    let mut g = ctx.new_graph(model.graph_size() * 4, true);
+    g.build_forward(loss);
+    backward(model, ctx, &mut g);
+    sched.alloc(&g)?;
+    f.fill_inputs();
+    method.fill_inputs(&g);
+    write();
+    g.reset();
+    sched.compute(&g)?;
+    accumulate(&g, params, acc);
+    Ok(g)
+}
+
 /// Adds `grad(p)` of every parameter the graph reached to `acc`.
 fn accumulate(g: &Graph<'_>, params: &[Tensor<'_>], acc: &mut [Vec<f32>]) {
     for (p, a) in params.iter().zip(acc.iter_mut()) {
@@ -108,24 +137,15 @@ pub fn loss_and_grads_recompute(
             .scale(ctx.cross_entropy_loss(logits, labels), w)
             .set_loss()
             .set_output();
-        let mut g = ctx.new_graph(gs, true);
-        g.build_forward(l);
-        backward(model, &ctx, &mut g);
-        sched.alloc(&g)?;
-        f.fill_inputs();
-        method.fill_inputs(&g);
-        h_in.write_f32(&hs[n_layer]);
-        let mut onehot = vec![0f32; n_vocab * chunk.len()];
-        for (r, &t) in targets[ci * HEAD_CHUNK..ci * HEAD_CHUNK + chunk.len()]
-            .iter()
-            .enumerate()
-        {
-            onehot[r * n_vocab + t as usize] = 1.0;
-        }
-        labels.write_f32(&onehot);
-        g.reset();
-        sched.compute(&g)?;
-        accumulate(&g, &params, &mut grads);
+        let g = run_stage(model, method, sched, &ctx, &f, l, &params, &mut grads, || {
+            h_in.write_f32(&hs[n_layer]);
+            let mut onehot = vec![0f32; n_vocab * chunk.len()];
+            let tgt = &targets[ci * HEAD_CHUNK..ci * HEAD_CHUNK + chunk.len()];
+            for (r, &t) in tgt.iter().enumerate() {
+                onehot[r * n_vocab + t as usize] = 1.0;
+            }
+            labels.write_f32(&onehot);
+        })?;
         let up = g.grad(h_in).expect("hidden state gradient").read_f32();
         upstream.iter_mut().zip(up).for_each(|(a, b)| *a += b);
         loss += l.read_f32()[0];
@@ -137,37 +157,26 @@ pub fn loss_and_grads_recompute(
         let mut f = Forward::new(&ctx, hp, model.weights(), method, mode, &batch, true);
         let y = model.arch.block(&mut f, il, h_in);
         let l = ctx.sum(ctx.mul(y, g_in)).set_loss().set_output();
-        let mut g = ctx.new_graph(gs, true);
-        g.build_forward(l);
-        backward(model, &ctx, &mut g);
-        sched.alloc(&g)?;
-        f.fill_inputs();
-        method.fill_inputs(&g);
-        h_in.write_f32(&hs[il]);
-        g_in.write_f32(&upstream);
-        g.reset();
-        sched.compute(&g)?;
-        accumulate(&g, &params, &mut grads);
+        let g = run_stage(model, method, sched, &ctx, &f, l, &params, &mut grads, || {
+            h_in.write_f32(&hs[il]);
+            g_in.write_f32(&upstream);
+        })?;
         upstream = g.grad(h_in).expect("block input gradient").read_f32();
     }
 
     // 4. The embeddings, when a parameter acts there (e.g. token_embd LoRA).
     {
-        let ctx = Context::new(gs, gs, true);
+        // Room for a probe graph and the stage's own.
+        let ctx = Context::new(gs * 2, gs * 2, true);
         let mut f = Forward::new(&ctx, hp, model.weights(), method, mode, &batch, true);
         let x = model.arch.embed(&mut f);
         let l = ctx.sum(ctx.mul(x, g_in)).set_loss().set_output();
-        let mut g = ctx.new_graph(gs, true);
-        g.build_forward(l);
-        if g.has_param() {
-            backward(model, &ctx, &mut g);
-            sched.alloc(&g)?;
-            f.fill_inputs();
-            method.fill_inputs(&g);
-            g_in.write_f32(&upstream);
-            g.reset();
-            sched.compute(&g)?;
-            accumulate(&g, &params, &mut grads);
+        let mut probe = ctx.new_graph(gs, false);
+        probe.build_forward(l);
+        if probe.has_param() {
+            run_stage(model, method, sched, &ctx, &f, l, &params, &mut grads, || {
+                g_in.write_f32(&upstream)
+            })?;
         }
     }
     Ok((loss, n_out, grads))
