@@ -130,32 +130,26 @@ impl Model {
             let ne: Vec<i64> = t.ne.iter().map(|&n| n as i64).collect();
             ctx.new_tensor(ty_of(t), &ne).set_name(&t.name);
         }
-        if layout == WeightLayout::Native && backend.is_cpu() {
+        let weights = if layout == WeightLayout::Native && backend.is_cpu() {
             // Zero-copy: the CPU weights are the mapped file's pages.
             let offsets: Vec<usize> = present.iter().map(|t| file.mapping(t).1).collect();
             let host = file.mapping(&present[0]).0;
             // Only fails on a malformed layout, which open() already refused.
-            let weights = backend
+            backend
                 .store_over_host(ctx, host, &offsets)
-                .expect("tensor offsets were validated at open");
-            return Ok(Model {
-                file,
-                hparams,
-                arch,
-                backend,
-                weights,
-                transposed: None,
-            });
-        }
-        let weights = backend.alloc_store(ctx);
-        for t in &present {
-            let dst = weights.get(&t.name).expect("just created");
-            if ty_of(t) == t.ty {
-                dst.write_bytes(file.tensor_data(t));
-            } else {
-                dst.write_f32(&t.ty.to_f32(file.tensor_data(t), t.n_elements() as usize));
+                .expect("tensor offsets were validated at open")
+        } else {
+            let weights = backend.alloc_store(ctx);
+            for t in &present {
+                let dst = weights.get(&t.name).expect("just created");
+                if ty_of(t) == t.ty {
+                    dst.write_bytes(file.tensor_data(t));
+                } else {
+                    dst.write_f32(&t.ty.to_f32(file.tensor_data(t), t.n_elements() as usize));
+                }
             }
-        }
+            weights
+        };
         Ok(Model {
             file,
             hparams,
