@@ -4,6 +4,8 @@ mod bench;
 mod bench_matmul;
 mod finetune;
 mod inspect;
+mod merge;
+mod quantize;
 
 use crate::generate::SamplingOptions;
 use crate::ggml::Backend;
@@ -34,6 +36,10 @@ enum Command {
     Finetune(Box<finetune::FinetuneArgs>),
     /// Forward and training throughput, train/forward ratio and peak memory.
     Bench(bench::BenchArgs),
+    /// Merge LoRA adapters into the base model, keeping its quant types.
+    Merge(merge::MergeArgs),
+    /// Requantize a model to another ggml type.
+    Quantize(quantize::QuantizeArgs),
 }
 
 /// Options to apply a trained adapter.
@@ -152,6 +158,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Eval(a) => eval(a),
         Command::Finetune(a) => finetune::run(*a),
         Command::Bench(a) => bench::run(a),
+        Command::Merge(a) => merge::run(a),
+        Command::Quantize(a) => quantize::run(a),
     }
 }
 

@@ -50,9 +50,40 @@ pub fn write(lora: &Lora, model: &Model, path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Reads a llama.cpp LoRA adapter for `model`, checking that it belongs to
-/// this base (architecture, tensor names and shapes).
-pub fn read(path: &Path, model: &Model) -> Result<Lora> {
+/// One adapted weight of an adapter file, on the host.
+pub struct HostPair {
+    /// The base weight's name.
+    pub base: String,
+    pub site: LoraSite,
+    /// `lora_a` values in its file layout (see [`LoraSite::shapes`]).
+    pub a: Vec<f32>,
+    /// `lora_b` values, `n_out` rows of `rank`.
+    pub b: Vec<f32>,
+}
+
+/// A LoRA adapter file read on the host and checked against a base model's
+/// tensors (architecture, names, shapes).
+pub struct HostLora {
+    pub alpha: f32,
+    pub config: LoraConfig,
+    pub pairs: Vec<HostPair>,
+}
+
+impl HostLora {
+    /// The multiplier of `B A` for a pair at user scale `scale` (as llama.cpp:
+    /// `scale * alpha / rank`, or `scale` when alpha is 0).
+    pub fn pair_scale(&self, p: &HostPair, scale: f32) -> f32 {
+        if self.alpha == 0.0 {
+            scale
+        } else {
+            scale * self.alpha / p.site.rank as f32
+        }
+    }
+}
+
+/// Reads a llama.cpp LoRA adapter and checks it against `base` (the base
+/// model's GGUF), whose architecture and tensor shapes it must fit.
+pub fn read_host(path: &Path, base: &GgufFile) -> Result<HostLora> {
     if !path.exists() {
         return Err(Error::Msg(format!("{}: no such file", path.display())));
     }
@@ -67,11 +98,11 @@ pub fn read(path: &Path, model: &Model) -> Result<Lora> {
         ));
     }
     let arch = f.get_str("general.architecture")?;
-    if arch != model.hparams.arch {
+    let base_arch = base.get_str("general.architecture")?;
+    if arch != base_arch {
         return Err(bad(format!(
-            "adapter is for architecture '{arch}' but the model '{}' is '{}' (wrong base model?)",
-            model.path().display(),
-            model.hparams.arch
+            "adapter is for architecture '{arch}' but the model '{}' is '{base_arch}' (wrong base model?)",
+            base.path().display(),
         )));
     }
     let alpha = f.get_f64_opt("adapter.lora.alpha")?.unwrap_or(0.0) as f32;
@@ -80,51 +111,48 @@ pub fn read(path: &Path, model: &Model) -> Result<Lora> {
         .and_then(|v| v.as_str())
         .and_then(|s| serde_json::from_str(s).ok())
         .unwrap_or_default();
-    let mut pairs: BTreeMap<String, (Option<&crate::gguf::TensorInfo>, Option<&crate::gguf::TensorInfo>)> =
-        BTreeMap::new();
+    type Pair<'f> = (Option<&'f crate::gguf::TensorInfo>, Option<&'f crate::gguf::TensorInfo>);
+    let mut found: BTreeMap<String, Pair<'_>> = BTreeMap::new();
     for t in f.tensors() {
-        if let Some(base) = t.name.strip_suffix(".lora_a") {
-            pairs.entry(base.to_owned()).or_default().0 = Some(t);
-        } else if let Some(base) = t.name.strip_suffix(".lora_b") {
-            pairs.entry(base.to_owned()).or_default().1 = Some(t);
+        if let Some(b) = t.name.strip_suffix(".lora_a") {
+            found.entry(b.to_owned()).or_default().0 = Some(t);
+        } else if let Some(b) = t.name.strip_suffix(".lora_b") {
+            found.entry(b.to_owned()).or_default().1 = Some(t);
         } else {
             return Err(bad(format!("unexpected tensor '{}' in a LoRA adapter", t.name)));
         }
     }
-    if pairs.is_empty() {
+    if found.is_empty() {
         return Err(bad("adapter has no LoRA tensors".into()));
     }
-    let mut sites = Vec::new();
-    let mut order: Vec<String> = Vec::new();
-    for (base, (a, b)) in &pairs {
+    let mut pairs = Vec::new();
+    for (name, (a, b)) in &found {
         let (Some(a), Some(b)) = (a, b) else {
-            return Err(bad(format!("LoRA pair for '{base}' is missing lora_a or lora_b")));
+            return Err(bad(format!("LoRA pair for '{name}' is missing lora_a or lora_b")));
         };
-        let w = model.weights().get(base).ok_or_else(|| {
+        let w = base.tensor(name).ok_or_else(|| {
             bad(format!(
-                "tensor '{base}' does not exist in {} (maybe wrong base model?)",
-                model.path().display()
+                "tensor '{name}' does not exist in {} (maybe wrong base model?)",
+                base.path().display()
             ))
         })?;
-        let [n_in, n_out, _, _] = w.ne();
-        let embedding = base == "token_embd.weight";
+        if w.ne.len() != 2 {
+            return Err(bad(format!("base tensor '{name}' is not a matrix")));
+        }
+        let embedding = name == "token_embd.weight";
         // The token embedding's pair is flipped: a = [r, n_vocab], b = [r, n_embd].
-        let (n_in, n_out, rank_a) = if embedding {
-            (n_out, n_in, a.ne[0])
+        let (n_in, n_out, rank) = if embedding {
+            (w.ne[1], w.ne[0], a.ne[0])
         } else {
-            (n_in, n_out, a.ne.get(1).copied().unwrap_or(0))
+            (w.ne[0], w.ne[1], a.ne.get(1).copied().unwrap_or(0))
         };
-        let expect_a: Vec<u64> = if embedding {
-            vec![rank_a, n_in as u64]
-        } else {
-            vec![n_in as u64, rank_a]
-        };
-        if a.ne != expect_a || b.ne != vec![rank_a, n_out as u64] {
+        let expect_a = if embedding { vec![rank, n_in] } else { vec![n_in, rank] };
+        if rank == 0 || a.ne != expect_a || b.ne != vec![rank, n_out] {
             return Err(bad(format!(
-                "LoRA for '{base}' has shapes {} and {} that do not fit the base weight {:?} (wrong base model?)",
+                "LoRA for '{name}' has shapes {} and {} that do not fit the base weight {} (wrong base model?)",
                 a.shape_str(),
                 b.shape_str(),
-                w.ne()
+                w.shape_str()
             )));
         }
         for t in [a, b] {
@@ -135,21 +163,31 @@ pub fn read(path: &Path, model: &Model) -> Result<Lora> {
                 )));
             }
         }
-        sites.push(LoraSite {
-            weight: base.clone(),
-            n_in: n_in as usize,
-            n_out: n_out as usize,
-            rank: rank_a as usize,
+        let read = |t: &crate::gguf::TensorInfo| t.ty.to_f32(f.tensor_data(t), t.n_elements() as usize);
+        pairs.push(HostPair {
+            base: name.clone(),
+            site: LoraSite {
+                weight: name.clone(),
+                n_in: n_in as usize,
+                n_out: n_out as usize,
+                rank: rank as usize,
+            },
+            a: read(a),
+            b: read(b),
         });
-        order.push(base.clone());
     }
-    let lora = Lora::alloc(model, config, alpha, sites);
-    for base in &order {
-        let (a, b) = pairs[base];
-        for (info, t) in [(a.unwrap(), lora.tensor_a(base)), (b.unwrap(), lora.tensor_b(base))] {
-            let vals = info.ty.to_f32(f.tensor_data(info), info.n_elements() as usize);
-            t.write_f32(&vals);
-        }
+    Ok(HostLora { alpha, config, pairs })
+}
+
+/// Reads a llama.cpp LoRA adapter for `model`, checking that it belongs to
+/// this base (architecture, tensor names and shapes).
+pub fn read(path: &Path, model: &Model) -> Result<Lora> {
+    let h = read_host(path, &model.file)?;
+    let sites = h.pairs.iter().map(|p| p.site.clone()).collect();
+    let lora = Lora::alloc(model, h.config, h.alpha, sites);
+    for p in &h.pairs {
+        lora.tensor_a(&p.base).write_f32(&p.a);
+        lora.tensor_b(&p.base).write_f32(&p.b);
     }
     Ok(lora)
 }

@@ -1,3 +1,5 @@
 //! Export formats, one file each.
 
 pub mod llama_lora;
+pub mod merge;
+pub mod quantize;
