@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_matmul;
+mod convert;
 mod finetune;
 mod inspect;
 mod merge;
@@ -40,6 +41,10 @@ enum Command {
     Merge(merge::MergeArgs),
     /// Requantize a model to another ggml type.
     Quantize(quantize::QuantizeArgs),
+    /// Export a GGUF LoRA adapter in another format (HF PEFT).
+    Export(convert::ExportArgs),
+    /// Convert a HF PEFT LoRA adapter to llama.cpp's GGUF LoRA format.
+    ImportAdapter(convert::ImportArgs),
 }
 
 /// Options to apply a trained adapter.
@@ -160,6 +165,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench(a) => bench::run(a),
         Command::Merge(a) => merge::run(a),
         Command::Quantize(a) => quantize::run(a),
+        Command::Export(a) => convert::export(a),
+        Command::ImportAdapter(a) => convert::import(a),
     }
 }
 

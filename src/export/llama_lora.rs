@@ -21,29 +21,48 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
 
 /// Writes `lora` (trained on `model`) atomically to `path`.
 pub fn write(lora: &Lora, model: &Model, path: &Path) -> Result<()> {
+    let host = HostLora {
+        alpha: lora.alpha_file,
+        config: lora.config.clone(),
+        pairs: lora
+            .sites()
+            .iter()
+            .map(|s| HostPair {
+                base: s.weight.clone(),
+                site: s.clone(),
+                a: lora.tensor_a(&s.weight).read_f32(),
+                b: lora.tensor_b(&s.weight).read_f32(),
+            })
+            .collect(),
+    };
+    write_host(&host, &model.file, path)
+}
+
+/// Writes a host-side adapter for the base model `base` atomically to `path`.
+pub fn write_host(lora: &HostLora, base: &GgufFile, path: &Path) -> Result<()> {
     let mut w = GgufWriter::new();
     w.set("general.type", Value::String("adapter".into()));
-    w.set("general.architecture", Value::String(model.hparams.arch.clone()));
-    if let Some(n) = model.file.get("general.name").and_then(|v| v.as_str()) {
+    w.set(
+        "general.architecture",
+        Value::String(base.get_str("general.architecture")?.to_owned()),
+    );
+    if let Some(n) = base.get("general.name").and_then(|v| v.as_str()) {
         w.set("general.base_model.name", Value::String(n.to_owned()));
     }
     w.set("adapter.type", Value::String("lora".into()));
-    w.set("adapter.lora.alpha", Value::F32(lora.alpha_file));
+    w.set("adapter.lora.alpha", Value::F32(lora.alpha));
     let cfg = serde_json::to_string(&lora.config).expect("serialisable");
     w.set("gguf_peft.lora.config", Value::String(cfg));
     let mut datas = Vec::new();
-    for s in lora.sites() {
-        let (sa, sb) = s.shapes();
-        for (suffix, t, ne) in [
-            ("lora_a", lora.tensor_a(&s.weight), sa),
-            ("lora_b", lora.tensor_b(&s.weight), sb),
-        ] {
+    for p in &lora.pairs {
+        let (sa, sb) = p.site.shapes();
+        for (suffix, v, ne) in [("lora_a", &p.a, sa), ("lora_b", &p.b, sb)] {
             w.add_tensor(TensorSpec {
-                name: format!("{}.{suffix}", s.weight),
+                name: format!("{}.{suffix}", p.base),
                 ty: GgmlType::F32,
                 ne: ne.iter().map(|&n| n as u64).collect(),
             });
-            datas.push(f32_bytes(&t.read_f32()));
+            datas.push(f32_bytes(v));
         }
     }
     w.write(path, |i| Ok(Cow::Borrowed(&datas[i][..])))?;

@@ -2,4 +2,5 @@
 
 pub mod llama_lora;
 pub mod merge;
+pub mod peft;
 pub mod quantize;
