@@ -257,7 +257,7 @@ pub fn export(adapter: &Path, base: &Path, out_dir: &Path) -> Result<()> {
 }
 
 /// PEFT's pattern match: the key equals the module path or ends it after a dot.
-fn pattern<'m, T: Copy>(map: &'m BTreeMap<String, T>, module: &str) -> Option<T> {
+fn pattern<T: Copy>(map: &BTreeMap<String, T>, module: &str) -> Option<T> {
     map.iter()
         .find(|(k, _)| module == k.as_str() || module.ends_with(&format!(".{k}")))
         .map(|(_, &v)| v)
