@@ -7,6 +7,7 @@
 //! hook points for adapters), [`tokenizer`], and the CLI in the binary.
 
 pub mod cli;
+pub mod convert;
 pub mod data;
 pub mod eval;
 pub mod export;

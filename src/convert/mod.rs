@@ -1,0 +1,3 @@
+//! Weights coming in from other formats, one file each.
+
+pub mod nf4;
