@@ -45,3 +45,32 @@ pub fn import(a: ImportArgs) -> Result<()> {
     println!("{}", a.out.display());
     Ok(())
 }
+
+#[derive(Args, Debug)]
+pub struct ConvertArgs {
+    /// HF checkpoint directory (config.json, *.safetensors, tokenizer.json).
+    dir: PathBuf,
+    /// Output GGUF (written atomically).
+    #[arg(short, long)]
+    out: PathBuf,
+    /// Type of the 2-D weights (f32, f16, bf16, q8_0, q4_k, ...); 1-D tensors stay F32.
+    #[arg(long = "type", default_value = "f16")]
+    ty: String,
+}
+
+pub fn convert(a: ConvertArgs) -> Result<()> {
+    let ty = crate::ggml::GgmlType::from_name(&a.ty)
+        .ok_or_else(|| crate::Error::Msg(format!("--type: unknown ggml type '{}'", a.ty)))?;
+    let rep = crate::convert::hf::convert(&a.dir, &a.out, ty)?;
+    eprintln!(
+        "{}: {} tensors written ({} architecture, weights as {ty})",
+        a.out.display(),
+        rep.n_tensors,
+        rep.arch
+    );
+    for (name, e) in &rep.nf4 {
+        eprintln!("  {name}: from NF4, max |Δ| after {ty} {e:.3e}");
+    }
+    println!("{}", a.out.display());
+    Ok(())
+}

@@ -45,6 +45,8 @@ enum Command {
     Export(convert::ExportArgs),
     /// Convert a HF PEFT LoRA adapter to llama.cpp's GGUF LoRA format.
     ImportAdapter(convert::ImportArgs),
+    /// Convert a HF checkpoint (safetensors, incl. bitsandbytes NF4) to GGUF.
+    Convert(convert::ConvertArgs),
 }
 
 /// Options to apply a trained adapter.
@@ -167,6 +169,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Quantize(a) => quantize::run(a),
         Command::Export(a) => convert::export(a),
         Command::ImportAdapter(a) => convert::import(a),
+        Command::Convert(a) => convert::convert(a),
     }
 }
 

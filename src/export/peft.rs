@@ -92,7 +92,7 @@ fn rope_heads(base: &GgufFile, name: &str) -> Result<Option<usize>> {
 /// Reorders rows (of `cols` values) between the HF and GGUF layouts of a
 /// rotary projection with `heads` heads: GGUF row `h·d + 2k + j` is HF row
 /// `h·d + j·d/2 + k`. `to_gguf` picks the direction.
-fn permute_rows(v: &[f32], cols: usize, heads: usize, to_gguf: bool) -> Vec<f32> {
+pub(crate) fn permute_rows(v: &[f32], cols: usize, heads: usize, to_gguf: bool) -> Vec<f32> {
     let rows = v.len() / cols;
     let d = rows / heads;
     let mut out = vec![0f32; v.len()];
