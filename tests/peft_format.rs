@@ -203,3 +203,48 @@ fn import_refuses_what_gguf_cannot_hold() {
     assert!(!out.exists(), "nothing written");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// rsLoRA, rank_pattern and alpha_pattern scales are folded into B: the
+/// imported GGUF gives each module PEFT's scale through llama.cpp's single
+/// alpha (scale = alpha / rank).
+#[test]
+fn import_folds_per_module_scales() {
+    let dir = tmpdir("peft-fold");
+    let base = synth(&dir, "qwen3", GgmlType::F32);
+    let a = adapter(
+        &base,
+        LoraConfig {
+            rank: 4,
+            alpha: 8.0,
+            ..Default::default()
+        },
+    );
+    let peft_dir = dir.join("peft");
+    export(&a, &base, &peft_dir).unwrap();
+    let cfg_path = peft_dir.join("adapter_config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["use_rslora"] = serde_json::json!(true);
+    cfg["alpha_pattern"] = serde_json::json!({"model.layers.1.mlp.down_proj": 2.0});
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let back = dir.join("back.gguf");
+    import(&peft_dir, &base, &back).unwrap();
+    let (x, y) = (GgufFile::open(&a).unwrap(), GgufFile::open(&back).unwrap());
+    // PEFT scales: default 8/sqrt(4) = 4, down_proj of layer 1: 2/sqrt(4) = 1.
+    let alpha = y.get("adapter.lora.alpha").unwrap().as_f64().unwrap() as f32;
+    assert_eq!(alpha, 4.0 * 4.0, "alpha / rank must equal the default scale");
+    for (name, want) in [
+        ("blk.0.attn_q.weight.lora_b", 1.0f32),
+        ("blk.1.ffn_down.weight.lora_b", 0.25),
+    ] {
+        let (t0, t1) = (x.tensor(name).unwrap(), y.tensor(name).unwrap());
+        let b0 = t0.ty.to_f32(x.tensor_data(t0), t0.n_elements() as usize);
+        let b1 = t1.ty.to_f32(y.tensor_data(t1), t1.n_elements() as usize);
+        for (p, q) in b0.iter().zip(&b1) {
+            assert!(
+                (q - want * p).abs() <= 1e-6 * p.abs().max(1.0),
+                "{name}: {q} vs {want}·{p}"
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
