@@ -115,3 +115,33 @@ fn decoder_tensors(hp: &Hparams, l: Layout) -> Vec<TensorDecl> {
     }
     out
 }
+
+/// The pre-norm decoder block shared by llama-like architectures: RMS norm,
+/// rotary attention (with per-head Q/K norms when `qk_norm`), residual, RMS
+/// norm, SwiGLU feed-forward, residual. Biases are added by
+/// [`Forward::linear`] whenever the file has them.
+fn swiglu_block<'a>(f: &mut Forward<'a>, il: usize, x: Tensor<'a>, qk_norm: bool) -> Tensor<'a> {
+    use crate::model::hooks::TensorKind::*;
+    let hp = f.hp;
+    let c = f.ctx;
+    let scale = 1.0 / (hp.head_dim as f32).sqrt();
+    let h = f.rms_norm(x, &format!("blk.{il}.attn_norm.weight"));
+    let mut q = f.heads(f.linear(Some(il), AttnQ, h), hp.head_dim, hp.n_head);
+    let mut k = f.heads(f.linear(Some(il), AttnK, h), hp.head_dim, hp.n_head_kv);
+    let v = f.heads(f.linear(Some(il), AttnV, h), hp.head_dim_v, hp.n_head_kv);
+    if qk_norm {
+        q = f.rms_norm(q, &format!("blk.{il}.attn_q_norm.weight"));
+        k = f.rms_norm(k, &format!("blk.{il}.attn_k_norm.weight"));
+    }
+    let q = f.rope(q, hp.rope_freq_base, hp.rope_freq_scale);
+    let k = f.rope(k, hp.rope_freq_base, hp.rope_freq_scale);
+    let a = f.attention(il, q, k, v, scale, false);
+    let a = f.linear(Some(il), AttnOut, a);
+    let x = c.add(x, f.hooks.after_attn(c, il, a));
+
+    let h = f.rms_norm(x, &format!("blk.{il}.ffn_norm.weight"));
+    let g = f.linear(Some(il), FfnGate, h);
+    let u = f.linear(Some(il), FfnUp, h);
+    let d = f.linear(Some(il), FfnDown, c.swiglu_split(g, u));
+    c.add(x, f.hooks.after_ffn(c, il, d))
+}
