@@ -59,17 +59,22 @@ pub struct FinetuneArgs {
     /// Peak learning rate.
     #[arg(long, default_value_t = 2e-4)]
     lr: f32,
+    /// AdamW β1.
     #[arg(long, default_value_t = 0.9)]
     beta1: f32,
+    /// AdamW β2.
     #[arg(long, default_value_t = 0.999)]
     beta2: f32,
+    /// AdamW ε.
     #[arg(long, default_value_t = 1e-8)]
     adam_eps: f32,
+    /// Decoupled weight decay (AdamW).
     #[arg(long, default_value_t = 0.0)]
     weight_decay: f32,
     /// Learning-rate schedule after warmup.
     #[arg(long, value_enum, default_value_t = Schedule::Cosine)]
     schedule: Schedule,
+    /// Linear warmup from 0 to --lr over this many steps.
     #[arg(long, default_value_t = 0)]
     warmup_steps: usize,
     /// Sequences per micro-batch.
@@ -81,11 +86,13 @@ pub struct FinetuneArgs {
     /// Clip the global gradient norm (0: off).
     #[arg(long, default_value_t = 1.0)]
     max_grad_norm: f32,
+    /// Passes over the training data.
     #[arg(long, default_value_t = 1)]
     epochs: usize,
     /// Train this many steps (overrides --epochs).
     #[arg(long)]
     max_steps: Option<usize>,
+    /// Seed of the initialisation, data order, dropout and eval split.
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Truncate examples to this many tokens (count reported).
