@@ -209,10 +209,9 @@ fn units(train: &[Example], cfg: &TrainConfig) -> Vec<Vec<usize>> {
 }
 
 /// Steps per epoch and in total.
-pub fn plan(n_train: usize, n_units: usize, cfg: &TrainConfig) -> (usize, usize) {
+pub fn plan(n_units: usize, cfg: &TrainConfig) -> (usize, usize) {
     let per_step = cfg.batch_size.max(1) * cfg.grad_accum.max(1);
     let per_epoch = n_units.div_ceil(per_step).max(1);
-    let _ = n_train;
     (per_epoch, cfg.max_steps.unwrap_or(per_epoch * cfg.epochs.max(1)))
 }
 
@@ -248,7 +247,7 @@ pub fn train(
     if units.is_empty() {
         return Err(Error::Msg("no training examples".into()));
     }
-    let (per_epoch, total) = plan(run.train.len(), units.len(), cfg);
+    let (per_epoch, total) = plan(units.len(), cfg);
     let mut sched = model.sched();
     let metrics_path = run.out_dir.join("metrics.jsonl");
     metrics::truncate_after(&metrics_path, state.step)?;
