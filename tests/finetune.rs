@@ -283,6 +283,8 @@ fn bad_training_input() {
     ]);
     assert!(ok, "{err}");
     let adapter = out.join("adapter.gguf");
+    let (ok, _) = cli(&["inspect", "--summary", adapter.to_str().unwrap()]);
+    assert!(ok, "inspect describes adapters too");
     let other_arch = synth(&dir, "qwen3", GgmlType::F32);
     let (ok, err) = cli(&[
         "generate",

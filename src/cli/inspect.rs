@@ -59,9 +59,15 @@ fn report(a: &InspectArgs, out: &mut String) -> Result<()> {
     }
     let f = GgufFile::open(&a.model)?;
     let arch_name = f.get_str("general.architecture")?.to_owned();
+    let kind = f
+        .get("general.type")
+        .and_then(|v| v.as_str())
+        .unwrap_or("model")
+        .to_owned();
+    // Adapters and checkpoints carry the architecture but not its hyperparameters.
     let hp = match arch::find(&arch_name) {
-        Some(_) => Some(Hparams::from_gguf(&f, &arch_name).map_err(Error::from)?),
-        None => None,
+        Some(_) if kind == "model" => Some(Hparams::from_gguf(&f, &arch_name).map_err(Error::from)?),
+        _ => None,
     };
     let total = f.tensor_bytes_total();
     let n_params: u64 = f.tensors().iter().map(|t| t.n_elements()).sum();
@@ -81,6 +87,7 @@ fn report(a: &InspectArgs, out: &mut String) -> Result<()> {
             "file": &a.model,
             "gguf_version": f.version,
             "architecture": arch_name,
+            "type": kind,
             "supported": hp.is_some(),
             "n_tensors": f.tensors().len(),
             "n_params": n_params,
@@ -105,12 +112,25 @@ fn report(a: &InspectArgs, out: &mut String) -> Result<()> {
     if let Some(n) = f.get("general.name").and_then(|v| v.as_str()) {
         w!(out, "name:          {n}");
     }
-    let support = if hp.is_some() {
+    let support = if hp.is_some() || kind != "model" {
         String::new()
     } else {
         format!(" (not supported for training; supported: {})", arch::names().join(", "))
     };
     w!(out, "architecture:  {arch_name}{support}");
+    if kind != "model" {
+        w!(out, "type:          {kind}");
+        for key in [
+            "adapter.type",
+            "adapter.lora.alpha",
+            "general.base_model.name",
+            "gguf_peft.lora.config",
+        ] {
+            if let Some(v) = f.get(key) {
+                w!(out, "  {key} = {}", v.display_short());
+            }
+        }
+    }
     if let Some(hp) = &hp {
         w!(
             out,
