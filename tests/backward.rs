@@ -13,7 +13,7 @@ struct InputOffset {
 }
 
 impl Hooks for InputOffset {
-    fn input_embeddings<'a>(&'a self, ctx: &'a Context, x: Tensor<'a>) -> (Tensor<'a>, usize) {
+    fn input_embeddings<'a>(&'a self, ctx: &'a Context, x: Tensor<'a>, _first: bool) -> (Tensor<'a>, usize) {
         (ctx.add(x, self.store.get("delta").unwrap()), 0)
     }
 }

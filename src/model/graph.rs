@@ -116,7 +116,7 @@ impl<'a> Forward<'a> {
 
     /// The keys and values of all positions so far, after compute.
     pub fn read_cache(&self) -> KvCache {
-        let n_past = self.cache.map_or(0, |c| c.n_past) + self.batch.tokens.len();
+        let n_past = self.cache.map_or(0, |c| c.n_past) + self.n_rows();
         KvCache {
             n_past,
             k: self.kv_out.iter().map(|(k, _)| k.read_f32()).collect(),
@@ -176,7 +176,8 @@ impl<'a> Forward<'a> {
         if scale != 1.0 {
             x = self.ctx.scale(x, scale);
         }
-        let (x, n_virtual) = self.hooks.input_embeddings(self.ctx, x);
+        let first = self.cache.is_none_or(|c| c.n_past == 0);
+        let (x, n_virtual) = self.hooks.input_embeddings(self.ctx, x, first);
         assert!(
             n_virtual == 0 || self.batch.seq.iter().all(|&s| s == self.batch.seq[0]),
             "virtual tokens need a single-sequence batch"

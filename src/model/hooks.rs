@@ -4,7 +4,7 @@
 //! implement them. An architecture never names a method and a method never
 //! names an architecture.
 
-use crate::ggml::{Context, Tensor};
+use crate::ggml::{Context, Graph, Tensor};
 
 /// What a weight matmul computes, independent of the architecture's naming.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -81,9 +81,11 @@ pub trait Hooks {
     }
 
     /// The input embeddings `[n_embd, n_tokens]` after the architecture's own
-    /// scaling; may prepend virtual tokens (their count is returned with it).
-    fn input_embeddings<'a>(&'a self, ctx: &'a Context, x: Tensor<'a>) -> (Tensor<'a>, usize) {
-        let _ = ctx;
+    /// scaling; may prepend virtual tokens (their count is returned with
+    /// it). `first_segment` is false when the batch continues a cached
+    /// sequence, whose virtual tokens are already in the cache.
+    fn input_embeddings<'a>(&'a self, ctx: &'a Context, x: Tensor<'a>, first_segment: bool) -> (Tensor<'a>, usize) {
+        let _ = (ctx, first_segment);
         (x, 0)
     }
 
@@ -110,6 +112,12 @@ pub trait Hooks {
     fn after_ffn<'a>(&'a self, ctx: &'a Context, layer: usize, h: Tensor<'a>) -> Tensor<'a> {
         let _ = (ctx, layer);
         h
+    }
+
+    /// Writes the inputs the hooks added to an allocated graph (dropout
+    /// masks, constants); called after the builder's own inputs.
+    fn fill_inputs(&self, g: &Graph<'_>) {
+        let _ = g;
     }
 
     /// The output of a matmul after its (optional) model bias.

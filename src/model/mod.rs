@@ -340,6 +340,7 @@ impl Model {
         g.build_forward(logits);
         sched.alloc(&g)?;
         f.fill_inputs();
+        hooks.fill_inputs(&g);
         sched.compute(&g)?;
         let rows = logits.read_f32_rows();
         Ok((rows, cache.map(|_| f.read_cache())))

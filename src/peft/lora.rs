@@ -268,6 +268,16 @@ impl Lora {
 }
 
 impl Hooks for Lora {
+    fn fill_inputs(&self, g: &Graph<'_>) {
+        if let Some(d) = self.dropout.borrow().as_ref() {
+            for (name, mask) in &d.masks {
+                if let Some(t) = g.get_tensor(name) {
+                    t.write_f32(mask);
+                }
+            }
+        }
+    }
+
     fn embed<'a>(&'a self, ctx: &'a Context, site: &Site, w: Tensor<'a>, ids: Tensor<'a>) -> Tensor<'a> {
         let x = ctx.get_rows(w, ids);
         let Some(&i) = self.index.get(&site.weight) else {
@@ -329,16 +339,6 @@ impl Trainable for Lora {
 
     fn training_rng(&self) -> Option<Rng> {
         self.dropout.borrow().as_ref().map(|d| d.rng.clone())
-    }
-
-    fn fill_inputs(&self, g: &Graph<'_>) {
-        if let Some(d) = self.dropout.borrow().as_ref() {
-            for (name, mask) in &d.masks {
-                if let Some(t) = g.get_tensor(name) {
-                    t.write_f32(mask);
-                }
-            }
-        }
     }
 
     fn new_batch(&self) {

@@ -3,7 +3,7 @@
 
 pub mod lora;
 
-use crate::ggml::{Graph, Tensor, TensorStore};
+use crate::ggml::{Tensor, TensorStore};
 use crate::rng::Rng;
 
 /// What the trainer needs from a method: its trainable tensors (F32, on the
@@ -34,9 +34,6 @@ pub trait Trainable: crate::model::Hooks {
 
     /// The generator state after the masks drawn so far (for checkpoints).
     fn training_rng(&self) -> Option<Rng>;
-
-    /// Writes the random inputs (dropout masks) of a graph built while training.
-    fn fill_inputs(&self, g: &Graph<'_>);
 
     /// Starts a new batch: random inputs are drawn afresh (graphs rebuilt
     /// for the same batch reuse them).
