@@ -46,16 +46,7 @@ pub fn run(a: MergeArgs) -> Result<()> {
         }
     };
     let adapters: Vec<(&std::path::Path, f32)> = a.adapter.iter().map(|p| p.as_path()).zip(scales).collect();
-    let bar = super::progress_bar(0, "merge");
-    let rep = merge(&a.model, &adapters, &a.out, ty, |i, n| {
-        if let Some(b) = &bar {
-            b.set_length(n as u64);
-            b.set_position(i as u64);
-        }
-    })?;
-    if let Some(b) = bar {
-        b.finish_and_clear();
-    }
+    let rep = super::with_progress("merge", |p| merge(&a.model, &adapters, &a.out, ty, p))?;
     let mut types: Vec<String> = rep.merged.iter().map(|m| m.ty.name().to_string()).collect();
     types.sort();
     types.dedup();

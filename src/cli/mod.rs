@@ -304,6 +304,23 @@ pub(crate) fn print_stdout(s: &str) {
     let _ = out.write_all(s.as_bytes()).and_then(|_| out.flush());
 }
 
+/// Runs `f` with a progress callback `(done, total)` drawn as a bar on a
+/// TTY (nothing otherwise), and clears the bar afterwards.
+pub(crate) fn with_progress<T>(what: &str, f: impl FnOnce(&mut dyn FnMut(usize, usize)) -> T) -> T {
+    let bar = progress_bar(0, what);
+    let mut cb = |i: usize, n: usize| {
+        if let Some(b) = &bar {
+            b.set_length(n as u64);
+            b.set_position(i as u64);
+        }
+    };
+    let r = f(&mut cb);
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    r
+}
+
 /// A progress bar on a TTY, nothing otherwise.
 pub(crate) fn progress_bar(len: u64, what: &str) -> Option<indicatif::ProgressBar> {
     if !std::io::stderr().is_terminal() {

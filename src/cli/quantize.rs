@@ -19,16 +19,9 @@ pub struct QuantizeArgs {
 
 pub fn run(a: QuantizeArgs) -> Result<()> {
     let ty = GgmlType::from_name(&a.ty).ok_or_else(|| Error::Msg(format!("--type: unknown ggml type '{}'", a.ty)))?;
-    let bar = super::progress_bar(0, "quantize");
-    let rep = crate::export::quantize::quantize(&a.input, &a.output, ty, |i, n| {
-        if let Some(b) = &bar {
-            b.set_length(n as u64);
-            b.set_position(i as u64);
-        }
+    let rep = super::with_progress("quantize", |p| {
+        crate::export::quantize::quantize(&a.input, &a.output, ty, p)
     })?;
-    if let Some(b) = bar {
-        b.finish_and_clear();
-    }
     eprintln!(
         "converted {} matrices to {ty} (max |Δ| {:.3e}){}",
         rep.n_converted,

@@ -8,7 +8,7 @@ use crate::export::peft::permute_rows;
 use crate::ggml::GgmlType;
 use crate::gguf::{GgufWriter, TensorSpec, Value, ValueType};
 use crate::{Error, Result};
-use safetensors::{Dtype, SafeTensors};
+use safetensors::SafeTensors;
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -32,27 +32,7 @@ fn values(st: &SafeTensors<'_>, name: &str, file: &str) -> Result<(Vec<f32>, Vec
     let t = st
         .tensor(name)
         .map_err(|_| Error::Msg(format!("{file}: missing tensor '{name}'")))?;
-    let d = t.data();
-    let v: Vec<f32> = match t.dtype() {
-        Dtype::F32 => d
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-            .collect(),
-        Dtype::F16 => d
-            .chunks_exact(2)
-            .map(|c| half::f16::from_le_bytes(c.try_into().unwrap()).to_f32())
-            .collect(),
-        Dtype::BF16 => d
-            .chunks_exact(2)
-            .map(|c| half::bf16::from_le_bytes(c.try_into().unwrap()).to_f32())
-            .collect(),
-        other => {
-            return Err(Error::Msg(format!(
-                "{file}: '{name}' has dtype {other:?} (f32, f16, bf16 or NF4)"
-            )))
-        }
-    };
-    Ok((v, t.shape().to_vec()))
+    Ok((super::f32_values(&t, &format!("{file}: '{name}'"))?, t.shape().to_vec()))
 }
 
 /// HF tensor name → GGUF name for the llama family.

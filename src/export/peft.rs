@@ -263,29 +263,6 @@ fn pattern<T: Copy>(map: &BTreeMap<String, T>, module: &str) -> Option<T> {
         .map(|(_, &v)| v)
 }
 
-fn f32_values(t: &TensorView<'_>, what: &str) -> Result<Vec<f32>> {
-    let d = t.data();
-    Ok(match t.dtype() {
-        Dtype::F32 => d
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-            .collect(),
-        Dtype::F16 => d
-            .chunks_exact(2)
-            .map(|c| half::f16::from_le_bytes(c.try_into().unwrap()).to_f32())
-            .collect(),
-        Dtype::BF16 => d
-            .chunks_exact(2)
-            .map(|c| half::bf16::from_le_bytes(c.try_into().unwrap()).to_f32())
-            .collect(),
-        other => {
-            return Err(Error::Msg(format!(
-                "{what}: dtype {other:?} is not supported (F32, F16, BF16)"
-            )))
-        }
-    })
-}
-
 /// Converts a PEFT LoRA directory to a llama.cpp GGUF LoRA for `base`.
 pub fn import(dir: &Path, base_path: &Path, out: &Path) -> Result<()> {
     let base = GgufFile::open(base_path)?;
@@ -399,8 +376,8 @@ pub fn import(dir: &Path, base_path: &Path, out: &Path) -> Result<()> {
                 w.shape_str()
             )));
         }
-        let mut av = f32_values(&a, &what)?;
-        let mut bv = f32_values(&b, &what)?;
+        let mut av = crate::convert::f32_values(&a, &what)?;
+        let mut bv = crate::convert::f32_values(&b, &what)?;
         let r_m = pattern(&cfg.rank_pattern, &module).unwrap_or(cfg.r);
         if r_m != r {
             return Err(Error::Msg(format!(
