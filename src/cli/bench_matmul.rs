@@ -34,11 +34,7 @@ pub fn measure(ty: GgmlType, n: usize, tokens: usize, threads: usize, reps: usiz
     wctx.new_tensor(GgmlType::F32, &[n as i64, tokens as i64]).set_name("x");
     let store = backend.alloc_store(wctx);
     let w: Vec<f32> = (0..n * n).map(|_| rng.normal() * 0.05).collect();
-    let wq = if ty == GgmlType::F32 {
-        w.iter().flat_map(|x| x.to_le_bytes()).collect()
-    } else {
-        ty.from_f32(&w, n)
-    };
+    let wq = ty.from_f32(&w, n);
     store.get("w").unwrap().write_bytes(&wq);
     let wd = ty.to_f32(&wq, n * n);
     let mut wt = vec![0f32; n * n];

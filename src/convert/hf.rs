@@ -222,11 +222,7 @@ pub fn convert(dir: &Path, out: &Path, ty: GgmlType) -> Result<ConvertReport> {
     w.write(out, |i| {
         let (name, t, ne) = &order[i];
         let (vals, _, from_nf4) = &tensors[name];
-        let bytes = if *t == GgmlType::F32 {
-            vals.iter().flat_map(|x| x.to_le_bytes()).collect()
-        } else {
-            t.from_f32(vals, ne[0] as usize)
-        };
+        let bytes = t.from_f32(vals, ne[0] as usize);
         if *from_nf4 {
             let back = t.to_f32(&bytes, vals.len());
             let e = vals.iter().zip(&back).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);

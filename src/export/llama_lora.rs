@@ -6,7 +6,7 @@
 //! configuration rides along under `gguf_peft.*` keys so a run can be resumed
 //! or re-exported from the file alone.
 
-use crate::ggml::GgmlType;
+use crate::ggml::{f32_bytes, GgmlType};
 use crate::gguf::{GgufFile, GgufWriter, TensorSpec, Value};
 use crate::model::Model;
 use crate::peft::lora::{Lora, LoraConfig, LoraSite};
@@ -14,10 +14,6 @@ use crate::{Error, Result};
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::Path;
-
-fn f32_bytes(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
 
 /// Writes `lora` (trained on `model`) atomically to `path`.
 pub fn write(lora: &Lora, model: &Model, path: &Path) -> Result<()> {

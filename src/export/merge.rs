@@ -144,11 +144,7 @@ pub fn merge(
             for (p, s) in pairs {
                 add_delta(&mut vals, p, *s);
             }
-            let bytes = if *out_ty == GgmlType::F32 {
-                vals.iter().flat_map(|x| x.to_le_bytes()).collect()
-            } else {
-                out_ty.from_f32(&vals, t.ne[0] as usize)
-            };
+            let bytes = out_ty.from_f32(&vals, t.ne[0] as usize);
             let written = out_ty.to_f32(&bytes, count);
             let (mut dot, mut norm) = (0f64, 0f64);
             for ((w, v), o) in written.iter().zip(&vals).zip(&orig) {

@@ -13,6 +13,7 @@
 //! rsLoRA) are folded into B on import.
 
 use super::llama_lora::{read_host, write_host, HostLora, HostPair};
+use crate::ggml::f32_bytes;
 use crate::gguf::GgufFile;
 use crate::peft::lora::{LoraConfig, LoraSite};
 use crate::train::metrics::write_atomic;
@@ -117,10 +118,6 @@ fn transpose(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
         }
     }
     out
-}
-
-fn f32_bytes(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
 /// PEFT's `adapter_config.json`, the fields this converter reads and writes.

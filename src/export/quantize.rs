@@ -87,11 +87,7 @@ pub fn quantize(
         let data = f.tensor_data(t);
         let bytes = if *convert {
             let vals = t.ty.to_f32(data, t.n_elements() as usize);
-            let q = if ty == GgmlType::F32 {
-                vals.iter().flat_map(|x| x.to_le_bytes()).collect()
-            } else {
-                ty.from_f32(&vals, t.ne[0] as usize)
-            };
+            let q = ty.from_f32(&vals, t.ne[0] as usize);
             let back = ty.to_f32(&q, vals.len());
             let e = vals.iter().zip(&back).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
             report.max_error = report.max_error.max(e);

@@ -11,7 +11,7 @@ mod types;
 
 pub use backend::{Backend, Buffer, ComputeError, Sched, TensorStore};
 pub use context::{Context, Graph, Tensor};
-pub use types::GgmlType;
+pub use types::{f32_bytes, GgmlType};
 
 use llama_cpp_sys_2 as sys;
 

@@ -140,8 +140,12 @@ impl GgmlType {
         unsafe { f(data.as_ptr() as *const _, out.as_mut_ptr(), out.len() as i64) }
     }
 
-    /// Quantizes whole rows of f32 (`src.len()` a multiple of `n_per_row`).
+    /// Converts whole rows of f32 to this type (`src.len()` a multiple of
+    /// `n_per_row`); F32 is a plain little-endian copy.
     pub fn from_f32(self, src: &[f32], n_per_row: usize) -> Vec<u8> {
+        if self == Self::F32 {
+            return f32_bytes(src);
+        }
         assert!(n_per_row > 0 && src.len() % n_per_row == 0);
         let nrows = src.len() / n_per_row;
         let row = self.row_bytes(n_per_row as u64).expect("whole blocks") as usize;
@@ -166,4 +170,9 @@ impl GgmlType {
         assert_eq!(written, out.len());
         out
     }
+}
+
+/// f32 values as little-endian bytes (the layout of F32 tensors).
+pub fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }

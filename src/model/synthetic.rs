@@ -80,10 +80,6 @@ impl SynthSpec {
     }
 }
 
-fn f32_bytes(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-
 /// Writes a random model of `spec` to `path`.
 pub fn write_synthetic(path: &Path, spec: &SynthSpec) -> crate::Result<()> {
     let a = arch::find(&spec.arch).ok_or_else(|| crate::Error::Msg(format!("unknown architecture {}", spec.arch)))?;
@@ -162,11 +158,7 @@ pub fn write_synthetic(path: &Path, spec: &SynthSpec) -> crate::Result<()> {
             (0..n).map(|_| rng.uniform(-lim, lim)).collect()
         };
         let ty = if d.ne.len() == 1 { GgmlType::F32 } else { spec.ty };
-        let bytes = if ty == GgmlType::F32 {
-            f32_bytes(&vals)
-        } else {
-            ty.from_f32(&vals, d.ne[0] as usize)
-        };
+        let bytes = ty.from_f32(&vals, d.ne[0] as usize);
         w.add_tensor(TensorSpec {
             name: d.name.clone(),
             ty,

@@ -3,7 +3,7 @@
 //! (`<out>/checkpoints/step-000123/state.gguf`), written atomically.
 
 use super::{AdamW, TrainConfig};
-use crate::ggml::GgmlType;
+use crate::ggml::{f32_bytes, GgmlType};
 use crate::gguf::{GgufFile, GgufWriter, TensorSpec, Value};
 use crate::peft::Trainable;
 use crate::rng::Rng;
@@ -42,10 +42,6 @@ impl TrainState {
             t.write_f32(p);
         }
     }
-}
-
-fn f32_bytes(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
 /// Writes a checkpoint and returns its directory.
