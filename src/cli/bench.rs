@@ -9,7 +9,7 @@ use crate::model::{Batch, WeightLayout};
 use crate::peft::lora::{Lora, LoraConfig};
 use crate::peft::Trainable;
 use crate::rng::Rng;
-use crate::train::{loss_and_grads, optim, OptimConfig, TrainState};
+use crate::train::{micro_batch_grads, OptimConfig, TrainState};
 use crate::{Error, Result};
 use clap::Args;
 use std::path::PathBuf;
@@ -173,14 +173,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let mut train = Vec::new();
     for i in 0..a.warmup + a.steps {
         let t0 = Instant::now();
-        let (_, _, mut grads) = if a.grad_checkpointing {
-            crate::train::recompute::loss_and_grads_recompute(&model, &lora, &mut sched, &[&ex])?
-        } else {
-            loss_and_grads(&model, &lora, &mut sched, &[&ex])?
-        };
-        optim::clip(&mut grads, ocfg.max_grad_norm);
-        st.opt.step(&ocfg, ocfg.lr, &mut st.params, &grads);
-        st.write_params(&lora);
+        let (_, _, grads) = micro_batch_grads(&model, &lora, &mut sched, &[&ex], a.grad_checkpointing)?;
+        st.update(&ocfg, ocfg.lr, grads, &lora);
         if i >= a.warmup {
             train.push(t0.elapsed().as_secs_f64());
         }

@@ -36,6 +36,22 @@ impl TrainState {
         }
     }
 
+    /// One optimizer update: clips `grads` to the configured global norm,
+    /// takes an AdamW step at `lr` and copies the result to the method's
+    /// tensors. Returns the norm before clipping.
+    pub fn update(
+        &mut self,
+        cfg: &super::OptimConfig,
+        lr: f32,
+        mut grads: Vec<Vec<f32>>,
+        method: &dyn Trainable,
+    ) -> f32 {
+        let norm = super::optim::clip(&mut grads, cfg.max_grad_norm);
+        self.opt.step(cfg, lr, &mut self.params, &grads);
+        self.write_params(method);
+        norm
+    }
+
     /// Copies the host tensors to the method's (device) tensors.
     pub fn write_params(&self, method: &dyn Trainable) {
         for (t, p) in method.params().iter().zip(&self.params) {

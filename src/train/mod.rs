@@ -85,6 +85,39 @@ pub fn make_batch(examples: &[&Example]) -> (Batch, Vec<i32>) {
     (b, targets)
 }
 
+/// Dense one-hot label rows (`n_vocab` wide) for the positions that carry
+/// loss — only those, never the whole batch.
+pub(crate) fn one_hot(targets: &[i32], n_vocab: usize) -> Vec<f32> {
+    let mut v = vec![0f32; n_vocab * targets.len()];
+    for (r, &t) in targets.iter().enumerate() {
+        v[r * n_vocab + t as usize] = 1.0;
+    }
+    v
+}
+
+/// Adds the backward pass and routes input gradients through the model's
+/// transposed weight copies, where it has them.
+pub(crate) fn build_backward<'a>(model: &'a Model, ctx: &'a Context, g: &mut crate::ggml::Graph<'a>) {
+    g.build_backward(ctx);
+    g.replace_weight_out_prods(|w| model.transposed_of(w));
+}
+
+/// Loss, loss rows and gradients of one micro-batch, with or without
+/// per-block recomputation.
+pub fn micro_batch_grads(
+    model: &Model,
+    method: &dyn Trainable,
+    sched: &mut Sched,
+    examples: &[&Example],
+    recompute: bool,
+) -> Result<(f32, usize, Vec<Vec<f32>>)> {
+    if recompute {
+        recompute::loss_and_grads_recompute(model, method, sched, examples)
+    } else {
+        loss_and_grads(model, method, sched, examples)
+    }
+}
+
 /// Mean cross-entropy over the loss positions of `examples` and its gradient
 /// for every trainable tensor (in `param_names` order).
 pub fn loss_and_grads(
@@ -129,17 +162,11 @@ pub fn loss_and_grads_profiled(
     let loss = ctx.cross_entropy_loss(logits, labels).set_loss().set_output();
     let mut g = ctx.new_graph(gs, true);
     g.build_forward(loss);
-    g.build_backward(&ctx);
-    g.replace_weight_out_prods(|w| model.transposed_of(w));
+    build_backward(model, &ctx, &mut g);
     sched.alloc(&g)?;
     f.fill_inputs();
     method.fill_inputs(&g);
-    // Dense one-hot rows only for the positions that carry loss.
-    let mut onehot = vec![0f32; n_vocab * n_out];
-    for (r, &t) in targets.iter().enumerate() {
-        onehot[r * n_vocab + t as usize] = 1.0;
-    }
-    labels.write_f32(&onehot);
+    labels.write_f32(&one_hot(&targets, n_vocab));
     g.reset();
     match profile {
         Some((p, shapes)) => *p = sched.compute_profiled(&g, shapes)?,
@@ -280,11 +307,7 @@ pub fn train(
                 .flat_map(|&u| units[u].iter().map(|&i| &run.train[i]))
                 .collect();
             n_tokens += exs.iter().map(|e| e.tokens.len()).sum::<usize>();
-            let (l, n, g) = if cfg.recompute {
-                recompute::loss_and_grads_recompute(model, method, &mut sched, &exs)?
-            } else {
-                loss_and_grads(model, method, &mut sched, &exs)?
-            };
+            let (l, n, g) = micro_batch_grads(model, method, &mut sched, &exs, cfg.recompute)?;
             parts.push((l, n, g));
             rows += n;
         }
@@ -308,10 +331,8 @@ pub fn train(
                     .map_or("none".to_string(), |p| p.display().to_string())
             )));
         }
-        let grad_norm = optim::clip(&mut grads, cfg.optim.max_grad_norm);
         let lr = cfg.optim.lr_at(step, total);
-        state.opt.step(&cfg.optim, lr, &mut state.params, &grads);
-        state.write_params(method);
+        let grad_norm = state.update(&cfg.optim, lr, grads, method);
         state.step += 1;
         out.steps_done = state.step;
         let secs = t0.elapsed().as_secs_f64();

@@ -14,13 +14,6 @@ use crate::{Error, Result};
 /// Loss rows per LM-head graph: bounds the n_vocab-wide logits in memory.
 const HEAD_CHUNK: usize = 128;
 
-/// Adds the backward pass and routes input gradients through transposed
-/// weight copies where the model has them.
-fn backward<'a>(model: &'a Model, ctx: &'a Context, g: &mut Graph<'a>) {
-    g.build_backward(ctx);
-    g.replace_weight_out_prods(|w| model.transposed_of(w));
-}
-
 /// Runs one backward stage whose loss is `loss`: builds the backward pass,
 /// allocates, writes the builder's and the method's inputs and then the
 /// stage's own (`write`), computes, and adds the parameter gradients to
@@ -39,7 +32,7 @@ fn run_stage<'a>(
 ) -> Result<Graph<'a>> {
     let mut g = ctx.new_graph(model.graph_size() * 4, true);
     g.build_forward(loss);
-    backward(model, ctx, &mut g);
+    super::build_backward(model, ctx, &mut g);
     sched.alloc(&g)?;
     f.fill_inputs();
     method.fill_inputs(&g);
@@ -139,12 +132,8 @@ pub fn loss_and_grads_recompute(
             .set_output();
         let g = run_stage(model, method, sched, &ctx, &f, l, &params, &mut grads, || {
             h_in.write_f32(&hs[n_layer]);
-            let mut onehot = vec![0f32; n_vocab * chunk.len()];
             let tgt = &targets[ci * HEAD_CHUNK..ci * HEAD_CHUNK + chunk.len()];
-            for (r, &t) in tgt.iter().enumerate() {
-                onehot[r * n_vocab + t as usize] = 1.0;
-            }
-            labels.write_f32(&onehot);
+            labels.write_f32(&super::one_hot(tgt, n_vocab));
         })?;
         let up = g.grad(h_in).expect("hidden state gradient").read_f32();
         upstream.iter_mut().zip(up).for_each(|(a, b)| *a += b);
