@@ -35,34 +35,10 @@ fn values(st: &SafeTensors<'_>, name: &str, file: &str) -> Result<(Vec<f32>, Vec
     Ok((super::f32_values(&t, &format!("{file}: '{name}'"))?, t.shape().to_vec()))
 }
 
-/// HF tensor name → GGUF name for the llama family.
+/// HF tensor name (`<module>.weight|bias`) → GGUF name for the llama family.
 fn gguf_name(hf: &str) -> Option<String> {
-    Some(match hf {
-        "model.embed_tokens.weight" => "token_embd.weight".into(),
-        "model.norm.weight" => "output_norm.weight".into(),
-        "lm_head.weight" => "output.weight".into(),
-        _ => {
-            let rest = hf.strip_prefix("model.layers.")?;
-            let (n, m) = rest.split_once('.')?;
-            let n: usize = n.parse().ok()?;
-            let (stem, suffix) = m.rsplit_once('.')?;
-            let kind = match stem {
-                "input_layernorm" => "attn_norm",
-                "post_attention_layernorm" => "ffn_norm",
-                "self_attn.q_proj" => "attn_q",
-                "self_attn.k_proj" => "attn_k",
-                "self_attn.v_proj" => "attn_v",
-                "self_attn.o_proj" => "attn_output",
-                "self_attn.q_norm" => "attn_q_norm",
-                "self_attn.k_norm" => "attn_k_norm",
-                "mlp.gate_proj" => "ffn_gate",
-                "mlp.up_proj" => "ffn_up",
-                "mlp.down_proj" => "ffn_down",
-                _ => return None,
-            };
-            format!("blk.{n}.{kind}.{suffix}")
-        }
-    })
+    let (module, suffix) = hf.rsplit_once('.')?;
+    Some(format!("{}.{suffix}", super::gguf_stem(module)?))
 }
 
 /// Converts the HF checkpoint in `dir` to GGUF at `out`; 2-D weights are

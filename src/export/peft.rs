@@ -24,51 +24,14 @@ use std::path::Path;
 
 const PREFIX: &str = "base_model.model.";
 
-/// GGUF stem → HF module path (without the `base_model.model.` prefix).
+/// GGUF weight name → HF module path (without the `base_model.model.` prefix).
 fn hf_module(base: &str) -> Option<String> {
-    let stem = base.strip_suffix(".weight")?;
-    match stem {
-        "token_embd" => return Some("model.embed_tokens".into()),
-        "output" => return Some("lm_head".into()),
-        _ => {}
-    }
-    let rest = stem.strip_prefix("blk.")?;
-    let (n, kind) = rest.split_once('.')?;
-    let n: usize = n.parse().ok()?;
-    let m = match kind {
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_output" => "self_attn.o_proj",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
-        _ => return None,
-    };
-    Some(format!("model.layers.{n}.{m}"))
+    crate::convert::hf_module(base.strip_suffix(".weight")?)
 }
 
 /// HF module path → GGUF weight name.
 fn gguf_name(module: &str) -> Option<String> {
-    match module {
-        "model.embed_tokens" => return Some("token_embd.weight".into()),
-        "lm_head" => return Some("output.weight".into()),
-        _ => {}
-    }
-    let rest = module.strip_prefix("model.layers.")?;
-    let (n, m) = rest.split_once('.')?;
-    let n: usize = n.parse().ok()?;
-    let kind = match m {
-        "self_attn.q_proj" => "attn_q",
-        "self_attn.k_proj" => "attn_k",
-        "self_attn.v_proj" => "attn_v",
-        "self_attn.o_proj" => "attn_output",
-        "mlp.gate_proj" => "ffn_gate",
-        "mlp.up_proj" => "ffn_up",
-        "mlp.down_proj" => "ffn_down",
-        _ => return None,
-    };
-    Some(format!("blk.{n}.{kind}.weight"))
+    crate::convert::gguf_stem(module).map(|s| s + ".weight")
 }
 
 /// Heads whose rows of `lora_B` are permuted between HF and GGUF (Q and K of
