@@ -147,12 +147,6 @@ impl Buffer {
         // SAFETY: valid buffer.
         unsafe { sys::ggml_backend_buffer_get_size(self.ptr.as_ptr()) }
     }
-
-    /// Fills the whole buffer with a byte value.
-    pub fn clear(&self, value: u8) {
-        // SAFETY: valid buffer.
-        unsafe { sys::ggml_backend_buffer_clear(self.ptr.as_ptr(), value) }
-    }
 }
 
 /// A context together with the buffer holding its tensors' data; tensors
@@ -186,13 +180,6 @@ impl TensorStore {
     /// Bytes of device memory held.
     pub fn size(&self) -> usize {
         self.buf.as_ref().map_or(0, |b| b.size())
-    }
-
-    /// Zeroes all data.
-    pub fn clear(&self) {
-        if let Some(b) = &self.buf {
-            b.clear(0)
-        }
     }
 }
 

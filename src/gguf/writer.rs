@@ -58,11 +58,6 @@ impl GgufWriter {
         self.tensors.push(spec);
     }
 
-    /// The tensor headers added so far.
-    pub fn tensors(&self) -> &[TensorSpec] {
-        &self.tensors
-    }
-
     /// Writes the file: `data(i)` yields tensor i's bytes, in order. The
     /// output appears at `path` only when everything was written.
     pub fn write<'d>(

@@ -29,11 +29,6 @@ impl Batch {
             outputs: None,
         }
     }
-
-    /// Number of output rows.
-    pub fn n_outputs(&self) -> usize {
-        self.outputs.as_ref().map_or(self.tokens.len(), |o| o.len())
-    }
 }
 
 /// Keys and values of earlier positions of one sequence (after RoPE), per

@@ -182,11 +182,6 @@ impl Model {
         self.weights.size()
     }
 
-    /// Whether the model has a weight tensor of this name.
-    pub fn has_weight(&self, name: &str) -> bool {
-        self.weights.get(name).is_some()
-    }
-
     /// Makes a transposed copy `Wᵀ` (ne = [n_out, n_in]) of every matrix,
     /// so that training computes input gradients `Wᵀ dy` with the matmul
     /// kernels ([`crate::ggml::Graph::replace_weight_out_prods`]) instead of
