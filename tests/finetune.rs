@@ -9,7 +9,7 @@ use gguf_peft::ggml::GgmlType;
 use gguf_peft::gguf::GgufFile;
 use gguf_peft::tokenizer::{Message, Tokenizer};
 use gguf_peft::train::metrics::{read, StepMetrics};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn cli(args: &[&str]) -> (bool, String) {
@@ -39,6 +39,17 @@ fn finetune_args(model: &Path, data: &Path, out: &Path, extra: &str) -> Vec<Stri
 fn cli_owned(args: &[String]) -> (bool, String) {
     let refs: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
     cli(&refs)
+}
+
+/// A fresh directory with a tiny synthetic model, its training data and an
+/// output path: (dir, model, data, out).
+fn tiny_run(name: &str, arch: &str, ty: GgmlType) -> (PathBuf, PathBuf, PathBuf, PathBuf) {
+    let dir = tmpdir(name);
+    let model = synth(&dir, arch, ty);
+    let data = dir.join("train.jsonl");
+    tiny_dataset(&data);
+    let out = dir.join("out");
+    (dir, model, data, out)
 }
 
 fn tiny_dataset(path: &Path) {
@@ -323,11 +334,7 @@ fn bad_training_input() {
 
 #[test]
 fn nan_loss_stops_and_keeps_last_good_checkpoint() {
-    let dir = tmpdir("ft-nan");
-    let model = synth(&dir, "llama", GgmlType::F32);
-    let data = dir.join("train.jsonl");
-    tiny_dataset(&data);
-    let out = dir.join("out");
+    let (dir, model, data, out) = tiny_run("ft-nan", "llama", GgmlType::F32);
     // A huge learning rate blows the adapter up after the first update.
     let args = finetune_args(
         &model,
@@ -346,11 +353,7 @@ fn nan_loss_stops_and_keeps_last_good_checkpoint() {
 
 #[test]
 fn ctrl_c_writes_a_checkpoint_and_resume_finishes() {
-    let dir = tmpdir("ft-sigint");
-    let model = synth(&dir, "llama", GgmlType::F32);
-    let data = dir.join("train.jsonl");
-    tiny_dataset(&data);
-    let out = dir.join("out");
+    let (dir, model, data, out) = tiny_run("ft-sigint", "llama", GgmlType::F32);
     let args = [
         "finetune",
         "-m",
@@ -408,11 +411,7 @@ fn ctrl_c_writes_a_checkpoint_and_resume_finishes() {
 /// cleanly (instead of aborting) and the transposed backward trains.
 #[test]
 fn bf16_base_trains_with_the_transposed_backward() {
-    let dir = tmpdir("ft-bf16");
-    let model = synth(&dir, "llama", GgmlType::BF16);
-    let data = dir.join("train.jsonl");
-    tiny_dataset(&data);
-    let out = dir.join("out");
+    let (dir, model, data, out) = tiny_run("ft-bf16", "llama", GgmlType::BF16);
     let stock = finetune_args(
         &model,
         &data,
