@@ -96,7 +96,8 @@ pub fn generate(
     let mut cache = KvCache::default();
     let mut next: Vec<i32> = prompt.to_vec();
     for _ in 0..o.max_tokens {
-        let start = cache.n_past as i32;
+        // Batch positions count real tokens; the cache also holds virtual ones.
+        let start = (cache.n_past - cache.n_virtual) as i32;
         let batch = Batch {
             pos: (start..start + next.len() as i32).collect(),
             seq: vec![0; next.len()],

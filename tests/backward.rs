@@ -5,7 +5,7 @@
 mod common;
 use common::*;
 use gguf_peft::ggml::{Backend, Context, GgmlType, Tensor, TensorStore};
-use gguf_peft::model::{Batch, Hooks, Model};
+use gguf_peft::model::{Batch, Hooks, Model, Site};
 use gguf_peft::rng::Rng;
 
 struct InputOffset {
@@ -13,8 +13,8 @@ struct InputOffset {
 }
 
 impl Hooks for InputOffset {
-    fn input_embeddings<'a>(&'a self, ctx: &'a Context, x: Tensor<'a>, _first: bool) -> (Tensor<'a>, usize) {
-        (ctx.add(x, self.store.get("delta").unwrap()), 0)
+    fn embed<'a>(&'a self, ctx: &'a Context, _site: &Site, w: Tensor<'a>, ids: Tensor<'a>) -> Tensor<'a> {
+        ctx.add(ctx.get_rows(w, ids), self.store.get("delta").unwrap())
     }
 }
 

@@ -3,10 +3,12 @@
 
 use super::{progress_bar, ComputeArgs};
 use crate::data::{read_records, tokenize, Example, TokenizeOptions};
-use crate::export::llama_lora;
 use crate::model::WeightLayout;
-use crate::peft::lora::{Lora, LoraConfig};
-use crate::peft::Trainable;
+use crate::peft::lora::LoraConfig;
+use crate::peft::p_tuning::PTuningConfig;
+use crate::peft::prefix::PrefixConfig;
+use crate::peft::prompt_tuning::{PromptInit, PromptTuningConfig};
+use crate::peft::MethodConfig;
 use crate::rng::Rng;
 use crate::train::metrics::{loss_svg, read as read_metrics, write_atomic};
 use crate::train::{checkpoint, OptimConfig, Run, Schedule, TrainConfig, TrainState};
@@ -35,9 +37,40 @@ pub struct FinetuneArgs {
     /// Hold out this fraction of the training data for evaluation instead.
     #[arg(long, default_value_t = 0.0)]
     eval_fraction: f32,
-    /// PEFT method.
-    #[arg(long, default_value = "lora", value_parser = ["lora"])]
+    /// PEFT method: `lora`, `prompt` (prompt tuning), `ptuning` (P-tuning:
+    /// prompt encoder), `prefix` (prefix tuning) or `ptuning-v2` (deep
+    /// prompts at every layer).
+    #[arg(long, default_value = "lora", value_parser = ["lora", "prompt", "ptuning", "prefix", "ptuning-v2"])]
     method: String,
+    /// Virtual tokens (prompt family): prompt length, or prefix entries per layer.
+    #[arg(long, default_value_t = 20)]
+    num_virtual_tokens: usize,
+    /// How prompt tuning's virtual tokens start: `vocab` (embeddings of
+    /// random vocabulary tokens), `random` (standard normal, PEFT's RANDOM)
+    /// or `text` (the embeddings of --init-text).
+    #[arg(long, value_parser = ["vocab", "random", "text"])]
+    prompt_init: Option<String>,
+    /// Text whose tokens start the virtual tokens (repeated or cut to length).
+    #[arg(long)]
+    init_text: Option<String>,
+    /// P-tuning's prompt encoder.
+    #[arg(long, value_enum, default_value_t = crate::peft::p_tuning::Encoder::Mlp)]
+    encoder: crate::peft::p_tuning::Encoder,
+    /// Hidden width of the P-tuning encoder or of the prefix projection
+    /// (default: the model's embedding width).
+    #[arg(long)]
+    encoder_hidden_size: Option<usize>,
+    /// LSTM layers of the P-tuning encoder.
+    #[arg(long, default_value_t = 2)]
+    encoder_num_layers: usize,
+    /// Prefix tuning: train the prefixes through an MLP (Linear, tanh,
+    /// Linear) that is dropped at export.
+    #[arg(long)]
+    prefix_projection: bool,
+    /// Prefix tuning / P-tuning v2: start the prefixes at zero (PEFT's
+    /// init_weights="zero") instead of standard normal values.
+    #[arg(long)]
+    prefix_zero_init: bool,
     /// LoRA rank.
     #[arg(short = 'r', long, default_value_t = 8)]
     rank: usize,
@@ -56,9 +89,10 @@ pub struct FinetuneArgs {
     /// rsLoRA scaling: alpha / sqrt(rank).
     #[arg(long)]
     rslora: bool,
-    /// Peak learning rate.
-    #[arg(long, default_value_t = 2e-4)]
-    lr: f32,
+    /// Peak learning rate (default: 2e-4 for LoRA, 3e-2 prompt tuning,
+    /// 1e-3 P-tuning, 1e-2 prefix tuning and P-tuning v2).
+    #[arg(long)]
+    lr: Option<f32>,
     /// AdamW β1.
     #[arg(long, default_value_t = 0.9)]
     beta1: f32,
@@ -147,14 +181,65 @@ fn parse_list(s: &str) -> Vec<String> {
 /// The JSON written as `adapter_config.json`.
 #[derive(serde::Serialize, serde::Deserialize)]
 struct AdapterConfig {
-    method: String,
     base_model: PathBuf,
-    lora: LoraConfig,
+    #[serde(flatten)]
+    method: MethodConfig,
     train: TrainConfig,
     data: PathBuf,
     eval_data: Option<PathBuf>,
     eval_fraction: f32,
     train_on_prompt: bool,
+}
+
+/// The method's configuration from the command line.
+fn method_config(a: &FinetuneArgs, n_embd: usize) -> Result<MethodConfig> {
+    let n = a.num_virtual_tokens;
+    let hidden = a.encoder_hidden_size.unwrap_or(n_embd);
+    Ok(match a.method.as_str() {
+        "prompt" => {
+            let init = match (a.prompt_init.as_deref(), &a.init_text) {
+                (Some("text") | None, Some(t)) => PromptInit::Text(t.clone()),
+                (Some("text"), None) => return Err(Error::Msg("--prompt-init text needs --init-text".into())),
+                (Some("random"), _) => PromptInit::Random,
+                _ => PromptInit::Vocab,
+            };
+            MethodConfig::Prompt(PromptTuningConfig {
+                num_virtual_tokens: n,
+                init,
+            })
+        }
+        "ptuning" => MethodConfig::Ptuning(PTuningConfig {
+            num_virtual_tokens: n,
+            encoder: a.encoder,
+            encoder_hidden_size: hidden,
+            encoder_num_layers: a.encoder_num_layers,
+        }),
+        "prefix" | "ptuning-v2" => MethodConfig::Prefix(PrefixConfig {
+            num_virtual_tokens: n,
+            projection: a.prefix_projection.then_some(hidden),
+            zero_init: a.prefix_zero_init,
+            ptuning_v2: a.method == "ptuning-v2",
+        }),
+        _ => MethodConfig::Lora(LoraConfig {
+            rank: a.rank,
+            alpha: a.alpha,
+            dropout: a.dropout,
+            targets: parse_list(&a.targets),
+            layers: match &a.layers {
+                Some(s) => Some(
+                    parse_list(s)
+                        .iter()
+                        .map(|x| {
+                            x.parse()
+                                .map_err(|_| Error::Msg(format!("--layers: '{x}' is not a block index")))
+                        })
+                        .collect::<Result<Vec<usize>>>()?,
+                ),
+                None => None,
+            },
+            rslora: a.rslora,
+        }),
+    })
 }
 
 pub fn run(a: FinetuneArgs) -> Result<()> {
@@ -221,28 +306,16 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         st.n_dropped,
         eval.len()
     );
-    let lcfg = LoraConfig {
-        rank: a.rank,
-        alpha: a.alpha,
-        dropout: a.dropout,
-        targets: parse_list(&a.targets),
-        layers: match &a.layers {
-            Some(s) => Some(
-                parse_list(s)
-                    .iter()
-                    .map(|x| {
-                        x.parse()
-                            .map_err(|_| Error::Msg(format!("--layers: '{x}' is not a block index")))
-                    })
-                    .collect::<Result<Vec<usize>>>()?,
-            ),
-            None => None,
-        },
-        rslora: a.rslora,
-    };
+    let mcfg = method_config(&a, model.hparams.n_embd)?;
+    let lr = a.lr.unwrap_or(match a.method.as_str() {
+        "prompt" => 3e-2,
+        "ptuning" => 1e-3,
+        "prefix" | "ptuning-v2" => 1e-2,
+        _ => 2e-4,
+    });
     let tcfg = TrainConfig {
         optim: OptimConfig {
-            lr: a.lr,
+            lr,
             beta1: a.beta1,
             beta2: a.beta2,
             eps: a.adam_eps,
@@ -262,34 +335,31 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         save_every: a.save_every,
         recompute: a.grad_checkpointing,
     };
-    let lora = Lora::new(&model, lcfg.clone(), a.seed)?;
-    let n_train = lora.n_trainable();
-    let n_total: u64 = model.file.tensors().iter().map(|t| t.n_elements()).sum();
+    let method = mcfg.build(&model, Some(&tok), a.seed)?;
+    let method = &*method;
+    let n_base: u64 = model.file.tensors().iter().map(|t| t.n_elements()).sum();
     eprintln!(
-        "trainable params: {} || all params: {} || trainable%: {:.4}",
-        n_train,
-        n_total + n_train as u64,
-        100.0 * n_train as f64 / (n_total + n_train as u64) as f64
+        "{}",
+        crate::peft::trainable_summary(method.n_trainable() as u64, n_base)
     );
     let out = &a.out;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let state = match &a.resume {
         Some(dir) => {
             let ck = checkpoint::find(dir)?;
-            let s = checkpoint::load(&ck, &lora)?;
+            let s = checkpoint::load(&ck, method)?;
             eprintln!("resuming from {} (step {})", ck.display(), s.step);
             s
         }
         None => {
             // A fresh run starts a fresh metrics file.
             let _ = std::fs::remove_file(out.join("metrics.jsonl"));
-            TrainState::fresh(&lora, a.seed)
+            TrainState::fresh(method, a.seed)
         }
     };
     let cfg_json = AdapterConfig {
-        method: a.method.clone(),
         base_model: a.model.clone(),
-        lora: lcfg,
+        method: mcfg,
         train: tcfg.clone(),
         data: a.data.clone(),
         eval_data: a.eval_data.clone(),
@@ -325,7 +395,7 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
     };
     let bar = progress_bar(0, "train");
     let t0 = std::time::Instant::now();
-    let outcome = crate::train::train(&model, &lora, &tcfg, &run, state, |m, total| {
+    let outcome = crate::train::train(&model, method, &tcfg, &run, state, |m, total| {
         let loss = m.loss.unwrap_or(f32::NAN);
         let line = format!(
             "step {}/{} loss {:.4} lr {:.2e} grad-norm {:.3} {:.0} tok/s{}",
@@ -356,7 +426,7 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
     let metrics = read_metrics(&out.join("metrics.jsonl"))?;
     write_atomic(&out.join("loss.svg"), loss_svg(&metrics).as_bytes())?;
     let adapter = out.join("adapter.gguf");
-    llama_lora::write(&lora, &model, &adapter)?;
+    method.write_adapter(&model, &adapter)?;
     let secs = t0.elapsed().as_secs_f64();
     if outcome.interrupted {
         eprintln!(

@@ -52,10 +52,11 @@ enum Command {
 /// Options to apply a trained adapter.
 #[derive(Args, Debug, Clone)]
 pub struct AdapterArgs {
-    /// LoRA adapter in llama.cpp's GGUF format (e.g. from `finetune`).
+    /// Adapter from `finetune`: a LoRA in llama.cpp's GGUF format, or a soft
+    /// prompt / prefix GGUF.
     #[arg(long)]
     adapter: Option<PathBuf>,
-    /// Multiplier of the adapter's effect.
+    /// Multiplier of a LoRA adapter's effect.
     #[arg(long, default_value_t = 1.0)]
     adapter_scale: f32,
 }
@@ -64,11 +65,7 @@ impl AdapterArgs {
     /// The adapter as hooks, or the base model's.
     fn hooks(&self, model: &Model) -> Result<Box<dyn crate::model::Hooks>> {
         Ok(match &self.adapter {
-            Some(p) => {
-                let mut l = crate::export::llama_lora::read(p, model)?;
-                l.user_scale = self.adapter_scale;
-                Box::new(l)
-            }
+            Some(p) => crate::peft::load_adapter(model, p, self.adapter_scale)?,
             None => Box::new(NoHooks),
         })
     }

@@ -144,6 +144,8 @@ unary_ops! {
     softplus => ggml_softplus;
     /// exp(x).
     exp => ggml_exp;
+    /// max(x, 0).
+    relu => ggml_relu;
     /// tanh(x) (no backward in ggml: inference only).
     tanh => ggml_tanh;
     /// Sums each row.
@@ -186,6 +188,30 @@ impl Context {
     pub fn concat<'a>(&'a self, a: Tensor<'a>, b: Tensor<'a>, dim: i32) -> Tensor<'a> {
         // SAFETY: valid context and tensors; ggml checks the other dimensions.
         self.wrap(unsafe { sys::ggml_concat(self.raw(), a.raw(), b.raw(), dim) })
+    }
+
+    /// `a` with `b` added into the region of a at byte `offset` laid out
+    /// with a's strides `nb` (a new tensor; has a backward for both).
+    pub fn acc<'a>(&'a self, a: Tensor<'a>, b: Tensor<'a>, nb: [usize; 4], offset: usize) -> Tensor<'a> {
+        // SAFETY: valid context and tensors; ggml asserts b fits inside a.
+        self.wrap(unsafe { sys::ggml_acc(self.raw(), a.raw(), b.raw(), nb[1], nb[2], nb[3], offset) })
+    }
+
+    /// 1 / (1 + exp(-x)) from ops that have a backward: exp(-softplus(-x)).
+    pub fn sigmoid_differentiable<'a>(&'a self, x: Tensor<'a>) -> Tensor<'a> {
+        self.exp(self.scale(self.softplus(self.scale(x, -1.0)), -1.0))
+    }
+
+    /// tanh(x) = 2 sigmoid(2x) - 1, from ops that have a backward.
+    pub fn tanh_differentiable<'a>(&'a self, x: Tensor<'a>) -> Tensor<'a> {
+        let s = self.sigmoid_differentiable(self.scale(x, 2.0));
+        self.scale_bias(s, 2.0, -1.0)
+    }
+
+    /// a * s + b (element-wise, scalars).
+    pub fn scale_bias<'a>(&'a self, a: Tensor<'a>, s: f32, b: f32) -> Tensor<'a> {
+        // SAFETY: valid context and tensor.
+        self.wrap(unsafe { sys::ggml_scale_bias(self.raw(), a.raw(), s, b) })
     }
 
     /// RMS-normalises each row: x / sqrt(mean(x²) + eps).
@@ -293,6 +319,12 @@ impl<'a> Tensor<'a> {
     /// Shape, ggml order, always 4 entries.
     pub fn ne(self) -> [i64; 4] {
         self.get().ne
+    }
+
+    /// Whether the elements are stored densely in order.
+    pub fn is_contiguous(self) -> bool {
+        // SAFETY: a valid tensor.
+        unsafe { sys::ggml_is_contiguous(self.raw()) }
     }
 
     /// Byte strides.
@@ -423,14 +455,28 @@ impl<'a> Tensor<'a> {
             .collect()
     }
 
-    /// Reads an F32 tensor's data.
+    /// Reads an F32 tensor's values in logical order, also when it is a
+    /// strided view (e.g. a gradient that ggml left as a permuted view).
     pub fn read_f32(self) -> Vec<f32> {
         assert_eq!(self.ty(), GgmlType::F32);
+        // For a view, n_bytes spans from its first to its last element.
         let bytes = self.read_bytes();
-        bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-            .collect()
+        let at = |off: usize| f32::from_le_bytes(bytes[off..off + 4].try_into().unwrap());
+        if self.is_contiguous() {
+            return (0..self.n_elements()).map(|i| at(4 * i)).collect();
+        }
+        let (ne, nb) = (self.ne(), self.nb());
+        let mut out = Vec::with_capacity(self.n_elements());
+        for i3 in 0..ne[3] as usize {
+            for i2 in 0..ne[2] as usize {
+                for i1 in 0..ne[1] as usize {
+                    for i0 in 0..ne[0] as usize {
+                        out.push(at(i0 * nb[0] + i1 * nb[1] + i2 * nb[2] + i3 * nb[3]));
+                    }
+                }
+            }
+        }
+        out
     }
 }
 

@@ -234,6 +234,39 @@ impl<'m> LlamaContext<'m> {
         unsafe { sys::llama_memory_clear(sys::llama_get_memory(self.ptr.as_ptr()), true) }
     }
 
+    /// Decodes input embeddings (`n_embd` values per row, rows at positions
+    /// `start..` of sequence 0) through `llama_batch.embd`, as a runtime
+    /// feeds a soft prompt; no logits are kept.
+    pub fn decode_embd(&mut self, embd: &[f32], n_embd: usize, start: i32) -> Result<(), String> {
+        let n = embd.len() / n_embd;
+        if n == 0 {
+            return Ok(());
+        }
+        // SAFETY: batch_init with embd > 0 allocates n * n_embd floats for
+        // the embeddings and arrays for n rows with one seq id each; we fill
+        // exactly that and free the batch below.
+        let mut batch = unsafe { sys::llama_batch_init(n as i32, n_embd as i32, 1) };
+        // SAFETY: all arrays have n entries, embd has n * n_embd floats.
+        unsafe {
+            std::ptr::copy_nonoverlapping(embd.as_ptr(), batch.embd, n * n_embd);
+            for i in 0..n {
+                *batch.pos.add(i) = start + i as i32;
+                *batch.n_seq_id.add(i) = 1;
+                **batch.seq_id.add(i) = 0;
+                *batch.logits.add(i) = 0;
+            }
+        }
+        batch.n_tokens = n as i32;
+        // SAFETY: valid context and filled batch.
+        let r = unsafe { sys::llama_decode(self.ptr.as_ptr(), batch) };
+        // SAFETY: batch from llama_batch_init, freed once.
+        unsafe { sys::llama_batch_free(batch) };
+        if r != 0 {
+            return Err(format!("llama_decode of embeddings failed ({r})"));
+        }
+        Ok(())
+    }
+
     /// Decodes `tokens` at positions `start..` of sequence 0 and returns the
     /// logits of every position (`tokens.len()` rows of n_vocab).
     pub fn decode(&mut self, tokens: &[i32], start: i32) -> Result<Vec<Vec<f32>>, String> {

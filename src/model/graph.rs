@@ -35,8 +35,10 @@ impl Batch {
 /// layer, so that generation runs one new token per step as llama.cpp does.
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
-    /// Positions cached.
+    /// Positions cached (virtual tokens included).
     pub n_past: usize,
+    /// How many of them are virtual tokens (at the start).
+    pub n_virtual: usize,
     /// Per layer: `[head_dim, n_head_kv, n_past]` keys, flattened.
     pub k: Vec<Vec<f32>>,
     /// Per layer: `[head_dim_v, n_head_kv, n_past]` values, flattened.
@@ -45,6 +47,15 @@ pub struct KvCache {
 
 /// KV cells are allocated in multiples of this (as llama.cpp does).
 const KV_PAD: usize = 256;
+
+/// One row of the residual stream: where its embedding comes from (an index
+/// into `[virtual tokens; batch tokens]`), its position and sequence.
+#[derive(Debug, Clone, Copy)]
+struct Row {
+    src: usize,
+    pos: i32,
+    seq: u32,
+}
 
 enum InputData {
     I32(Vec<i32>),
@@ -64,6 +75,10 @@ pub struct Forward<'a> {
     pub differentiable: bool,
     weights: &'a TensorStore,
     batch: &'a Batch,
+    /// The residual stream's rows: virtual tokens inserted before each
+    /// sequence that starts in the batch, then the batch's tokens.
+    rows: Vec<Row>,
+    /// Virtual tokens per inserted block (0 when none were inserted).
     n_virtual: usize,
     pos: Option<Tensor<'a>>,
     masks: Vec<(bool, usize, Tensor<'a>)>,
@@ -84,7 +99,7 @@ impl<'a> Forward<'a> {
         batch: &'a Batch,
         differentiable: bool,
     ) -> Self {
-        Forward {
+        let mut f = Forward {
             ctx,
             hp,
             hooks,
@@ -92,13 +107,44 @@ impl<'a> Forward<'a> {
             differentiable,
             weights,
             batch,
+            rows: Vec::new(),
             n_virtual: 0,
             pos: None,
             masks: Vec::new(),
             inputs: RefCell::new(Vec::new()),
             cache: None,
             kv_out: Vec::new(),
+        };
+        f.lay_out_rows();
+        f
+    }
+
+    /// Places virtual tokens before every sequence that starts in this batch
+    /// (position 0, nothing cached) and shifts real tokens past the virtual
+    /// positions.
+    fn lay_out_rows(&mut self) {
+        let nv = self.hooks.n_virtual_tokens();
+        let shift = self.hooks.n_virtual_positions() as i32;
+        let continuing = self.cache.is_some_and(|c| c.n_past > 0);
+        let b = self.batch;
+        let inserted = nv > 0 && !continuing && b.pos.contains(&0);
+        self.n_virtual = if inserted { nv } else { 0 };
+        let mut rows = Vec::with_capacity(b.tokens.len() + nv);
+        for t in 0..b.tokens.len() {
+            if inserted && b.pos[t] == 0 {
+                rows.extend((0..nv).map(|j| Row {
+                    src: j,
+                    pos: j as i32,
+                    seq: b.seq[t],
+                }));
+            }
+            rows.push(Row {
+                src: self.n_virtual + t,
+                pos: b.pos[t] + shift,
+                seq: b.seq[t],
+            });
         }
+        self.rows = rows;
     }
 
     /// Attends over `cache` before the batch's own tokens (which must then
@@ -106,14 +152,20 @@ impl<'a> Forward<'a> {
     /// values as outputs for [`Forward::read_cache`].
     pub fn with_cache(mut self, cache: &'a KvCache) -> Self {
         self.cache = Some(cache);
+        self.lay_out_rows();
         self
     }
 
     /// The keys and values of all positions so far, after compute.
     pub fn read_cache(&self) -> KvCache {
         let n_past = self.cache.map_or(0, |c| c.n_past) + self.n_rows();
+        let n_virtual = match self.cache {
+            Some(c) if c.n_past > 0 => c.n_virtual,
+            _ => self.n_virtual,
+        };
         KvCache {
             n_past,
+            n_virtual,
             k: self.kv_out.iter().map(|(k, _)| k.read_f32()).collect(),
             v: self.kv_out.iter().map(|(_, v)| v.read_f32()).collect(),
         }
@@ -157,8 +209,9 @@ impl<'a> Forward<'a> {
         self.weights.get(name)
     }
 
-    /// Token embeddings of the batch through the `input_embeddings` hook,
-    /// multiplied by `scale` first (Gemma scales by sqrt(n_embd)).
+    /// Token embeddings of the batch, multiplied by `scale` first (Gemma
+    /// scales by sqrt(n_embd)), with the adapter's virtual tokens inserted
+    /// before each sequence that starts in the batch.
     pub fn embeddings(&mut self, scale: f32) -> Tensor<'a> {
         let ids = self.input_i32("tokens", self.batch.tokens.clone());
         let site = Site {
@@ -171,19 +224,50 @@ impl<'a> Forward<'a> {
         if scale != 1.0 {
             x = self.ctx.scale(x, scale);
         }
-        let first = self.cache.is_none_or(|c| c.n_past == 0);
-        let (x, n_virtual) = self.hooks.input_embeddings(self.ctx, x, first);
-        assert!(
-            n_virtual == 0 || self.batch.seq.iter().all(|&s| s == self.batch.seq[0]),
-            "virtual tokens need a single-sequence batch"
-        );
-        self.n_virtual = n_virtual;
-        x
+        if self.n_virtual == 0 {
+            return x;
+        }
+        let hooks = self.hooks;
+        let v = hooks
+            .virtual_tokens(self)
+            .expect("an adapter with virtual tokens provides them");
+        assert_eq!(v.ne()[1] as usize, self.n_virtual, "virtual token count");
+        let table = self.concat(v, x, 1);
+        let identity = self.rows.iter().enumerate().all(|(i, r)| r.src == i);
+        if identity {
+            return table;
+        }
+        let idx = self.input_i32("row_src", self.rows.iter().map(|r| r.src as i32).collect());
+        self.ctx.get_rows(table, idx)
+    }
+
+    /// Concatenation along `dim` that has a backward when the graph needs
+    /// one (ggml's CONCAT has none): both parts accumulated into zeros.
+    /// ggml's ACC backward reads the incoming gradient with the result's
+    /// strides, so the result must be consumed by ops whose backward gives
+    /// a contiguous gradient (matmuls, element-wise ops, norms) — not
+    /// through a permute.
+    pub fn concat(&self, a: Tensor<'a>, b: Tensor<'a>, dim: usize) -> Tensor<'a> {
+        let c = self.ctx;
+        if !self.differentiable {
+            let a = if a.is_contiguous() { a } else { c.cont(a) };
+            let b = if b.is_contiguous() { b } else { c.cont(b) };
+            return c.concat(a, b, dim as i32);
+        }
+        let mut ne = a.ne();
+        ne[dim] += b.ne()[dim];
+        let n: i64 = ne.iter().product();
+        let z = self.input_f32("concat_zeros", &ne, vec![0.0; n as usize]);
+        let nb = z.nb();
+        let a = if a.is_contiguous() { a } else { c.cont(a) };
+        let b = if b.is_contiguous() { b } else { c.cont(b) };
+        let t = c.acc(z, a, nb, 0);
+        c.acc(t, b, nb, a.ne()[dim] as usize * nb[dim])
     }
 
     /// Number of rows in the residual stream (virtual + real tokens).
     pub fn n_rows(&self) -> usize {
-        self.n_virtual + self.batch.tokens.len()
+        self.rows.len()
     }
 
     /// Positions of all rows (virtual tokens first, real ones shifted after).
@@ -191,21 +275,9 @@ impl<'a> Forward<'a> {
         if let Some(p) = self.pos {
             return p;
         }
-        let nv = self.n_virtual as i32;
-        let mut pos: Vec<i32> = (0..nv).collect();
-        pos.extend(self.batch.pos.iter().map(|p| p + nv));
-        let t = self.input_i32("pos", pos);
+        let t = self.input_i32("pos", self.rows.iter().map(|r| r.pos).collect());
         self.pos = Some(t);
         t
-    }
-
-    fn row_pos_seq(&self) -> Vec<(i32, u32)> {
-        let nv = self.n_virtual as i32;
-        let s0 = self.batch.seq.first().copied().unwrap_or(0);
-        (0..nv)
-            .map(|p| (p, s0))
-            .chain(self.batch.pos.iter().zip(&self.batch.seq).map(|(&p, &s)| (p + nv, s)))
-            .collect()
     }
 
     /// The additive attention mask `[n_prefix + n_past + n_rows, n_rows]`:
@@ -216,12 +288,16 @@ impl<'a> Forward<'a> {
         if let Some(&(_, _, t)) = self.masks.iter().find(|(s, p, _)| *s == swa && *p == n_prefix) {
             return t;
         }
-        let rows = self.row_pos_seq();
+        let rows: Vec<(i32, u32)> = self.rows.iter().map(|r| (r.pos, r.seq)).collect();
         let n = rows.len();
         let s0 = self.batch.seq.first().copied().unwrap_or(0);
-        let n_past = self.cache.map_or(0, |c| c.n_past);
+        // Cached rows are consecutive positions; the cache's virtual tokens
+        // take positions too, so the shift left is what they do not cover.
+        let (n_past, cache_shift) = self.cache.map_or((0, 0), |c| {
+            (c.n_past, self.hooks.n_virtual_positions() as i32 - c.n_virtual as i32)
+        });
         let keys: Vec<(i32, u32)> = (0..n_past as i32)
-            .map(|p| (p, s0))
+            .map(|p| (p + cache_shift, s0))
             .chain(rows.iter().copied())
             .collect();
         let n_kv = n_prefix + keys.len() + self.cache_pad();
@@ -290,7 +366,7 @@ impl<'a> Forward<'a> {
     }
 
     /// Multi-head attention of `q` `[hd, n_head, n]` over `k`, `v`
-    /// `[hd, n_head_kv, n]` (after RoPE), through the `attn_kv` hook; returns
+    /// `[hd, n_head_kv, n]` (after RoPE) and the adapter's prefix; returns
     /// `[hd_v * n_head, n]`. Built from mul_mat and soft_max so it has a backward.
     pub fn attention(
         &mut self,
@@ -303,7 +379,9 @@ impl<'a> Forward<'a> {
     ) -> Tensor<'a> {
         let c = self.ctx;
         let (k, v) = self.extend_with_cache(layer, k, v);
-        let (k, v, n_prefix) = self.hooks.attn_kv(c, layer, k, v);
+        let hooks = self.hooks;
+        let prefix = hooks.attn_kv_prefix(self, layer);
+        let n_prefix = prefix.map_or(0, |(pk, _)| pk.ne()[2] as usize);
         let mask = self.mask(swa, n_prefix);
         let n = q.ne()[2];
         let mut q = c.permute(q, [0, 2, 1, 3]); // [hd, n, n_head]
@@ -314,9 +392,15 @@ impl<'a> Forward<'a> {
             q = c.cont(q);
             k = c.cont(k);
         }
+        let mut vt = c.cont(c.permute(v, [1, 2, 0, 3])); // [n_kv, hd_v, n_head_kv]
+        if let Some((pk, pv)) = prefix {
+            // Joined after the permutes, so that the gradients reaching the
+            // joins arrive contiguous (see `concat`).
+            k = self.concat(c.cont(c.permute(pk, [0, 2, 1, 3])), k, 1);
+            vt = self.concat(c.cont(c.permute(pv, [1, 2, 0, 3])), vt, 0);
+        }
         let kq = c.mul_mat(k, q); // [n_kv, n, n_head]
         let kq = c.soft_max_ext(kq, Some(mask), scale);
-        let vt = c.cont(c.permute(v, [1, 2, 0, 3])); // [n_kv, hd_v, n_head_kv]
         let kqv = c.mul_mat(vt, kq); // [hd_v, n, n_head]
         let o = c.cont(c.permute(kqv, [0, 2, 1, 3])); // [hd_v, n_head, n]
         c.reshape(o, &[(self.hp.head_dim_v * self.hp.n_head) as i64, n])
@@ -403,18 +487,20 @@ impl<'a> Forward<'a> {
 
     /// Keeps only the output rows of the batch (before the LM head).
     pub fn select_outputs(&self, x: Tensor<'a>) -> Tensor<'a> {
-        let nv = self.n_virtual as i32;
-        match &self.batch.outputs {
-            None if nv == 0 => x,
-            outs => {
-                let rows: Vec<i32> = match outs {
-                    Some(o) => o.iter().map(|r| r + nv).collect(),
-                    None => (nv..nv + self.batch.tokens.len() as i32).collect(),
-                };
-                let ids = self.input_i32("out_ids", rows);
-                self.ctx.get_rows(x, ids)
-            }
+        if self.n_virtual == 0 && self.batch.outputs.is_none() {
+            return x;
         }
+        // Residual row of each batch token.
+        let token_row: Vec<i32> = (0..self.rows.len())
+            .filter(|&i| self.rows[i].src >= self.n_virtual)
+            .map(|i| i as i32)
+            .collect();
+        let rows: Vec<i32> = match &self.batch.outputs {
+            Some(o) => o.iter().map(|&r| token_row[r as usize]).collect(),
+            None => token_row,
+        };
+        let ids = self.input_i32("out_ids", rows);
+        self.ctx.get_rows(x, ids)
     }
 
     /// The LM head: `output.weight`, or the token embedding when tied.

@@ -4,6 +4,7 @@
 //! implement them. An architecture never names a method and a method never
 //! names an architecture.
 
+use super::graph::Forward;
 use crate::ggml::{Context, Graph, Tensor};
 
 /// What a weight matmul computes, independent of the architecture's naming.
@@ -80,26 +81,32 @@ pub trait Hooks {
         ctx.get_rows(w, ids)
     }
 
-    /// The input embeddings `[n_embd, n_tokens]` after the architecture's own
-    /// scaling; may prepend virtual tokens (their count is returned with
-    /// it). `first_segment` is false when the batch continues a cached
-    /// sequence, whose virtual tokens are already in the cache.
-    fn input_embeddings<'a>(&'a self, ctx: &'a Context, x: Tensor<'a>, first_segment: bool) -> (Tensor<'a>, usize) {
-        let _ = (ctx, first_segment);
-        (x, 0)
+    /// Rows of virtual tokens prepended to every sequence that starts in a
+    /// batch (prompt tuning, P-tuning); [`Hooks::virtual_tokens`] gives them.
+    fn n_virtual_tokens(&self) -> usize {
+        0
     }
 
-    /// Keys and values of layer `layer`, `[head_dim, n_head_kv, n_tokens]`
-    /// after RoPE; may prepend prefix entries (their count is returned).
-    fn attn_kv<'a>(
-        &'a self,
-        ctx: &'a Context,
-        layer: usize,
-        k: Tensor<'a>,
-        v: Tensor<'a>,
-    ) -> (Tensor<'a>, Tensor<'a>, usize) {
-        let _ = (ctx, layer);
-        (k, v, 0)
+    /// Positions taken before a sequence's real tokens (by virtual tokens or
+    /// by prefix key/value entries): real tokens run at `pos + this`.
+    fn n_virtual_positions(&self) -> usize {
+        self.n_virtual_tokens()
+    }
+
+    /// The virtual tokens, `[n_embd, n_virtual_tokens]`, in the space of the
+    /// input embeddings after the architecture's scaling.
+    /// `f` offers graph helpers (e.g. a concatenation with a backward).
+    fn virtual_tokens<'a>(&'a self, f: &Forward<'a>) -> Option<Tensor<'a>> {
+        let _ = f;
+        None
+    }
+
+    /// Key and value entries prepended to layer `layer`'s attention (prefix
+    /// tuning), each `[head_dim, n_head_kv, n_prefix]`, visible to every
+    /// query and not rotated (they stand for keys already past RoPE).
+    fn attn_kv_prefix<'a>(&'a self, f: &Forward<'a>, layer: usize) -> Option<(Tensor<'a>, Tensor<'a>)> {
+        let _ = (f, layer);
+        None
     }
 
     /// The attention block's output before the residual add.

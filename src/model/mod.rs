@@ -309,6 +309,31 @@ impl Model {
             .map(|(l, c)| (l, c.expect("cache requested")))
     }
 
+    /// The input embeddings of `tokens` (the architecture's lookup and
+    /// scaling, no adapter): `n_embd` values per token.
+    pub fn embed_tokens(&self, tokens: &[i32]) -> Result<Vec<f32>, ComputeError> {
+        let gs = graph_size(&self.hparams);
+        let ctx = Context::new(gs, gs, false);
+        let batch = Batch::single(tokens);
+        let mut f = Forward::new(
+            &ctx,
+            &self.hparams,
+            &self.weights,
+            &NoHooks,
+            self.arch.rope_mode(),
+            &batch,
+            false,
+        );
+        let x = self.arch.embed(&mut f).set_output();
+        let mut g: Graph = ctx.new_graph(gs, false);
+        g.build_forward(x);
+        let mut sched = self.sched();
+        sched.alloc(&g)?;
+        f.fill_inputs();
+        sched.compute(&g)?;
+        Ok(x.read_f32())
+    }
+
     fn run(
         &self,
         sched: &mut Sched,

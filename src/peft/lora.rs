@@ -346,4 +346,8 @@ impl Trainable for Lora {
             d.masks.clear();
         }
     }
+
+    fn write_adapter(&self, model: &Model, path: &std::path::Path) -> Result<()> {
+        crate::export::llama_lora::write(self, model, path)
+    }
 }

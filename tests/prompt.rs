@@ -1,0 +1,260 @@
+//! The prompt family (prompt tuning, P-tuning, prefix tuning, P-tuning v2):
+//! gradients against finite differences, the zero-length identity, packed
+//! sequences, adapter files against training-time logits, and prompt
+//! tuning through llama.cpp's embedding batch.
+
+mod common;
+use common::*;
+use gguf_peft::data::Example;
+use gguf_peft::ggml::llama::LlamaModel;
+use gguf_peft::ggml::{Backend, GgmlType};
+use gguf_peft::model::{Batch, Model, NoHooks};
+use gguf_peft::peft::p_tuning::{Encoder, PTuningConfig};
+use gguf_peft::peft::prefix::PrefixConfig;
+use gguf_peft::peft::prompt_tuning::{PromptInit, PromptTuningConfig};
+use gguf_peft::peft::{load_adapter, MethodConfig};
+use gguf_peft::train::{loss_and_grads, recompute::loss_and_grads_recompute};
+
+fn prompt(n: usize) -> MethodConfig {
+    MethodConfig::Prompt(PromptTuningConfig {
+        num_virtual_tokens: n,
+        init: PromptInit::Vocab,
+    })
+}
+
+fn ptuning(n: usize, encoder: Encoder) -> MethodConfig {
+    MethodConfig::Ptuning(PTuningConfig {
+        num_virtual_tokens: n,
+        encoder,
+        encoder_hidden_size: 16,
+        encoder_num_layers: 2,
+    })
+}
+
+fn prefix(n: usize, projection: Option<usize>, ptuning_v2: bool) -> MethodConfig {
+    MethodConfig::Prefix(PrefixConfig {
+        num_virtual_tokens: n,
+        projection,
+        zero_init: false,
+        ptuning_v2,
+    })
+}
+
+/// Every method, named, with `n` virtual tokens.
+fn methods(n: usize) -> Vec<(&'static str, MethodConfig)> {
+    vec![
+        ("prompt", prompt(n)),
+        ("ptuning-mlp", ptuning(n, Encoder::Mlp)),
+        ("ptuning-lstm", ptuning(n, Encoder::Lstm)),
+        ("prefix", prefix(n, None, false)),
+        ("prefix-projection", prefix(n, Some(24), false)),
+        ("ptuning-v2", prefix(n, None, true)),
+    ]
+}
+
+/// Two examples of different lengths, loss on the second half of each.
+fn examples(n_vocab: usize) -> Vec<Example> {
+    [(9, 5), (6, 6)]
+        .iter()
+        .map(|&(len, seed)| {
+            let tokens = some_tokens(len, n_vocab, seed);
+            let loss = (0..len).map(|i| i >= len / 2).collect();
+            Example { tokens, loss }
+        })
+        .collect()
+}
+
+/// Central differences on the entries with the largest gradients of every
+/// trainable tensor; the batch packs two sequences, so the virtual tokens
+/// are inserted twice.
+#[test]
+fn gradients_match_finite_differences() {
+    let dir = tmpdir("prompt-fd");
+    let path = synth(&dir, "llama", GgmlType::F32);
+    let model = Model::load(&path, Backend::cpu(threads())).unwrap();
+    let exs = examples(model.hparams.n_vocab);
+    let refs: Vec<&Example> = exs.iter().collect();
+    let mut sched = model.sched();
+    for (name, cfg) in methods(3) {
+        let m = cfg.build(&model, None, 7).unwrap();
+        let (l0, _, grads) = loss_and_grads(&model, &*m, &mut sched, &refs).unwrap();
+        // Gradient checkpointing gives the same gradients.
+        let (l1, _, grads_rc) = loss_and_grads_recompute(&model, &*m, &mut sched, &refs).unwrap();
+        assert!(
+            (l0 - l1).abs() <= 1e-5 * l0.abs(),
+            "{name}: loss {l0} vs recomputed {l1}"
+        );
+        let params = m.params();
+        let eps = 1e-2f32;
+        let mut worst = 0f32;
+        for (i, pname) in m.param_names().iter().enumerate() {
+            let g = &grads[i];
+            let scale = g.iter().fold(0f32, |a, x| a.max(x.abs()));
+            let rc = g.iter().zip(&grads_rc[i]).fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+            assert!(
+                rc <= 1e-4 * scale.max(1e-6),
+                "{name} {pname}: recomputed gradient differs by {rc:.2e}"
+            );
+            let mut vals = params[i].read_f32();
+            let mut idx: Vec<usize> = (0..g.len()).collect();
+            idx.sort_by(|&a, &b| g[b].abs().total_cmp(&g[a].abs()));
+            for &j in idx.iter().take(2) {
+                let orig = vals[j];
+                vals[j] = orig + eps;
+                params[i].write_f32(&vals);
+                let (lp, _, _) = loss_and_grads(&model, &*m, &mut sched, &refs).unwrap();
+                vals[j] = orig - eps;
+                params[i].write_f32(&vals);
+                let (lm, _, _) = loss_and_grads(&model, &*m, &mut sched, &refs).unwrap();
+                vals[j] = orig;
+                params[i].write_f32(&vals);
+                let fd = (lp - lm) / (2.0 * eps);
+                let rel = (fd - g[j]).abs() / g[j].abs().max(1e-3);
+                worst = worst.max(rel);
+                assert!(
+                    rel <= 1e-2,
+                    "{name} {pname}[{j}]: gradient {:.5e}, central difference {fd:.5e}, relative error {rel:.2e}",
+                    g[j]
+                );
+            }
+        }
+        println!(
+            "{name}: loss {l0:.4}, {} tensors ({} values), worst relative error {worst:.2e}",
+            params.len(),
+            m.n_trainable()
+        );
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// With no virtual tokens every method leaves the model as it is.
+#[test]
+fn zero_length_prompts_leave_logits_unchanged() {
+    let dir = tmpdir("prompt-zero");
+    for arch in ["llama", "gemma3"] {
+        let path = synth(&dir, arch, GgmlType::Q8_0);
+        let model = Model::load(&path, Backend::cpu(threads())).unwrap();
+        let tokens = some_tokens(12, model.hparams.n_vocab, 1);
+        let mut sched = model.sched();
+        let base = model.logits(&mut sched, &Batch::single(&tokens), &NoHooks).unwrap();
+        for (name, cfg) in methods(0) {
+            let m = cfg.build(&model, None, 3).unwrap();
+            assert_eq!(m.n_trainable(), 0, "{name}");
+            let got = model.logits(&mut sched, &Batch::single(&tokens), &*m).unwrap();
+            assert_eq!(compare(&got, &base).0, 0.0, "{arch} {name}: logits moved");
+        }
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Two sequences packed in one batch get the same logits as each alone:
+/// the virtual tokens are inserted before each, positions restart.
+#[test]
+fn packed_sequences_match_single_ones() {
+    let dir = tmpdir("prompt-packed");
+    let path = synth(&dir, "qwen2", GgmlType::F32);
+    let model = Model::load(&path, Backend::cpu(threads())).unwrap();
+    let exs = examples(model.hparams.n_vocab);
+    let mut sched = model.sched();
+    for (name, cfg) in methods(4) {
+        let m = cfg.build(&model, None, 5).unwrap();
+        let (packed, _) = gguf_peft::train::make_batch(&exs.iter().collect::<Vec<_>>());
+        let all = Batch {
+            outputs: None,
+            ..packed
+        };
+        let got = model.logits(&mut sched, &all, &*m).unwrap();
+        let mut want = Vec::new();
+        for e in &exs {
+            want.extend(model.logits(&mut sched, &Batch::single(&e.tokens), &*m).unwrap());
+        }
+        let (d, mx) = compare(&got, &want);
+        assert!(d <= 1e-4 * mx, "{name}: packed vs single {d:.3e} (max {mx:.3})");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A trained adapter written to its file and loaded back (as `generate` and
+/// `eval` load it) gives the training-time logits; generation over the
+/// cache agrees with the full forward.
+#[test]
+fn adapter_files_reproduce_training_logits() {
+    let dir = tmpdir("prompt-files");
+    let path = synth(&dir, "gemma3", GgmlType::Q4_K);
+    let model = Model::load(&path, Backend::cpu(threads())).unwrap();
+    let tokens = some_tokens(10, model.hparams.n_vocab, 9);
+    let mut sched = model.sched();
+    for (name, cfg) in methods(5) {
+        let m = cfg.build(&model, None, 11).unwrap();
+        // A few steps of training so nothing is at its init.
+        let exs = examples(model.hparams.n_vocab);
+        let refs: Vec<&Example> = exs.iter().collect();
+        let (_, _, grads) = loss_and_grads(&model, &*m, &mut sched, &refs).unwrap();
+        for (p, g) in m.params().iter().zip(&grads) {
+            let v: Vec<f32> = p.read_f32().iter().zip(g).map(|(x, d)| x - 0.5 * d).collect();
+            p.write_f32(&v);
+        }
+        let want = model.logits(&mut sched, &Batch::single(&tokens), &*m).unwrap();
+        let file = dir.join(format!("{name}.gguf"));
+        m.write_adapter(&model, &file).unwrap();
+        let loaded = load_adapter(&model, &file, 1.0).unwrap();
+        let got = model.logits(&mut sched, &Batch::single(&tokens), &*loaded).unwrap();
+        let (d, mx) = compare(&got, &want);
+        println!("{name}: file vs training-time logits {d:.3e} (max {mx:.3})");
+        assert!(d <= 1e-5 * mx, "{name}: {d:.3e}");
+        // The last position's logits through the KV cache, token by token.
+        let mut cache = gguf_peft::model::KvCache::default();
+        let mut last = Vec::new();
+        for (i, &t) in tokens.iter().enumerate() {
+            let b = Batch {
+                tokens: vec![t],
+                pos: vec![i as i32],
+                seq: vec![0],
+                outputs: None,
+            };
+            let (l, c) = model.logits_cached(&mut sched, &b, &*loaded, &cache).unwrap();
+            cache = c;
+            last = l;
+        }
+        let (d, mx) = compare(&last, &want[want.len() - 1..]);
+        assert!(d <= 1e-4 * mx, "{name}: cached vs full {d:.3e}");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// The llama.cpp route for prompt tuning: the exported virtual tokens fed
+/// through `llama_batch.embd` at positions 0..n, then the tokens, give our
+/// logits (bound as the foundation's: 1e-3 × max |logit|).
+#[test]
+fn prompt_through_llama_cpp_embedding_batch_matches() {
+    let dir = tmpdir("prompt-llama-cpp");
+    for (arch, ty) in [("llama", GgmlType::Q4_K), ("gemma3", GgmlType::F16)] {
+        let path = synth(&dir, arch, ty);
+        let model = Model::load(&path, Backend::cpu(threads())).unwrap();
+        let n_embd = model.hparams.n_embd;
+        let tokens = some_tokens(12, model.hparams.n_vocab, 2);
+        let mut sched = model.sched();
+        for (name, cfg) in [("prompt", prompt(6)), ("ptuning", ptuning(6, Encoder::Lstm))] {
+            let m = cfg.build(&model, None, 4).unwrap();
+            let file = dir.join(format!("{arch}-{name}.gguf"));
+            m.write_adapter(&model, &file).unwrap();
+            let sp = gguf_peft::export::soft_prompt::read(&file, &model).unwrap();
+            let virt = sp.tokens.unwrap();
+            let ours = model.logits(&mut sched, &Batch::single(&tokens), &*m).unwrap();
+
+            let lm = LlamaModel::load(&path, false).unwrap();
+            let mut ctx = lm.context(64, threads()).unwrap();
+            ctx.decode_embd(&virt, n_embd, 0).unwrap();
+            let theirs = ctx.decode(&tokens, 6).unwrap();
+            let (d, mx) = compare(&ours, &theirs);
+            let base = model.logits(&mut sched, &Batch::single(&tokens), &NoHooks).unwrap();
+            let moved = compare(&ours, &base).0;
+            println!(
+                "{arch} {ty:?} {name}: ours vs llama.cpp {d:.3e} (max {mx:.3}); the prompt moves logits by {moved:.3}"
+            );
+            assert!(d <= 1e-3 * mx, "{arch} {name}: {d:.3e} > 1e-3 × {mx:.3}");
+            assert!(moved > 100.0 * d, "{arch} {name}: the prompt barely changes the logits");
+        }
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
