@@ -35,7 +35,7 @@ fn prefix(n: usize, projection: Option<usize>, ptuning_v2: bool) -> MethodConfig
     MethodConfig::Prefix(PrefixConfig {
         num_virtual_tokens: n,
         projection,
-        zero_init: false,
+        init: PromptInit::Random,
         ptuning_v2,
     })
 }
@@ -255,6 +255,36 @@ fn prompt_through_llama_cpp_embedding_batch_matches() {
             assert!(d <= 1e-3 * mx, "{arch} {name}: {d:.3e} > 1e-3 × {mx:.3}");
             assert!(moved > 100.0 * d, "{arch} {name}: the prompt barely changes the logits");
         }
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A prefix made of the keys and values of some tokens acts exactly as
+/// those tokens placed before the sequence: prefix entries are not rotated
+/// again and real tokens run at positions n_virtual.. (PEFT's semantics).
+#[test]
+fn prefix_of_token_keys_equals_prepended_tokens() {
+    use gguf_peft::peft::prefix::{kv_of_tokens, PrefixTuning};
+    let dir = tmpdir("prefix-as-text");
+    for arch in ["llama", "qwen3"] {
+        let path = synth(&dir, arch, GgmlType::F32);
+        let model = Model::load(&path, Backend::cpu(threads())).unwrap();
+        let head = some_tokens(4, model.hparams.n_vocab, 21);
+        let tokens = some_tokens(9, model.hparams.n_vocab, 22);
+        let cfg = PrefixConfig {
+            num_virtual_tokens: head.len(),
+            projection: None,
+            init: PromptInit::Random,
+            ptuning_v2: false,
+        };
+        let p = PrefixTuning::from_values(&model, cfg, &kv_of_tokens(&model, &head).unwrap()).unwrap();
+        let mut sched = model.sched();
+        let got = model.logits(&mut sched, &Batch::single(&tokens), &p).unwrap();
+        let joined: Vec<i32> = head.iter().chain(&tokens).copied().collect();
+        let all = model.logits(&mut sched, &Batch::single(&joined), &NoHooks).unwrap();
+        let (d, mx) = compare(&got, &all[head.len()..]);
+        println!("{arch}: prefix of token keys vs prepended tokens {d:.3e} (max {mx:.3})");
+        assert!(d <= 1e-5 * mx, "{arch}: {d:.3e}");
     }
     let _ = std::fs::remove_dir_all(dir);
 }

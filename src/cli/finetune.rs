@@ -45,10 +45,11 @@ pub struct FinetuneArgs {
     /// Virtual tokens (prompt family): prompt length, or prefix entries per layer.
     #[arg(long, default_value_t = 20)]
     num_virtual_tokens: usize,
-    /// How prompt tuning's virtual tokens start: `vocab` (embeddings of
-    /// random vocabulary tokens), `random` (standard normal, PEFT's RANDOM)
-    /// or `text` (the embeddings of --init-text).
-    #[arg(long, value_parser = ["vocab", "random", "text"])]
+    /// How virtual tokens / prefixes start: `vocab` (random vocabulary
+    /// tokens: their embeddings, or for prefixes their keys and values),
+    /// `text` (the tokens of --init-text, likewise), `random` (standard
+    /// normal, PEFT's default) or `zero`.
+    #[arg(long, value_parser = ["vocab", "random", "text", "zero"])]
     prompt_init: Option<String>,
     /// Text whose tokens start the virtual tokens (repeated or cut to length).
     #[arg(long)]
@@ -67,10 +68,6 @@ pub struct FinetuneArgs {
     /// Linear) that is dropped at export.
     #[arg(long)]
     prefix_projection: bool,
-    /// Prefix tuning / P-tuning v2: start the prefixes at zero (PEFT's
-    /// init_weights="zero") instead of standard normal values.
-    #[arg(long)]
-    prefix_zero_init: bool,
     /// LoRA rank.
     #[arg(short = 'r', long, default_value_t = 8)]
     rank: usize,
@@ -89,8 +86,8 @@ pub struct FinetuneArgs {
     /// rsLoRA scaling: alpha / sqrt(rank).
     #[arg(long)]
     rslora: bool,
-    /// Peak learning rate (default: 2e-4 for LoRA, 3e-2 prompt tuning,
-    /// 1e-3 P-tuning, 1e-2 prefix tuning and P-tuning v2).
+    /// Peak learning rate (default: 2e-4 for LoRA, 1e-2 for P-tuning, 3e-2
+    /// for prompt tuning, prefix tuning and P-tuning v2).
     #[arg(long)]
     lr: Option<f32>,
     /// AdamW β1.
@@ -195,19 +192,18 @@ struct AdapterConfig {
 fn method_config(a: &FinetuneArgs, n_embd: usize) -> Result<MethodConfig> {
     let n = a.num_virtual_tokens;
     let hidden = a.encoder_hidden_size.unwrap_or(n_embd);
+    let init = match (a.prompt_init.as_deref(), &a.init_text) {
+        (Some("text") | None, Some(t)) => PromptInit::Text(t.clone()),
+        (Some("text"), None) => return Err(Error::Msg("--prompt-init text needs --init-text".into())),
+        (Some("random"), _) => PromptInit::Random,
+        (Some("zero"), _) => PromptInit::Zero,
+        _ => PromptInit::Vocab,
+    };
     Ok(match a.method.as_str() {
-        "prompt" => {
-            let init = match (a.prompt_init.as_deref(), &a.init_text) {
-                (Some("text") | None, Some(t)) => PromptInit::Text(t.clone()),
-                (Some("text"), None) => return Err(Error::Msg("--prompt-init text needs --init-text".into())),
-                (Some("random"), _) => PromptInit::Random,
-                _ => PromptInit::Vocab,
-            };
-            MethodConfig::Prompt(PromptTuningConfig {
-                num_virtual_tokens: n,
-                init,
-            })
-        }
+        "prompt" => MethodConfig::Prompt(PromptTuningConfig {
+            num_virtual_tokens: n,
+            init,
+        }),
         "ptuning" => MethodConfig::Ptuning(PTuningConfig {
             num_virtual_tokens: n,
             encoder: a.encoder,
@@ -217,7 +213,7 @@ fn method_config(a: &FinetuneArgs, n_embd: usize) -> Result<MethodConfig> {
         "prefix" | "ptuning-v2" => MethodConfig::Prefix(PrefixConfig {
             num_virtual_tokens: n,
             projection: a.prefix_projection.then_some(hidden),
-            zero_init: a.prefix_zero_init,
+            init,
             ptuning_v2: a.method == "ptuning-v2",
         }),
         _ => MethodConfig::Lora(LoraConfig {
@@ -308,9 +304,8 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
     );
     let mcfg = method_config(&a, model.hparams.n_embd)?;
     let lr = a.lr.unwrap_or(match a.method.as_str() {
-        "prompt" => 3e-2,
-        "ptuning" => 1e-3,
-        "prefix" | "ptuning-v2" => 1e-2,
+        "prompt" | "prefix" | "ptuning-v2" => 3e-2,
+        "ptuning" => 1e-2,
         _ => 2e-4,
     });
     let tcfg = TrainConfig {

@@ -93,7 +93,7 @@ impl MethodConfig {
             MethodConfig::Lora(c) => Box::new(lora::Lora::new(model, c.clone(), seed)?),
             MethodConfig::Prompt(c) => Box::new(prompt_tuning::PromptTuning::new(model, c.clone(), tok, seed)?),
             MethodConfig::Ptuning(c) => Box::new(p_tuning::PTuning::new(model, c.clone(), seed)?),
-            MethodConfig::Prefix(c) => Box::new(prefix::PrefixTuning::new(model, c.clone(), seed)?),
+            MethodConfig::Prefix(c) => Box::new(prefix::PrefixTuning::new(model, c.clone(), tok, seed)?),
         })
     }
 }
@@ -130,7 +130,7 @@ pub fn load_adapter(model: &Model, path: &Path, scale: f32) -> Result<Box<dyn Tr
             let cfg = prefix::PrefixConfig {
                 num_virtual_tokens: n,
                 projection: None,
-                zero_init: false,
+                init: prompt_tuning::PromptInit::Random,
                 ptuning_v2: sp.method == "p_tuning_v2",
             };
             Box::new(prefix::PrefixTuning::from_values(model, cfg, &sp.prefix)?)

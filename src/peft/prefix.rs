@@ -12,6 +12,7 @@
 //! `Linear → tanh → Linear` to all layers' keys and values; what is
 //! exported is that output.
 
+use super::prompt_tuning::PromptInit;
 use super::{alloc_params, linear_init, Trainable};
 use crate::export::soft_prompt::SoftPrompt;
 use crate::ggml::{Tensor, TensorStore};
@@ -26,10 +27,11 @@ pub struct PrefixConfig {
     /// Hidden width of the reparameterisation MLP (`None`: train the
     /// entries directly).
     pub projection: Option<usize>,
-    /// Start the entries (or the MLP's last layer) at zero instead of at
-    /// random (PEFT's `init_weights="zero"`).
-    #[serde(default)]
-    pub zero_init: bool,
+    /// How the entries start: keys and values of vocabulary or text tokens
+    /// (as if that text preceded every sequence), standard normal values,
+    /// or zeros. With a projection, `zero` zeroes the MLP's last layer and
+    /// the others use PyTorch's default init.
+    pub init: PromptInit,
     /// Recorded as P-tuning v2 (deep prompts without reparameterisation).
     #[serde(default)]
     pub ptuning_v2: bool,
@@ -58,9 +60,27 @@ fn value_name(il: usize) -> String {
     format!("blk.{il}.prefix_v")
 }
 
+/// The keys and values `tokens` leave in every layer's cache (run from
+/// position 0 on the base model): a prefix made of them acts exactly as if
+/// the tokens preceded every sequence.
+pub fn kv_of_tokens(model: &Model, tokens: &[i32]) -> Result<Vec<(Vec<f32>, Vec<f32>)>> {
+    let mut sched = model.sched();
+    let batch = crate::model::Batch::single(tokens);
+    let cache = crate::model::KvCache::default();
+    let (_, c) = model
+        .logits_cached(&mut sched, &batch, &crate::model::NoHooks, &cache)
+        .map_err(|e| Error::Msg(e.to_string()))?;
+    Ok(c.k.into_iter().zip(c.v).collect())
+}
+
 impl PrefixTuning {
-    /// A fresh prefix for `model`.
-    pub fn new(model: &Model, config: PrefixConfig, seed: u64) -> Result<Self> {
+    /// A fresh prefix for `model`; `tok` is needed for a text init.
+    pub fn new(
+        model: &Model,
+        config: PrefixConfig,
+        tok: Option<&crate::tokenizer::Tokenizer>,
+        seed: u64,
+    ) -> Result<Self> {
         let hp = &model.hparams;
         let n = config.num_virtual_tokens;
         let kv = hp.head_dim * hp.n_head_kv;
@@ -70,8 +90,9 @@ impl PrefixTuning {
                 "P-tuning v2 trains the prompts directly; drop --prefix-projection (or use --method prefix)".into(),
             ));
         }
+        let zero = config.init == PromptInit::Zero;
         let mut normal = |len: usize| -> Vec<f32> {
-            if config.zero_init {
+            if zero {
                 vec![0.0; len]
             } else {
                 (0..len).map(|_| rng.normal()).collect()
@@ -79,9 +100,13 @@ impl PrefixTuning {
         };
         let p = match config.projection {
             None => {
-                let values: Vec<(Vec<f32>, Vec<f32>)> = (0..hp.n_layer)
-                    .map(|_| (normal(kv * n), normal(hp.head_dim_v * hp.n_head_kv * n)))
-                    .collect();
+                let mut tok_rng = Rng::new(seed ^ 0x70C5);
+                let values: Vec<(Vec<f32>, Vec<f32>)> = match config.init.tokens(model, tok, n, &mut tok_rng)? {
+                    Some(ids) if n > 0 => kv_of_tokens(model, &ids)?,
+                    _ => (0..hp.n_layer)
+                        .map(|_| (normal(kv * n), normal(hp.head_dim_v * hp.n_head_kv * n)))
+                        .collect(),
+                };
                 return Self::from_values(model, config, &values);
             }
             Some(h) => {
@@ -106,7 +131,7 @@ impl PrefixTuning {
                     let emb = normal(kv * n);
                     let (w0, b0) = linear_init(&mut rng, kv, h);
                     let (mut w2, mut b2) = linear_init(&mut rng, h, out);
-                    if config.zero_init {
+                    if zero {
                         w2.fill(0.0);
                         b2.fill(0.0);
                     }

@@ -17,18 +17,38 @@ use crate::{Error, Result};
 /// Name of the trainable tensor, `[n_embd, n_virtual]`.
 pub const TENSOR: &str = "virtual_tokens";
 
-/// How the virtual tokens start.
+/// How virtual tokens (or prefix entries) start.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PromptInit {
     /// Standard normal values (PEFT's `RANDOM`).
     Random,
-    /// Embeddings of tokens drawn uniformly from the vocabulary (PEFT's
-    /// `SAMPLE_VOCAB`).
+    /// Zeros (PEFT's `init_weights="zero"` for prefix tuning).
+    Zero,
+    /// Tokens drawn uniformly from the vocabulary (PEFT's `SAMPLE_VOCAB`):
+    /// their embeddings, or for prefixes their keys and values.
     Vocab,
-    /// Embeddings of a text's tokens, repeated or cut to the length (PEFT's
-    /// `TEXT`).
+    /// A text's tokens, repeated or cut to the length (PEFT's `TEXT`).
     Text(String),
+}
+
+impl PromptInit {
+    /// The tokens a vocabulary or text init starts from (`None` for the
+    /// value inits).
+    pub fn tokens(&self, model: &Model, tok: Option<&Tokenizer>, n: usize, rng: &mut Rng) -> Result<Option<Vec<i32>>> {
+        Ok(match self {
+            PromptInit::Random | PromptInit::Zero => None,
+            PromptInit::Vocab => Some((0..n).map(|_| rng.below(model.hparams.n_vocab) as i32).collect()),
+            PromptInit::Text(text) => {
+                let tok = tok.ok_or_else(|| Error::Msg("a text init needs the model's tokenizer".into()))?;
+                let ids = tok.encode(text, true);
+                if ids.is_empty() {
+                    return Err(Error::Msg("--init-text is empty after tokenization".into()));
+                }
+                Some(init_ids(&ids, n))
+            }
+        })
+    }
 }
 
 /// Prompt-tuning hyperparameters.
@@ -56,20 +76,10 @@ impl PromptTuning {
         let n = config.num_virtual_tokens;
         let n_embd = model.hparams.n_embd;
         let mut rng = Rng::new(seed);
-        let values = match &config.init {
-            PromptInit::Random => (0..n * n_embd).map(|_| rng.normal()).collect(),
-            PromptInit::Vocab => {
-                let ids: Vec<i32> = (0..n).map(|_| rng.below(model.hparams.n_vocab) as i32).collect();
-                embed(model, &ids)?
-            }
-            PromptInit::Text(text) => {
-                let tok = tok.ok_or_else(|| Error::Msg("a text init needs the model's tokenizer".into()))?;
-                let ids = tok.encode(text, true);
-                if ids.is_empty() {
-                    return Err(Error::Msg("--init-text is empty after tokenization".into()));
-                }
-                embed(model, &init_ids(&ids, n))?
-            }
+        let values = match config.init.tokens(model, tok, n, &mut rng)? {
+            Some(ids) => embed(model, &ids)?,
+            None if config.init == PromptInit::Zero => vec![0.0; n * n_embd],
+            None => (0..n * n_embd).map(|_| rng.normal()).collect(),
         };
         Ok(Self::from_values(model, config, &values))
     }

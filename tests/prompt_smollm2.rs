@@ -1,0 +1,135 @@
+//! The prompt family on the real model (SmolLM2-135M-Instruct Q4_1) through
+//! the CLI: each method lowers the eval loss of a small synthetic task —
+//! keyword sentiment labels after "Sentiment:" — by at least half, prints
+//! its trainable parameters as PEFT does, and its adapter file serves
+//! `eval` and `generate`.
+
+mod common;
+use common::*;
+use gguf_peft::train::metrics::read;
+use std::path::Path;
+use std::process::Command;
+
+const GOOD: [&str; 4] = ["good", "great", "lovely", "excellent"];
+const BAD: [&str; 4] = ["bad", "awful", "terrible", "boring"];
+const THINGS: [&str; 6] = ["movie", "food", "hotel", "book", "concert", "game"];
+
+/// `n` records: a sentence about two things with one keyword each (both of
+/// one polarity), then " positive" / " negative".
+fn sentiment_data(path: &Path, n: usize, seed: u64) {
+    let mut r = gguf_peft::rng::Rng::new(seed);
+    let mut s = String::new();
+    for _ in 0..n {
+        let pos = r.below(2) == 0;
+        let w = if pos { GOOD } else { BAD };
+        let text = format!(
+            "The {} was {} and the {} was {}.\nSentiment:",
+            THINGS[r.below(6)],
+            w[r.below(4)],
+            THINGS[r.below(6)],
+            w[r.below(4)]
+        );
+        let label = if pos { " positive" } else { " negative" };
+        s.push_str(&serde_json::json!({"prompt": text, "completion": label}).to_string());
+        s.push('\n');
+    }
+    std::fs::write(path, s).unwrap();
+}
+
+fn cli(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_gguf-peft"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn every_prompt_method_learns_the_synthetic_task() {
+    let model = smollm2();
+    let m = model.to_str().unwrap();
+    let dir = tmpdir("prompt-smollm2");
+    let (train, eval) = (dir.join("train.jsonl"), dir.join("eval.jsonl"));
+    sentiment_data(&train, 48, 1);
+    sentiment_data(&eval, 16, 2);
+    for (method, extra) in [
+        ("prompt", "--num-virtual-tokens 8"),
+        ("ptuning", "--num-virtual-tokens 8 --encoder-hidden-size 128"),
+        ("prefix", "--num-virtual-tokens 8"),
+        // A task-specific (shorter) length for the deep prompts.
+        ("ptuning-v2", "--num-virtual-tokens 4"),
+    ] {
+        let out = dir.join(method);
+        let mut args = vec![
+            "finetune",
+            "-m",
+            m,
+            "-d",
+            train.to_str().unwrap(),
+            "--eval-data",
+            eval.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "-t",
+            "2",
+            "--method",
+            method,
+            "--batch-size",
+            "8",
+            "--max-steps",
+            "12",
+        ];
+        args.extend(extra.split_whitespace());
+        let t0 = std::time::Instant::now();
+        let (ok, _, err) = cli(&args);
+        assert!(ok, "{method}: finetune failed:\n{err}");
+        let line = err
+            .lines()
+            .find(|l| l.starts_with("trainable params: "))
+            .unwrap_or_else(|| panic!("{method}: no parameter line in\n{err}"));
+        assert!(line.contains(" || all params: ") && line.contains(" || trainable%: "));
+        let ms = read(&out.join("metrics.jsonl")).unwrap();
+        let evals: Vec<f32> = ms.iter().filter_map(|m| m.eval_loss).collect();
+        let (first, last) = (evals[0], *evals.last().unwrap());
+        println!(
+            "{method}: {line}; eval loss {first:.4} -> {last:.4} in 12 steps ({:.1} s)",
+            t0.elapsed().as_secs_f64()
+        );
+        assert!(
+            last <= 0.5 * first,
+            "{method}: eval loss should at least halve: {first} -> {last}"
+        );
+
+        // The adapter file serves eval and generate.
+        let adapter = out.join("adapter.gguf");
+        let (ok, stdout, err) = cli(&[
+            "eval",
+            "-m",
+            m,
+            "-d",
+            eval.to_str().unwrap(),
+            "--adapter",
+            adapter.to_str().unwrap(),
+        ]);
+        assert!(ok, "{method}: eval failed: {err}");
+        assert!(stdout.contains("perplexity"), "{method}: {stdout}");
+        let (ok, stdout, err) = cli(&[
+            "generate",
+            "-m",
+            m,
+            "-p",
+            "The hotel was lovely and the food was great.\nSentiment:",
+            "-n",
+            "2",
+            "--adapter",
+            adapter.to_str().unwrap(),
+        ]);
+        assert!(ok, "{method}: generate failed: {err}");
+        println!("{method}: generates '{}'", stdout.trim().replace('\n', " "));
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
