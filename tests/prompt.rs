@@ -288,3 +288,49 @@ fn prefix_of_token_keys_equals_prepended_tokens() {
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Soft prompts cross to PEFT's format and back bit for bit (llama, whose
+/// prefix keys are permuted between the GGUF and HF layouts), with PEFT's
+/// tensor name, shape and config fields.
+#[test]
+fn peft_export_and_import_round_trip() {
+    use gguf_peft::export::{peft_prompt, soft_prompt};
+    let dir = tmpdir("prompt-peft");
+    let path = synth(&dir, "llama", GgmlType::F32);
+    let model = Model::load(&path, Backend::cpu(threads())).unwrap();
+    let hp = &model.hparams;
+    for (name, cfg, peft_type, width) in [
+        ("prompt", prompt(5), "PROMPT_TUNING", hp.n_embd),
+        ("ptuning", ptuning(5, Encoder::Mlp), "P_TUNING", hp.n_embd),
+        (
+            "prefix",
+            prefix(5, Some(16), false),
+            "PREFIX_TUNING",
+            hp.n_layer * 2 * hp.n_head_kv * hp.head_dim,
+        ),
+    ] {
+        let m = cfg.build(&model, None, 13).unwrap();
+        let file = dir.join(format!("{name}.gguf"));
+        m.write_adapter(&model, &file).unwrap();
+        let out = dir.join(format!("{name}-peft"));
+        peft_prompt::export(&file, &model, &out).unwrap();
+        let cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+        assert_eq!(cfg["peft_type"], peft_type);
+        assert_eq!(cfg["num_virtual_tokens"], 5);
+        assert_eq!(cfg["inference_mode"], true);
+        let bytes = std::fs::read(out.join("adapter_model.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        assert_eq!(st.names(), vec!["prompt_embeddings"]);
+        assert_eq!(st.tensor("prompt_embeddings").unwrap().shape(), &[5, width]);
+        let back = dir.join(format!("{name}-back.gguf"));
+        peft_prompt::import(&out, &model, &back).unwrap();
+        let (a, b) = (
+            soft_prompt::read(&file, &model).unwrap(),
+            soft_prompt::read(&back, &model).unwrap(),
+        );
+        assert_eq!(a.tokens, b.tokens, "{name}");
+        assert_eq!(a.prefix, b.prefix, "{name}");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}

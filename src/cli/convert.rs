@@ -1,5 +1,5 @@
-//! `gguf-peft export` and `gguf-peft import-adapter`: adapters between
-//! llama.cpp's GGUF LoRA format and HF PEFT.
+//! `gguf-peft export` and `gguf-peft import-adapter`: adapters between our
+//! GGUF formats (llama.cpp LoRA, soft prompts) and HF PEFT.
 
 use crate::Result;
 use clap::Args;
@@ -7,7 +7,8 @@ use std::path::PathBuf;
 
 #[derive(Args, Debug)]
 pub struct ExportArgs {
-    /// LoRA adapter in llama.cpp's GGUF format.
+    /// Adapter from `finetune`: a LoRA in llama.cpp's GGUF format or a soft
+    /// prompt / prefix GGUF.
     #[arg(short, long)]
     adapter: PathBuf,
     /// The base model the adapter belongs to (names, shapes, head counts for
@@ -24,24 +25,38 @@ pub struct ExportArgs {
 
 #[derive(Args, Debug)]
 pub struct ImportArgs {
-    /// PEFT adapter directory (adapter_config.json, adapter_model.safetensors).
+    /// PEFT adapter directory (adapter_config.json, adapter_model.safetensors):
+    /// LORA, or PROMPT_TUNING / P_TUNING / PREFIX_TUNING.
     dir: PathBuf,
     /// The GGUF base model the adapter is for.
     #[arg(short, long)]
     model: PathBuf,
-    /// Output llama.cpp LoRA adapter (GGUF, written atomically).
+    /// Output GGUF adapter (llama.cpp LoRA or soft prompt, written atomically).
     #[arg(short, long)]
     out: PathBuf,
 }
 
+/// The base model's hyperparameters and metadata (weights mapped, not read).
+fn base(path: &std::path::Path) -> Result<crate::model::Model> {
+    Ok(crate::model::Model::load(path, crate::ggml::Backend::cpu(1))?)
+}
+
 pub fn export(a: ExportArgs) -> Result<()> {
-    crate::export::peft::export(&a.adapter, &a.model, &a.out)?;
+    if a.adapter.exists() && crate::export::soft_prompt::is_soft_prompt(&crate::gguf::GgufFile::open(&a.adapter)?) {
+        crate::export::peft_prompt::export(&a.adapter, &base(&a.model)?, &a.out)?;
+    } else {
+        crate::export::peft::export(&a.adapter, &a.model, &a.out)?;
+    }
     println!("{}", a.out.display());
     Ok(())
 }
 
 pub fn import(a: ImportArgs) -> Result<()> {
-    crate::export::peft::import(&a.dir, &a.model, &a.out)?;
+    if crate::export::peft_prompt::is_prompt_learning(&a.dir) {
+        crate::export::peft_prompt::import(&a.dir, &base(&a.model)?, &a.out)?;
+    } else {
+        crate::export::peft::import(&a.dir, &a.model, &a.out)?;
+    }
     println!("{}", a.out.display());
     Ok(())
 }
