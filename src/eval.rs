@@ -66,3 +66,54 @@ pub fn evaluate(
         perplexity: mean.exp(),
     })
 }
+
+/// Class probabilities of each sequence (softmax of the classification
+/// head's scores at its last token), in `hooks.class_labels()` order.
+pub fn classify(
+    model: &Model,
+    sched: &mut Sched,
+    hooks: &dyn Hooks,
+    seqs: &[Vec<i32>],
+    mut progress: impl FnMut(usize, usize),
+) -> crate::Result<Vec<Vec<f32>>> {
+    let mut out = Vec::with_capacity(seqs.len());
+    for (i, s) in seqs.iter().enumerate() {
+        if s.is_empty() {
+            return Err(crate::Error::Msg(format!("text {} has no tokens to classify", i + 1)));
+        }
+        let mut batch = Batch::single(s);
+        batch.outputs = Some(vec![s.len() as i32 - 1]);
+        let scores = &model.logits(sched, &batch, hooks)?[0];
+        out.push((0..scores.len()).map(|k| log_prob(scores, k).exp() as f32).collect());
+        progress(i + 1, seqs.len());
+    }
+    Ok(out)
+}
+
+/// Accuracy and mean negative log-likelihood of labeled sequences.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ClassReport {
+    pub n_examples: usize,
+    pub accuracy: f64,
+    pub mean_nll: f64,
+}
+
+/// Scores class probabilities `probs` against the true class indices.
+pub fn class_report(probs: &[Vec<f32>], labels: &[usize]) -> ClassReport {
+    let n = probs.len().max(1) as f64;
+    let correct = probs
+        .iter()
+        .zip(labels)
+        .filter(|(p, &l)| crate::generate::argmax(p) == l)
+        .count();
+    let nll: f64 = probs
+        .iter()
+        .zip(labels)
+        .map(|(p, &l)| -(p[l].max(1e-30) as f64).ln())
+        .sum();
+    ClassReport {
+        n_examples: probs.len(),
+        accuracy: correct as f64 / n,
+        mean_nll: nll / n,
+    }
+}

@@ -33,6 +33,7 @@ fn loss_only_on_completions_and_assistant_turns() {
     let o = TokenizeOptions {
         train_on_prompt: false,
         max_seq_len: 512,
+        labels: Vec::new(),
     };
     let recs = vec![
         rec(r#"{"prompt": "Translate to French: cat =>", "completion": " chat"}"#),
@@ -87,6 +88,7 @@ fn truncation_is_counted_and_packing_respects_the_limit() {
     let o = TokenizeOptions {
         train_on_prompt: false,
         max_seq_len: 64,
+        labels: Vec::new(),
     };
     let (ex, st) = tokenize(&recs, &t, &o).unwrap();
     assert_eq!(st.n_truncated, 1);

@@ -52,6 +52,7 @@ fn check_finite_differences(transposed: Option<GgmlType>) {
     let ex = Example {
         loss: vec![true; tokens.len()],
         tokens,
+        ..Default::default()
     };
     let mut sched = model.sched();
     let (l0, _, grads) = gguf_peft::train::loss_and_grads(&model, &lora, &mut sched, &[&ex]).unwrap();
@@ -117,6 +118,7 @@ fn train_few_steps(model: &Model, lora: &Lora, dir: &std::path::Path) {
             Example {
                 loss: vec![true; tokens.len()],
                 tokens,
+                ..Default::default()
             }
         })
         .collect();
@@ -226,6 +228,7 @@ fn transposed_backward_matches_stock_on_quantized_weights() {
         let ex = Example {
             loss: vec![true; tokens.len()],
             tokens,
+            ..Default::default()
         };
         let grads = |transposed: Option<Option<GgmlType>>| {
             let mut model = Model::load(&path, Backend::cpu(threads())).unwrap();
@@ -280,6 +283,7 @@ fn gradient_checkpointing_matches_plain_backward() {
                 Example {
                     loss: (0..tokens.len()).map(|j| j > 4).collect(),
                     tokens,
+                    ..Default::default()
                 }
             })
             .collect();

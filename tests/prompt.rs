@@ -37,6 +37,7 @@ fn prefix(n: usize, projection: Option<usize>, ptuning_v2: bool) -> MethodConfig
         projection,
         init: PromptInit::Random,
         ptuning_v2,
+        classes: Vec::new(),
     })
 }
 
@@ -59,7 +60,11 @@ fn examples(n_vocab: usize) -> Vec<Example> {
         .map(|&(len, seed)| {
             let tokens = some_tokens(len, n_vocab, seed);
             let loss = (0..len).map(|i| i >= len / 2).collect();
-            Example { tokens, loss }
+            Example {
+                tokens,
+                loss,
+                label: None,
+            }
         })
         .collect()
 }
@@ -276,8 +281,9 @@ fn prefix_of_token_keys_equals_prepended_tokens() {
             projection: None,
             init: PromptInit::Random,
             ptuning_v2: false,
+            classes: Vec::new(),
         };
-        let p = PrefixTuning::from_values(&model, cfg, &kv_of_tokens(&model, &head).unwrap()).unwrap();
+        let p = PrefixTuning::from_values(&model, cfg, &kv_of_tokens(&model, &head).unwrap(), None).unwrap();
         let mut sched = model.sched();
         let got = model.logits(&mut sched, &Batch::single(&tokens), &p).unwrap();
         let joined: Vec<i32> = head.iter().chain(&tokens).copied().collect();
@@ -332,5 +338,87 @@ fn peft_export_and_import_round_trip() {
         assert_eq!(a.tokens, b.tokens, "{name}");
         assert_eq!(a.prefix, b.prefix, "{name}");
     }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// P-tuning v2 with a classification head: gradients of the deep prompts
+/// and of the head against central differences on labeled examples, and
+/// the head read back from the adapter file gives the same class scores.
+#[test]
+fn classification_head_gradients_and_file() {
+    let dir = tmpdir("prompt-cls");
+    let path = synth(&dir, "qwen3", GgmlType::F32);
+    let model = Model::load(&path, Backend::cpu(threads())).unwrap();
+    let classes: Vec<String> = ["neg", "neu", "pos"].map(String::from).to_vec();
+    let cfg = MethodConfig::Prefix(PrefixConfig {
+        num_virtual_tokens: 3,
+        projection: None,
+        init: PromptInit::Random,
+        ptuning_v2: true,
+        classes: classes.clone(),
+    });
+    let m = cfg.build(&model, None, 17).unwrap();
+    assert_eq!(m.class_labels(), Some(&classes[..]));
+    let exs: Vec<Example> = [(7, 1, 0u32), (5, 2, 2)]
+        .iter()
+        .map(|&(len, seed, label)| Example {
+            tokens: some_tokens(len, model.hparams.n_vocab, seed),
+            loss: vec![false; len],
+            label: Some(label),
+        })
+        .collect();
+    let refs: Vec<&Example> = exs.iter().collect();
+    let mut sched = model.sched();
+    let (l0, n, grads) = loss_and_grads(&model, &*m, &mut sched, &refs).unwrap();
+    assert_eq!(n, 2, "one target per labeled example");
+    // ln 3 for an untrained head on 3 classes.
+    assert!((l0 - 3f32.ln()).abs() < 0.3, "loss {l0}");
+    let (_, _, grads_rc) = loss_and_grads_recompute(&model, &*m, &mut sched, &refs).unwrap();
+    let params = m.params();
+    let eps = 1e-2f32;
+    for (i, pname) in m.param_names().iter().enumerate() {
+        let g = &grads[i];
+        let scale = g.iter().fold(0f32, |a, x| a.max(x.abs()));
+        let rc = g.iter().zip(&grads_rc[i]).fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+        assert!(
+            rc <= 1e-4 * scale.max(1e-6),
+            "{pname}: recomputed gradient differs by {rc:.2e}"
+        );
+        let mut vals = params[i].read_f32();
+        let mut idx: Vec<usize> = (0..g.len()).collect();
+        idx.sort_by(|&a, &b| g[b].abs().total_cmp(&g[a].abs()));
+        for &j in idx.iter().take(2) {
+            let orig = vals[j];
+            vals[j] = orig + eps;
+            params[i].write_f32(&vals);
+            let (lp, _, _) = loss_and_grads(&model, &*m, &mut sched, &refs).unwrap();
+            vals[j] = orig - eps;
+            params[i].write_f32(&vals);
+            let (lm, _, _) = loss_and_grads(&model, &*m, &mut sched, &refs).unwrap();
+            vals[j] = orig;
+            params[i].write_f32(&vals);
+            let fd = (lp - lm) / (2.0 * eps);
+            let rel = (fd - g[j]).abs() / g[j].abs().max(1e-3);
+            assert!(
+                rel <= 1e-2,
+                "{pname}[{j}]: gradient {:.5e}, central difference {fd:.5e}",
+                g[j]
+            );
+        }
+    }
+    let file = dir.join("cls.gguf");
+    m.write_adapter(&model, &file).unwrap();
+    let loaded = load_adapter(&model, &file, 1.0).unwrap();
+    assert_eq!(loaded.class_labels(), Some(&classes[..]));
+    let (batch, _) = gguf_peft::train::make_batch(&refs);
+    let a = model.logits(&mut sched, &batch, &*m).unwrap();
+    let b = model.logits(&mut sched, &batch, &*loaded).unwrap();
+    assert_eq!(a.len(), 2);
+    assert_eq!(a[0].len(), 3);
+    assert_eq!(compare(&a, &b).0, 0.0);
+    // Language-model data on a classification adapter is refused.
+    let lm = examples(model.hparams.n_vocab);
+    let err = loss_and_grads(&model, &*m, &mut sched, &lm.iter().collect::<Vec<_>>()).err();
+    assert!(err.is_some_and(|e| e.to_string().contains("label")));
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -156,6 +156,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let ex = Example {
         loss: vec![true; tokens.len()],
         tokens: tokens.clone(),
+        ..Default::default()
     };
     let mut sched = model.sched();
     let batch = Batch::single(&tokens);

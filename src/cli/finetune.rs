@@ -86,8 +86,9 @@ pub struct FinetuneArgs {
     /// rsLoRA scaling: alpha / sqrt(rank).
     #[arg(long)]
     rslora: bool,
-    /// Peak learning rate (default: 2e-4 for LoRA, 1e-2 for P-tuning, 3e-2
-    /// for prompt tuning, prefix tuning and P-tuning v2).
+    /// Peak learning rate (default: 2e-4 for LoRA, 1e-2 for P-tuning and
+    /// for P-tuning v2 with a classification head, 3e-2 for prompt tuning,
+    /// prefix tuning and P-tuning v2).
     #[arg(long)]
     lr: Option<f32>,
     /// AdamW β1.
@@ -215,6 +216,7 @@ fn method_config(a: &FinetuneArgs, n_embd: usize) -> Result<MethodConfig> {
             projection: a.prefix_projection.then_some(hidden),
             init,
             ptuning_v2: a.method == "ptuning-v2",
+            classes: Vec::new(),
         }),
         _ => MethodConfig::Lora(LoraConfig {
             rank: a.rank,
@@ -267,11 +269,15 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         a.backward,
         super::inspect::human_bytes(t_bytes as u64)
     );
+    let records = read_records(&a.data)?;
+    let classes = crate::data::label_set(&records);
     let tok_opts = TokenizeOptions {
         train_on_prompt: a.train_on_prompt,
         max_seq_len: a.max_seq_len,
+        labels: classes.clone(),
     };
-    let (mut train, st) = tokenize(&read_records(&a.data)?, &tok, &tok_opts)?;
+    let in_file = |p: &std::path::Path, e: Error| Error::Msg(format!("{}: {e}", p.display()));
+    let (mut train, st) = tokenize(&records, &tok, &tok_opts).map_err(|e| in_file(&a.data, e))?;
     if train.is_empty() {
         return Err(Error::Msg(format!(
             "{}: no example has a token to train on (all {} dropped; use --train-on-prompt?)",
@@ -280,7 +286,11 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         )));
     }
     let mut eval: Vec<Example> = match &a.eval_data {
-        Some(p) => tokenize(&read_records(p)?, &tok, &tok_opts)?.0,
+        Some(p) => {
+            tokenize(&read_records(p)?, &tok, &tok_opts)
+                .map_err(|e| in_file(p, e))?
+                .0
+        }
         None => Vec::new(),
     };
     if a.eval_data.is_none() && a.eval_fraction > 0.0 {
@@ -302,8 +312,22 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         st.n_dropped,
         eval.len()
     );
-    let mcfg = method_config(&a, model.hparams.n_embd)?;
+    if !classes.is_empty() && a.method != "ptuning-v2" {
+        return Err(Error::Msg(format!(
+            "{}: labeled records ({{\"text\",\"label\"}}) train a classification head, which --method ptuning-v2 provides",
+            a.data.display()
+        )));
+    }
+    let mut mcfg = method_config(&a, model.hparams.n_embd)?;
+    if let MethodConfig::Prefix(p) = &mut mcfg {
+        p.classes = classes.clone();
+        if !classes.is_empty() {
+            eprintln!("classification: {} classes {:?}", classes.len(), classes);
+        }
+    }
     let lr = a.lr.unwrap_or(match a.method.as_str() {
+        // A fresh classification head is unstable at prompt-tuning rates.
+        "ptuning-v2" if !classes.is_empty() => 1e-2,
         "prompt" | "prefix" | "ptuning-v2" => 3e-2,
         "ptuning" => 1e-2,
         _ => 2e-4,

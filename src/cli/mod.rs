@@ -212,6 +212,16 @@ fn generate(a: GenerateArgs) -> Result<()> {
     if a.verbose_prompt {
         eprintln!("prompt ({} tokens):\n{text}\n---", prompt.len());
     }
+    if let Some(classes) = hooks.class_labels() {
+        // A classification adapter labels the prompt instead of continuing it.
+        let mut sched = model.sched();
+        let p = &crate::eval::classify(&model, &mut sched, hooks.as_ref(), &[prompt], |_, _| {})?[0];
+        let best = crate::generate::argmax(p);
+        println!("{}", classes[best]);
+        let all: Vec<String> = classes.iter().zip(p).map(|(c, q)| format!("{c} {q:.4}")).collect();
+        eprintln!("[class probabilities: {}]", all.join(", "));
+        return Ok(());
+    }
     let opts = SamplingOptions {
         max_tokens: a.max_tokens,
         temperature: a.temperature,
@@ -265,6 +275,9 @@ fn eval(a: EvalArgs) -> Result<()> {
     let (model, tok) = load(&a.model, a.compute.threads())?;
     let hooks = a.adapter.hooks(&model)?;
     let records = crate::data::read_records(&a.data)?;
+    if let Some(classes) = hooks.class_labels() {
+        return eval_classes(&a, &model, &tok, hooks.as_ref(), classes, &records);
+    }
     let mut seqs = Vec::new();
     for r in &records {
         seqs.push(tok.encode(&r.render(&tok)?, true));
@@ -290,6 +303,54 @@ fn eval(a: EvalArgs) -> Result<()> {
             rep.ctx_size,
             rep.mean_nll,
             rep.perplexity
+        );
+    }
+    Ok(())
+}
+
+/// `eval` with a classification adapter: accuracy and mean NLL of the
+/// labeled records.
+fn eval_classes(
+    a: &EvalArgs,
+    model: &Model,
+    tok: &crate::tokenizer::Tokenizer,
+    hooks: &dyn crate::model::Hooks,
+    classes: &[String],
+    records: &[crate::data::Record],
+) -> Result<()> {
+    let (mut seqs, mut labels) = (Vec::new(), Vec::new());
+    for (i, r) in records.iter().enumerate() {
+        let crate::data::Record::Labeled { text, label } = r else {
+            return Err(Error::Msg(format!(
+                "{}: record {} has no label; a classification adapter evaluates {{\"text\",\"label\"}} records",
+                a.data.display(),
+                i + 1
+            )));
+        };
+        let k = classes.iter().position(|c| c == label).ok_or_else(|| {
+            Error::Msg(format!(
+                "{}: record {}: label '{label}' is not one of the adapter's {classes:?}",
+                a.data.display(),
+                i + 1
+            ))
+        })?;
+        seqs.push(tok.encode(text, true));
+        labels.push(k);
+    }
+    let mut sched = model.sched();
+    let probs = with_progress("classify", |cb| {
+        crate::eval::classify(model, &mut sched, hooks, &seqs, |i, n| cb(i, n))
+    })?;
+    let rep = crate::eval::class_report(&probs, &labels);
+    if a.json {
+        println!("{}", serde_json::to_string(&rep).expect("serialisable"));
+    } else {
+        println!(
+            "{}: {} examples, accuracy {:.4}, mean NLL {:.4}",
+            a.data.display(),
+            rep.n_examples,
+            rep.accuracy,
+            rep.mean_nll
         );
     }
     Ok(())

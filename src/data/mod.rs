@@ -27,8 +27,16 @@ pub enum DataError {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Record {
     Text(String),
-    PromptCompletion { prompt: String, completion: String },
+    PromptCompletion {
+        prompt: String,
+        completion: String,
+    },
     Chat(Vec<Message>),
+    /// A text with a class label (sequence classification, `{"text","label"}`).
+    Labeled {
+        text: String,
+        label: String,
+    },
 }
 
 fn field<'v>(v: &'v serde_json::Value, key: &str) -> Option<&'v str> {
@@ -41,7 +49,16 @@ pub fn parse_record(v: &serde_json::Value) -> Result<Record, String> {
         return Err("expected a JSON object".into());
     }
     if let Some(t) = field(v, "text") {
-        return Ok(Record::Text(t.to_owned()));
+        let label = match v.get("label") {
+            None | Some(serde_json::Value::Null) => return Ok(Record::Text(t.to_owned())),
+            Some(serde_json::Value::String(l)) => l.clone(),
+            Some(l @ serde_json::Value::Number(_)) | Some(l @ serde_json::Value::Bool(_)) => l.to_string(),
+            Some(_) => return Err("'label' must be a string or a number".into()),
+        };
+        return Ok(Record::Labeled {
+            text: t.to_owned(),
+            label,
+        });
     }
     if let (Some(p), Some(c)) = (field(v, "prompt"), field(v, "completion")) {
         return Ok(Record::PromptCompletion {
@@ -125,23 +142,53 @@ impl Record {
             Record::Text(t) => t.clone(),
             Record::PromptCompletion { prompt, completion } => format!("{prompt}{completion}"),
             Record::Chat(m) => tok.apply_chat_template(m, false)?,
+            Record::Labeled { text, .. } => text.clone(),
         })
     }
 }
 
 /// A tokenized example: tokens and, per token, whether predicting it is
 /// trained on (completion / assistant tokens by default).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Example {
     pub tokens: Vec<i32>,
     pub loss: Vec<bool>,
+    /// Class index of a labeled example: its only target, predicted from
+    /// the last token (the `loss` flags are then all false).
+    #[serde(default)]
+    pub label: Option<u32>,
 }
 
 impl Example {
-    /// Number of tokens that carry loss (targets of predictions).
+    /// Number of targets: tokens that carry loss, or the label.
     pub fn n_loss(&self) -> usize {
+        if self.label.is_some() {
+            return 1;
+        }
         self.loss.iter().skip(1).filter(|&&l| l).count()
     }
+}
+
+/// The class labels of a dataset's labeled records, sorted (numerically
+/// when all are numbers); empty when no record is labeled.
+pub fn label_set(records: &[Record]) -> Vec<String> {
+    let mut labels: Vec<String> = records
+        .iter()
+        .filter_map(|r| match r {
+            Record::Labeled { label, .. } => Some(label.clone()),
+            _ => None,
+        })
+        .collect();
+    let numeric = labels.iter().all(|l| l.parse::<f64>().is_ok());
+    labels.sort_by(|a, b| {
+        if numeric {
+            a.parse::<f64>().unwrap().total_cmp(&b.parse::<f64>().unwrap())
+        } else {
+            a.cmp(b)
+        }
+    });
+    labels.dedup();
+    labels
 }
 
 /// How records become examples.
@@ -151,6 +198,8 @@ pub struct TokenizeOptions {
     pub train_on_prompt: bool,
     /// Truncate longer examples to this many tokens.
     pub max_seq_len: usize,
+    /// Class labels of labeled records (their index is the target).
+    pub labels: Vec<String>,
 }
 
 /// What tokenization did to a dataset.
@@ -173,7 +222,34 @@ pub fn tokenize(
 ) -> crate::Result<(Vec<Example>, TokenizeStats)> {
     let mut out = Vec::new();
     let mut st = TokenizeStats::default();
-    for r in records {
+    for (ri, r) in records.iter().enumerate() {
+        if let Record::Labeled { text, label } = r {
+            let Some(k) = o.labels.iter().position(|l| l == label) else {
+                return Err(crate::Error::Msg(format!(
+                    "record {}: label '{label}' is not one of the training labels {:?}",
+                    ri + 1,
+                    o.labels
+                )));
+            };
+            let mut tokens = tok.encode(text, true);
+            if tokens.len() > o.max_seq_len {
+                // Keep the end: the label is read from the last token.
+                tokens.drain(..tokens.len() - o.max_seq_len);
+                st.n_truncated += 1;
+            }
+            if tokens.is_empty() {
+                st.n_dropped += 1;
+                continue;
+            }
+            st.n_tokens += tokens.len();
+            st.n_loss_tokens += 1;
+            out.push(Example {
+                loss: vec![false; tokens.len()],
+                tokens,
+                label: Some(k as u32),
+            });
+            continue;
+        }
         // Segments (text, carries loss); tokenized as a whole and split by
         // prefix lengths so token boundaries match the full rendering.
         let segs: Vec<(String, bool)> = match r {
@@ -181,6 +257,7 @@ pub fn tokenize(
             Record::PromptCompletion { prompt, completion } => {
                 vec![(prompt.clone(), false), (completion.clone(), true)]
             }
+            Record::Labeled { .. } => unreachable!("handled above"),
             Record::Chat(msgs) => {
                 let mut segs = Vec::new();
                 let mut prev = String::new();
@@ -232,7 +309,11 @@ pub fn tokenize(
             loss.truncate(o.max_seq_len);
             st.n_truncated += 1;
         }
-        let ex = Example { tokens, loss };
+        let ex = Example {
+            tokens,
+            loss,
+            label: None,
+        };
         if ex.n_loss() == 0 {
             st.n_dropped += 1;
             continue;

@@ -10,6 +10,11 @@
 //!   [n_head_kv, head_dim] (PEFT's `get_prompt` view). For the `llama`
 //!   architecture the GGUF keys are in the RoPE-permuted order of the GGUF
 //!   Q/K rows, so each key head is permuted to HF's order and back.
+//!
+//! A classification head (P-tuning v2 on labeled data) goes out as PEFT's
+//! `SEQ_CLS` task: `base_model.score.weight` [n_classes, n_embd] (the
+//! saved `modules_to_save` copy of `*ForSequenceClassification.score`), and
+//! the class names, which PEFT's files do not hold, in `labels.json`.
 
 use super::peft::permute_rows;
 use super::soft_prompt::{self, SoftPrompt};
@@ -22,6 +27,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 const TENSOR: &str = "prompt_embeddings";
+const HEAD: &str = "base_model.score.weight";
 
 /// Whether keys cross the HF/GGUF Q/K row permutation.
 fn permuted(hp: &Hparams) -> bool {
@@ -97,7 +103,7 @@ pub fn export(adapter: &Path, model: &Model, out_dir: &Path) -> Result<()> {
     let ours: serde_json::Value = serde_json::from_str(&sp.config).unwrap_or(serde_json::Value::Null);
     let mut cfg = serde_json::json!({
         "peft_type": peft_type,
-        "task_type": "CAUSAL_LM",
+        "task_type": if sp.head.is_some() { "SEQ_CLS" } else { "CAUSAL_LM" },
         "num_virtual_tokens": n,
         "token_dim": token_dim,
         "num_transformer_submodules": 1,
@@ -134,12 +140,25 @@ pub fn export(adapter: &Path, model: &Model, out_dir: &Path) -> Result<()> {
             c.insert("encoder_hidden_size".into(), token_dim.into());
         }
     }
+    if sp.head.is_some() {
+        c.insert("modules_to_save".into(), serde_json::json!(["classifier", "score"]));
+    }
     std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
     let data = f32_bytes(&values);
-    let view = TensorView::new(Dtype::F32, vec![n, width], &data).expect("shape matches data");
+    let mut views = vec![(
+        TENSOR.to_string(),
+        TensorView::new(Dtype::F32, vec![n, width], &data).expect("shape matches data"),
+    )];
+    let head_data = sp.head.as_ref().map(|(_, w)| f32_bytes(w));
+    if let (Some((classes, _)), Some(d)) = (&sp.head, &head_data) {
+        let shape = vec![classes.len(), hp.n_embd];
+        views.push((HEAD.to_string(), TensorView::new(Dtype::F32, shape, d).expect("shape")));
+        let labels = serde_json::to_string_pretty(classes).expect("serialisable");
+        write_atomic(&out_dir.join("labels.json"), labels.as_bytes())?;
+    }
     let mut info = HashMap::new();
     info.insert("format".to_string(), "pt".to_string());
-    let bytes = safetensors::serialize(vec![(TENSOR.to_string(), view)], Some(info))
+    let bytes = safetensors::serialize(views, Some(info))
         .map_err(|e| Error::Msg(format!("{}: cannot serialise safetensors: {e}", out_dir.display())))?;
     write_atomic(&out_dir.join("adapter_model.safetensors"), &bytes)?;
     let json = serde_json::to_string_pretty(&cfg).expect("serialisable");
@@ -209,6 +228,27 @@ pub fn import(dir: &Path, model: &Model, out: &Path) -> Result<()> {
             prefix_layers(hp, n, &values)
         } else {
             Vec::new()
+        },
+        head: match st.tensor(HEAD) {
+            Ok(h) => {
+                let w = crate::convert::f32_values(&h, &format!("{}: '{HEAD}'", st_path.display()))?;
+                let k = h.shape().first().copied().unwrap_or(0);
+                if h.shape() != [k, hp.n_embd] || k == 0 {
+                    return Err(Error::Msg(format!(
+                        "{}: '{HEAD}' has shape {:?}, expected [n_classes, {}]",
+                        st_path.display(),
+                        h.shape(),
+                        hp.n_embd
+                    )));
+                }
+                let names: Vec<String> = std::fs::read_to_string(dir.join("labels.json"))
+                    .ok()
+                    .and_then(|t| serde_json::from_str(&t).ok())
+                    .filter(|v: &Vec<String>| v.len() == k)
+                    .unwrap_or_else(|| (0..k).map(|i| format!("LABEL_{i}")).collect());
+                Some((names, w))
+            }
+            Err(_) => None,
         },
         config: serde_json::json!({ "imported_from": cfg }).to_string(),
     };

@@ -14,7 +14,11 @@
 //!   0..n_virtual (feed them through `llama_batch.embd` ahead of the tokens);
 //! - prefix: tensors `blk.N.prefix_k` and `blk.N.prefix_v`, F32,
 //!   ne = [head_dim, n_head_kv, n_virtual] (keys as attention sees them, no
-//!   RoPE applied); real tokens then sit at positions n_virtual.. (as PEFT).
+//!   RoPE applied); real tokens then sit at positions n_virtual.. (as PEFT);
+//! - a classification head (P-tuning v2 on labeled data): tensor
+//!   `score.weight`, F32, ne = [n_embd, n_classes], applied to the last
+//!   token's final normalised hidden state instead of the LM head, and
+//!   `adapter.classes`, the class names in score order.
 
 use crate::ggml::{f32_bytes, GgmlType};
 use crate::gguf::{GgufFile, GgufWriter, TensorSpec, Value};
@@ -34,6 +38,8 @@ pub struct SoftPrompt {
     /// Per layer: keys and values, `[head_dim, n_head_kv, n_virtual]` each
     /// (prefix kinds; empty otherwise).
     pub prefix: Vec<(Vec<f32>, Vec<f32>)>,
+    /// A classification head: class names and weights `[n_embd, n_classes]`.
+    pub head: Option<(Vec<String>, Vec<f32>)>,
     /// The method's configuration (JSON).
     pub config: String,
 }
@@ -63,6 +69,10 @@ pub fn write(sp: &SoftPrompt, model: &Model, path: &Path) -> Result<()> {
     w.set("adapter.peft_method", Value::String(sp.method.clone()));
     w.set("adapter.num_virtual_tokens", Value::U32(sp.n_virtual as u32));
     w.set("gguf_peft.config", Value::String(sp.config.clone()));
+    if let Some((classes, _)) = &sp.head {
+        let names = classes.iter().map(|c| Value::String(c.clone())).collect();
+        w.set("adapter.classes", Value::Array(crate::gguf::ValueType::String, names));
+    }
     let n = sp.n_virtual as u64;
     let mut datas = Vec::new();
     if n > 0 {
@@ -82,6 +92,14 @@ pub fn write(sp: &SoftPrompt, model: &Model, path: &Path) -> Result<()> {
             add(format!("blk.{il}.prefix_k"), vec![hd, nkv, n], k);
             add(format!("blk.{il}.prefix_v"), vec![hp.head_dim_v as u64, nkv, n], v);
         }
+    }
+    if let Some((classes, wts)) = &sp.head {
+        w.add_tensor(TensorSpec {
+            name: crate::peft::prefix::HEAD.into(),
+            ty: GgmlType::F32,
+            ne: vec![hp.n_embd as u64, classes.len() as u64],
+        });
+        datas.push(f32_bytes(wts));
     }
     w.write(path, |i| Ok(Cow::Borrowed(&datas[i][..])))?;
     Ok(())
@@ -144,11 +162,22 @@ pub fn read(path: &Path, model: &Model) -> Result<SoftPrompt> {
         }
         Ok(t.ty.to_f32(f.tensor_data(t), t.n_elements() as usize))
     };
+    let classes: Vec<String> = match f.get("adapter.classes") {
+        Some(Value::Array(_, v)) => v.iter().filter_map(|x| x.as_str().map(str::to_owned)).collect(),
+        _ => Vec::new(),
+    };
+    let head = if classes.is_empty() {
+        None
+    } else {
+        let ne = vec![hp.n_embd as u64, classes.len() as u64];
+        Some((classes, tensor(crate::peft::prefix::HEAD, ne)?))
+    };
     let mut sp = SoftPrompt {
         method,
         n_virtual: n,
         tokens: None,
         prefix: Vec::new(),
+        head,
         config,
     };
     if kind == "prompt" {

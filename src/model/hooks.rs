@@ -109,6 +109,19 @@ pub trait Hooks {
         None
     }
 
+    /// A head that replaces the LM head (sequence classification): scores
+    /// `[n_classes, n_outputs]` from the final normalised hidden states of
+    /// the output rows `[n_embd, n_outputs]`.
+    fn output_head<'a>(&'a self, f: &Forward<'a>, h: Tensor<'a>) -> Option<Tensor<'a>> {
+        let _ = (f, h);
+        None
+    }
+
+    /// The class names of [`Hooks::output_head`], in score order.
+    fn class_labels(&self) -> Option<&[String]> {
+        None
+    }
+
     /// The attention block's output before the residual add.
     fn after_attn<'a>(&'a self, ctx: &'a Context, layer: usize, h: Tensor<'a>) -> Tensor<'a> {
         let _ = (ctx, layer);

@@ -282,6 +282,10 @@ impl Model {
     /// hidden states.
     pub fn logits_from_normed<'a>(&'a self, ctx: &'a Context, f: &mut Forward<'a>, h: Tensor<'a>) -> Tensor<'a> {
         let h = f.select_outputs(h);
+        let hooks = f.hooks;
+        if let Some(scores) = hooks.output_head(f, h) {
+            return scores.set_name("logits").set_output();
+        }
         let mut logits = f.lm_head(h);
         let cap = self.hparams.final_logit_softcap;
         if cap > 0.0 {

@@ -132,8 +132,10 @@ pub fn load_adapter(model: &Model, path: &Path, scale: f32) -> Result<Box<dyn Tr
                 projection: None,
                 init: prompt_tuning::PromptInit::Random,
                 ptuning_v2: sp.method == "p_tuning_v2",
+                classes: sp.head.as_ref().map_or(Vec::new(), |(c, _)| c.clone()),
             };
-            Box::new(prefix::PrefixTuning::from_values(model, cfg, &sp.prefix)?)
+            let head = sp.head.as_ref().map(|(_, w)| &w[..]);
+            Box::new(prefix::PrefixTuning::from_values(model, cfg, &sp.prefix, head)?)
         }
     })
 }

@@ -250,6 +250,7 @@ impl Trainable for PTuning {
             n_virtual: self.config.num_virtual_tokens,
             tokens: Some(self.virtual_token_values(model)?),
             prefix: Vec::new(),
+            head: None,
             config: serde_json::to_string(&self.config).expect("serialisable"),
         };
         crate::export::soft_prompt::write(&sp, model, path)

@@ -35,7 +35,15 @@ pub struct PrefixConfig {
     /// Recorded as P-tuning v2 (deep prompts without reparameterisation).
     #[serde(default)]
     pub ptuning_v2: bool,
+    /// Class labels: with any, a linear classification head (`score`, as
+    /// HF's `*ForSequenceClassification`, no bias) on the last token's
+    /// final hidden state replaces the LM head, and is trained too.
+    #[serde(default)]
+    pub classes: Vec<String>,
 }
+
+/// The classification head's weight, ne = [n_embd, n_classes].
+pub const HEAD: &str = "score.weight";
 
 /// Trainable per-layer prefixes on one model.
 pub struct PrefixTuning {
@@ -107,7 +115,9 @@ impl PrefixTuning {
                         .map(|_| (normal(kv * n), normal(hp.head_dim_v * hp.n_head_kv * n)))
                         .collect(),
                 };
-                return Self::from_values(model, config, &values);
+                let p = Self::from_values(model, config, &values, None)?;
+                p.init_head(&mut rng, None);
+                return Ok(p);
             }
             Some(h) => {
                 if hp.head_dim != hp.head_dim_v {
@@ -119,13 +129,17 @@ impl PrefixTuning {
                     )));
                 }
                 let out = hp.n_layer * 2 * kv;
-                let shapes = vec![
+                let mut shapes = vec![
                     (EMB.to_string(), vec![kv, n]),
                     (W0.to_string(), vec![kv, h]),
                     (B0.to_string(), vec![h]),
                     (W2.to_string(), vec![h, out]),
                     (B2.to_string(), vec![out]),
                 ];
+                if n == 0 {
+                    shapes.clear();
+                }
+                shapes.extend(head_shape(model, &config));
                 let p = Self::with_store(model, config.clone(), alloc_params(model, &shapes));
                 if n > 0 {
                     let emb = normal(kv * n);
@@ -139,6 +153,7 @@ impl PrefixTuning {
                         p.store.get(name).expect("allocated").write_f32(&v);
                     }
                 }
+                p.init_head(&mut rng, None);
                 p
             }
         };
@@ -156,9 +171,31 @@ impl PrefixTuning {
         }
     }
 
+    /// Starts the classification head (if any) at `values`, or as HF does:
+    /// normal with standard deviation 0.02.
+    fn init_head(&self, rng: &mut Rng, values: Option<&[f32]>) {
+        if let Some(t) = self.store.get(HEAD) {
+            match values {
+                Some(v) => t.write_f32(v),
+                None => t.write_f32(&(0..t.n_elements()).map(|_| 0.02 * rng.normal()).collect::<Vec<_>>()),
+            }
+        }
+    }
+
+    /// The classification head's weights, if there is a head.
+    pub fn head_values(&self) -> Option<Vec<f32>> {
+        self.store.get(HEAD).map(|t| t.read_f32())
+    }
+
     /// Prefixes with these per-layer keys and values (`[head_dim,
-    /// n_head_kv, n_virtual]` each), trained directly (no projection).
-    pub fn from_values(model: &Model, config: PrefixConfig, values: &[(Vec<f32>, Vec<f32>)]) -> Result<Self> {
+    /// n_head_kv, n_virtual]` each), trained directly (no projection), and
+    /// the classification head's weights when the config names classes.
+    pub fn from_values(
+        model: &Model,
+        config: PrefixConfig,
+        values: &[(Vec<f32>, Vec<f32>)],
+        head: Option<&[f32]>,
+    ) -> Result<Self> {
         let hp = &model.hparams;
         let n = config.num_virtual_tokens;
         let config = PrefixConfig {
@@ -172,7 +209,11 @@ impl PrefixTuning {
                 shapes.push((value_name(il), vec![hp.head_dim_v, hp.n_head_kv, n]));
             }
         }
+        shapes.extend(head_shape(model, &config));
         let p = Self::with_store(model, config, alloc_params(model, &shapes));
+        if let Some(h) = head {
+            p.init_head(&mut Rng::new(0), Some(h));
+        }
         if n > 0 {
             if values.len() != hp.n_layer {
                 return Err(Error::Msg(format!(
@@ -238,7 +279,19 @@ impl PrefixTuning {
     }
 }
 
+fn head_shape(model: &Model, config: &PrefixConfig) -> Option<(String, Vec<usize>)> {
+    (!config.classes.is_empty()).then(|| (HEAD.to_string(), vec![model.hparams.n_embd, config.classes.len()]))
+}
+
 impl Hooks for PrefixTuning {
+    fn output_head<'a>(&'a self, f: &Forward<'a>, h: Tensor<'a>) -> Option<Tensor<'a>> {
+        self.store.get(HEAD).map(|w| f.ctx.mul_mat(w, h))
+    }
+
+    fn class_labels(&self) -> Option<&[String]> {
+        (!self.config.classes.is_empty()).then_some(&self.config.classes[..])
+    }
+
     fn n_virtual_positions(&self) -> usize {
         self.config.num_virtual_tokens
     }
@@ -278,15 +331,17 @@ impl Trainable for PrefixTuning {
     }
 
     fn param_names(&self) -> Vec<String> {
-        if self.config.num_virtual_tokens == 0 {
-            return Vec::new();
-        }
-        match self.config.projection {
+        let mut names = match self.config.projection {
+            _ if self.config.num_virtual_tokens == 0 => Vec::new(),
             Some(_) => [EMB, W0, B0, W2, B2].map(String::from).to_vec(),
             None => (0..self.n_layer)
                 .flat_map(|il| [key_name(il), value_name(il)])
                 .collect(),
+        };
+        if self.store.get(HEAD).is_some() {
+            names.push(HEAD.to_string());
         }
+        names
     }
 
     fn set_training(&self, _rng: Option<Rng>) {}
@@ -301,6 +356,7 @@ impl Trainable for PrefixTuning {
             n_virtual: self.config.num_virtual_tokens,
             tokens: None,
             prefix: self.entries(model)?,
+            head: self.head_values().map(|v| (self.config.classes.clone(), v)),
             config: serde_json::to_string(&self.config).expect("serialisable"),
         };
         crate::export::soft_prompt::write(&sp, model, path)

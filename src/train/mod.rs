@@ -63,7 +63,8 @@ impl Default for TrainConfig {
     }
 }
 
-/// A flat packed batch of examples with next-token targets at loss positions.
+/// A flat packed batch of examples with next-token targets at loss
+/// positions (or, for a labeled example, its class at its last token).
 pub fn make_batch(examples: &[&Example]) -> (Batch, Vec<i32>) {
     let mut b = Batch {
         outputs: Some(Vec::new()),
@@ -76,13 +77,34 @@ pub fn make_batch(examples: &[&Example]) -> (Batch, Vec<i32>) {
             b.tokens.push(e.tokens[i]);
             b.pos.push(i as i32);
             b.seq.push(si as u32);
-            if i + 1 < e.tokens.len() && e.loss[i + 1] {
+            if let Some(label) = e.label {
+                if i + 1 == e.tokens.len() {
+                    b.outputs.as_mut().unwrap().push(base + i as i32);
+                    targets.push(label as i32);
+                }
+            } else if i + 1 < e.tokens.len() && e.loss[i + 1] {
                 b.outputs.as_mut().unwrap().push(base + i as i32);
                 targets.push(e.tokens[i + 1]);
             }
         }
     }
     (b, targets)
+}
+
+/// Targets must index the logits: labeled examples go with a
+/// classification head, text with the LM head.
+pub(crate) fn check_targets(targets: &[i32], width: usize, method: &dyn Trainable) -> Result<()> {
+    if targets.iter().all(|&t| (t as usize) < width) {
+        return Ok(());
+    }
+    Err(Error::Msg(match method.class_labels() {
+        Some(c) => format!(
+            "this adapter classifies into {} labels; its data must be {{\"text\",\"label\"}} records",
+            c.len()
+        ),
+        None => "a target is outside the vocabulary (labeled data needs a classification head: --method ptuning-v2)"
+            .to_string(),
+    }))
 }
 
 /// Dense one-hot label rows (`n_vocab` wide) for the positions that carry
@@ -146,7 +168,6 @@ pub fn loss_and_grads_profiled(
     if n_out == 0 {
         return Err(Error::Msg("batch has no loss tokens".into()));
     }
-    let n_vocab = model.hparams.n_vocab;
     let gs = model.graph_size() * 4;
     let ctx = Context::new(gs, gs, true);
     method.new_batch();
@@ -155,6 +176,9 @@ pub fn loss_and_grads_profiled(
         p.set_param();
     }
     let (logits, f) = model.build_logits(&ctx, &batch, method, true);
+    // The vocabulary, or the classes of a classification head.
+    let n_vocab = logits.ne()[0] as usize;
+    check_targets(&targets, n_vocab, method)?;
     let labels = ctx
         .new_tensor(GgmlType::F32, &[n_vocab as i64, n_out as i64])
         .set_name("labels")
@@ -195,6 +219,7 @@ pub fn eval_loss(model: &Model, method: &dyn Trainable, sched: &mut Sched, examp
             continue;
         }
         let rows = model.logits(sched, &batch, method)?;
+        check_targets(&targets, rows.first().map_or(0, |r| r.len()), method)?;
         for (row, &t) in rows.iter().zip(&targets) {
             nll -= crate::eval::log_prob(row, t as usize);
             n += 1;

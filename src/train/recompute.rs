@@ -66,7 +66,7 @@ pub fn loss_and_grads_recompute(
         return Err(Error::Msg("batch has no loss tokens".into()));
     }
     let hp = &model.hparams;
-    let (n_embd, n_vocab, n_layer) = (hp.n_embd, hp.n_vocab, hp.n_layer);
+    let (n_embd, n_layer) = (hp.n_embd, hp.n_layer);
     let gs = model.graph_size() * 4;
     let mode = model.arch.rope_mode();
     method.new_batch();
@@ -121,6 +121,9 @@ pub fn loss_and_grads_recompute(
         let mut f = Forward::new(&ctx, hp, model.weights(), method, mode, &cb, true);
         let hn = model.arch.output_norm(&mut f, h_in);
         let logits = model.logits_from_normed(&ctx, &mut f, hn);
+        // The vocabulary, or the classes of a classification head.
+        let n_vocab = logits.ne()[0] as usize;
+        super::check_targets(&targets, n_vocab, method)?;
         let labels = ctx
             .new_tensor(GgmlType::F32, &[n_vocab as i64, chunk.len() as i64])
             .set_input();
