@@ -1,5 +1,6 @@
 //! `gguf-peft finetune`: train an adapter on the frozen (quantized) base and
-//! write it in llama.cpp's LoRA format.
+//! write it in the form runtimes load (llama.cpp's LoRA GGUF, or our
+//! soft-prompt GGUF for the prompt family).
 
 use super::{progress_bar, ComputeArgs};
 use crate::data::{read_records, tokenize, Example, TokenizeOptions};

@@ -123,8 +123,12 @@ fn report(a: &InspectArgs, out: &mut String) -> Result<()> {
         for key in [
             "adapter.type",
             "adapter.lora.alpha",
+            "adapter.peft_method",
+            "adapter.num_virtual_tokens",
+            "adapter.classes",
             "general.base_model.name",
             "gguf_peft.lora.config",
+            "gguf_peft.config",
         ] {
             if let Some(v) = f.get(key) {
                 w!(out, "  {key} = {}", v.display_short());

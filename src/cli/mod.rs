@@ -31,9 +31,9 @@ enum Command {
     Inspect(inspect::InspectArgs),
     /// Generate text with our own graph (greedy at --temp 0).
     Generate(GenerateArgs),
-    /// Mean token NLL and perplexity of a model over a text or JSONL file.
+    /// Mean token NLL and perplexity over a text or JSONL file (accuracy with a classifier adapter).
     Eval(EvalArgs),
-    /// Train a LoRA adapter on the frozen GGUF base (kept in its quant types).
+    /// Train an adapter (LoRA, prompt / P- / prefix tuning, P-tuning v2) on the frozen GGUF base.
     Finetune(Box<finetune::FinetuneArgs>),
     /// Forward and training throughput, train/forward ratio and peak memory.
     Bench(bench::BenchArgs),
@@ -41,9 +41,9 @@ enum Command {
     Merge(merge::MergeArgs),
     /// Requantize a model to another ggml type.
     Quantize(quantize::QuantizeArgs),
-    /// Export a GGUF LoRA adapter in another format (HF PEFT).
+    /// Export a GGUF LoRA adapter or soft prompt in another format (HF PEFT).
     Export(convert::ExportArgs),
-    /// Convert a HF PEFT LoRA adapter to llama.cpp's GGUF LoRA format.
+    /// Convert a HF PEFT adapter (LoRA or prompt learning) to our GGUF formats.
     ImportAdapter(convert::ImportArgs),
     /// Convert a HF checkpoint (safetensors, incl. bitsandbytes NF4) to GGUF.
     Convert(convert::ConvertArgs),
@@ -339,7 +339,7 @@ fn eval_classes(
     }
     let mut sched = model.sched();
     let probs = with_progress("classify", |cb| {
-        crate::eval::classify(model, &mut sched, hooks, &seqs, |i, n| cb(i, n))
+        crate::eval::classify(model, &mut sched, hooks, &seqs, cb)
     })?;
     let rep = crate::eval::class_report(&probs, &labels);
     if a.json {
