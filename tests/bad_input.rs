@@ -130,3 +130,112 @@ fn wrong_tensor_shape() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Soft prompts on the wrong base, truncated, or PEFT prompt adapters of the
+/// wrong width; labeled data for a method without a head.
+#[test]
+fn soft_prompt_misuse() {
+    use gguf_peft::ggml::Backend;
+    use gguf_peft::model::Model;
+    use gguf_peft::peft::prompt_tuning::{PromptInit, PromptTuningConfig};
+    use gguf_peft::peft::MethodConfig;
+    let dir = tmpdir("bad-soft-prompt");
+    let llama = synth(&dir, "llama", GgmlType::F32);
+    let qwen = synth(&dir, "qwen2", GgmlType::F32);
+    let model = Model::load(&llama, Backend::cpu(threads())).unwrap();
+    let cfg = MethodConfig::Prompt(PromptTuningConfig {
+        num_virtual_tokens: 4,
+        init: PromptInit::Random,
+    });
+    let sp = dir.join("prompt.gguf");
+    cfg.build(&model, None, 1).unwrap().write_adapter(&model, &sp).unwrap();
+    let (q, s) = (qwen.to_str().unwrap(), sp.to_str().unwrap());
+    assert_one_line_error(
+        &["generate", "-m", q, "-p", "hi", "-n", "1", "--adapter", s],
+        &sp,
+        "wrong base model",
+    );
+    let l = llama.to_str().unwrap();
+    assert_one_line_error(
+        &[
+            "eval",
+            "-m",
+            l,
+            "-d",
+            sp.to_str().unwrap(),
+            "--adapter",
+            s,
+            "--adapter-scale",
+            "0.5",
+        ],
+        &sp,
+        "LoRA adapters only",
+    );
+    let bytes = std::fs::read(&sp).unwrap();
+    let cut = dir.join("cut.gguf");
+    std::fs::write(&cut, &bytes[..bytes.len() - 9]).unwrap();
+    assert_one_line_error(
+        &[
+            "generate",
+            "-m",
+            l,
+            "-p",
+            "hi",
+            "-n",
+            "1",
+            "--adapter",
+            cut.to_str().unwrap(),
+        ],
+        &cut,
+        "truncated",
+    );
+    // A PEFT prompt adapter for a model of another width.
+    let peft = dir.join("peft");
+    gguf_peft::export::peft_prompt::export(&sp, &model, &peft).unwrap();
+    let st = peft.join("adapter_model.safetensors");
+    let data = vec![0u8; 4 * 4 * 100];
+    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![4, 100], &data).unwrap();
+    std::fs::write(
+        &st,
+        safetensors::serialize(vec![("prompt_embeddings", view)], None).unwrap(),
+    )
+    .unwrap();
+    let out = dir.join("back.gguf");
+    assert_one_line_error(
+        &[
+            "import-adapter",
+            peft.to_str().unwrap(),
+            "-m",
+            l,
+            "-o",
+            out.to_str().unwrap(),
+        ],
+        &st,
+        "wrong base model",
+    );
+    assert!(!out.exists());
+    // Labeled records need the method with a classification head.
+    let data = dir.join("labeled.jsonl");
+    std::fs::write(
+        &data,
+        "{\"text\": \"good\", \"label\": \"pos\"}\n{\"text\": \"bad\", \"label\": \"neg\"}\n",
+    )
+    .unwrap();
+    let o = dir.join("run");
+    assert_one_line_error(
+        &[
+            "finetune",
+            "-m",
+            l,
+            "-d",
+            data.to_str().unwrap(),
+            "-o",
+            o.to_str().unwrap(),
+            "--method",
+            "prompt",
+        ],
+        &data,
+        "ptuning-v2",
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}

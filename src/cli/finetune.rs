@@ -242,6 +242,14 @@ fn method_config(a: &FinetuneArgs, n_embd: usize) -> Result<MethodConfig> {
 }
 
 pub fn run(a: FinetuneArgs) -> Result<()> {
+    let records = read_records(&a.data)?;
+    let classes = crate::data::label_set(&records);
+    if !classes.is_empty() && a.method != "ptuning-v2" {
+        return Err(Error::Msg(format!(
+            "{}: labeled records ({{\"text\",\"label\"}}) train a classification head, which --method ptuning-v2 provides",
+            a.data.display()
+        )));
+    }
     let threads = a.compute.threads();
     let layout = match a.base_compute.as_str() {
         "native" => WeightLayout::Native,
@@ -270,8 +278,6 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         a.backward,
         super::inspect::human_bytes(t_bytes as u64)
     );
-    let records = read_records(&a.data)?;
-    let classes = crate::data::label_set(&records);
     let tok_opts = TokenizeOptions {
         train_on_prompt: a.train_on_prompt,
         max_seq_len: a.max_seq_len,
@@ -313,12 +319,6 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         st.n_dropped,
         eval.len()
     );
-    if !classes.is_empty() && a.method != "ptuning-v2" {
-        return Err(Error::Msg(format!(
-            "{}: labeled records ({{\"text\",\"label\"}}) train a classification head, which --method ptuning-v2 provides",
-            a.data.display()
-        )));
-    }
     let mut mcfg = method_config(&a, model.hparams.n_embd)?;
     if let MethodConfig::Prefix(p) = &mut mcfg {
         p.classes = classes.clone();
