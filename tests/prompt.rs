@@ -37,6 +37,7 @@ fn prefix(n: usize, projection: Option<usize>, ptuning_v2: bool) -> MethodConfig
         projection,
         init: PromptInit::Random,
         ptuning_v2,
+        keep_positions: false,
         classes: Vec::new(),
     })
 }
@@ -50,6 +51,13 @@ fn methods(n: usize) -> Vec<(&'static str, MethodConfig)> {
         ("prefix", prefix(n, None, false)),
         ("prefix-projection", prefix(n, Some(24), false)),
         ("ptuning-v2", prefix(n, None, true)),
+        ("prefix-keep-positions", {
+            let MethodConfig::Prefix(mut c) = prefix(n, None, false) else {
+                unreachable!()
+            };
+            c.keep_positions = true;
+            MethodConfig::Prefix(c)
+        }),
     ]
 }
 
@@ -281,6 +289,7 @@ fn prefix_of_token_keys_equals_prepended_tokens() {
             projection: None,
             init: PromptInit::Random,
             ptuning_v2: false,
+            keep_positions: false,
             classes: Vec::new(),
         };
         let p = PrefixTuning::from_values(&model, cfg, &kv_of_tokens(&model, &head).unwrap(), None).unwrap();
@@ -291,6 +300,17 @@ fn prefix_of_token_keys_equals_prepended_tokens() {
         let (d, mx) = compare(&got, &all[head.len()..]);
         println!("{arch}: prefix of token keys vs prepended tokens {d:.3e} (max {mx:.3})");
         assert!(d <= 1e-5 * mx, "{arch}: {d:.3e}");
+        // Keeping real tokens at positions 0.. is another model.
+        let keep = PrefixConfig {
+            keep_positions: true,
+            ..p.config.clone()
+        };
+        let k = PrefixTuning::from_values(&model, keep, &kv_of_tokens(&model, &head).unwrap(), None).unwrap();
+        let other = model.logits(&mut sched, &Batch::single(&tokens), &k).unwrap();
+        assert!(
+            compare(&other, &all[head.len()..]).0 > 1e-3 * mx,
+            "{arch}: positions made no difference"
+        );
     }
     let _ = std::fs::remove_dir_all(dir);
 }
@@ -355,6 +375,7 @@ fn classification_head_gradients_and_file() {
         projection: None,
         init: PromptInit::Random,
         ptuning_v2: true,
+        keep_positions: false,
         classes: classes.clone(),
     });
     let m = cfg.build(&model, None, 17).unwrap();

@@ -69,6 +69,11 @@ pub struct FinetuneArgs {
     /// Linear) that is dropped at export.
     #[arg(long)]
     prefix_projection: bool,
+    /// Prefix tuning / P-tuning v2: real tokens keep positions 0.. instead of
+    /// following the prefix, as PEFT places them (such adapters do not
+    /// export to PEFT).
+    #[arg(long)]
+    prefix_keep_positions: bool,
     /// LoRA rank.
     #[arg(short = 'r', long, default_value_t = 8)]
     rank: usize,
@@ -215,6 +220,7 @@ fn method_config(a: &FinetuneArgs, n_embd: usize) -> Result<MethodConfig> {
         "prefix" | "ptuning-v2" => MethodConfig::Prefix(PrefixConfig {
             num_virtual_tokens: n,
             projection: a.prefix_projection.then_some(hidden),
+            keep_positions: a.prefix_keep_positions,
             init,
             ptuning_v2: a.method == "ptuning-v2",
             classes: Vec::new(),

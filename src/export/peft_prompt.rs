@@ -78,6 +78,12 @@ pub fn export(adapter: &Path, model: &Model, out_dir: &Path) -> Result<()> {
     let hp = &model.hparams;
     let n = sp.n_virtual;
     let kv = hp.head_dim * hp.n_head_kv;
+    if sp.keep_positions {
+        return Err(Error::Msg(format!(
+            "{}: this prefix keeps real tokens at positions 0.. (--prefix-keep-positions); PEFT places them after the prefix, so it would not act the same there",
+            adapter.display()
+        )));
+    }
     if sp.tokens.is_none() && hp.head_dim != hp.head_dim_v {
         return Err(Error::Msg(format!(
             "{}: PEFT's prefix layout needs keys and values of one width",
@@ -229,6 +235,7 @@ pub fn import(dir: &Path, model: &Model, out: &Path) -> Result<()> {
         } else {
             Vec::new()
         },
+        keep_positions: false,
         head: match st.tensor(HEAD) {
             Ok(h) => {
                 let w = crate::convert::f32_values(&h, &format!("{}: '{HEAD}'", st_path.display()))?;

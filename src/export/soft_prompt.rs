@@ -14,7 +14,8 @@
 //!   0..n_virtual (feed them through `llama_batch.embd` ahead of the tokens);
 //! - prefix: tensors `blk.N.prefix_k` and `blk.N.prefix_v`, F32,
 //!   ne = [head_dim, n_head_kv, n_virtual] (keys as attention sees them, no
-//!   RoPE applied); real tokens then sit at positions n_virtual.. (as PEFT);
+//!   RoPE applied); real tokens then sit at positions n_virtual.. (as PEFT),
+//!   or at 0.. when `adapter.prefix.keep_positions` is true;
 //! - a classification head (P-tuning v2 on labeled data): tensor
 //!   `score.weight`, F32, ne = [n_embd, n_classes], applied to the last
 //!   token's final normalised hidden state instead of the LM head, and
@@ -38,6 +39,8 @@ pub struct SoftPrompt {
     /// Per layer: keys and values, `[head_dim, n_head_kv, n_virtual]` each
     /// (prefix kinds; empty otherwise).
     pub prefix: Vec<(Vec<f32>, Vec<f32>)>,
+    /// Prefix kinds: real tokens keep positions 0.. (not PEFT's layout).
+    pub keep_positions: bool,
     /// A classification head: class names and weights `[n_embd, n_classes]`.
     pub head: Option<(Vec<String>, Vec<f32>)>,
     /// The method's configuration (JSON).
@@ -69,6 +72,9 @@ pub fn write(sp: &SoftPrompt, model: &Model, path: &Path) -> Result<()> {
     w.set("adapter.peft_method", Value::String(sp.method.clone()));
     w.set("adapter.num_virtual_tokens", Value::U32(sp.n_virtual as u32));
     w.set("gguf_peft.config", Value::String(sp.config.clone()));
+    if sp.keep_positions {
+        w.set("adapter.prefix.keep_positions", Value::Bool(true));
+    }
     if let Some((classes, _)) = &sp.head {
         let names = classes.iter().map(|c| Value::String(c.clone())).collect();
         w.set("adapter.classes", Value::Array(crate::gguf::ValueType::String, names));
@@ -177,6 +183,7 @@ pub fn read(path: &Path, model: &Model) -> Result<SoftPrompt> {
         n_virtual: n,
         tokens: None,
         prefix: Vec::new(),
+        keep_positions: matches!(f.get("adapter.prefix.keep_positions"), Some(Value::Bool(true))),
         head,
         config,
     };

@@ -132,6 +132,7 @@ pub fn load_adapter(model: &Model, path: &Path, scale: f32) -> Result<Box<dyn Tr
                 projection: None,
                 init: prompt_tuning::PromptInit::Random,
                 ptuning_v2: sp.method == "p_tuning_v2",
+                keep_positions: sp.keep_positions,
                 classes: sp.head.as_ref().map_or(Vec::new(), |(c, _)| c.clone()),
             };
             let head = sp.head.as_ref().map(|(_, w)| &w[..]);

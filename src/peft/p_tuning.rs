@@ -250,6 +250,7 @@ impl Trainable for PTuning {
             n_virtual: self.config.num_virtual_tokens,
             tokens: Some(self.virtual_token_values(model)?),
             prefix: Vec::new(),
+            keep_positions: false,
             head: None,
             config: serde_json::to_string(&self.config).expect("serialisable"),
         };

@@ -35,6 +35,11 @@ pub struct PrefixConfig {
     /// Recorded as P-tuning v2 (deep prompts without reparameterisation).
     #[serde(default)]
     pub ptuning_v2: bool,
+    /// Real tokens keep positions 0.. instead of following the prefix
+    /// (n_virtual..). PEFT shifts them (its prefix sits in the KV cache), so
+    /// only the default matches PEFT and a prefix made from a text.
+    #[serde(default)]
+    pub keep_positions: bool,
     /// Class labels: with any, a linear classification head (`score`, as
     /// HF's `*ForSequenceClassification`, no bias) on the last token's
     /// final hidden state replaces the LM head, and is trained too.
@@ -284,16 +289,20 @@ fn head_shape(model: &Model, config: &PrefixConfig) -> Option<(String, Vec<usize
 }
 
 impl Hooks for PrefixTuning {
+    fn n_virtual_positions(&self) -> usize {
+        if self.config.keep_positions {
+            0
+        } else {
+            self.config.num_virtual_tokens
+        }
+    }
+
     fn output_head<'a>(&'a self, f: &Forward<'a>, h: Tensor<'a>) -> Option<Tensor<'a>> {
         self.store.get(HEAD).map(|w| f.ctx.mul_mat(w, h))
     }
 
     fn class_labels(&self) -> Option<&[String]> {
         (!self.config.classes.is_empty()).then_some(&self.config.classes[..])
-    }
-
-    fn n_virtual_positions(&self) -> usize {
-        self.config.num_virtual_tokens
     }
 
     fn attn_kv_prefix<'a>(&'a self, f: &Forward<'a>, layer: usize) -> Option<(Tensor<'a>, Tensor<'a>)> {
@@ -356,6 +365,7 @@ impl Trainable for PrefixTuning {
             n_virtual: self.config.num_virtual_tokens,
             tokens: None,
             prefix: self.entries(model)?,
+            keep_positions: self.config.keep_positions,
             head: self.head_values().map(|v| (self.config.classes.clone(), v)),
             config: serde_json::to_string(&self.config).expect("serialisable"),
         };

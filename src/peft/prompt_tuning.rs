@@ -146,6 +146,7 @@ impl Trainable for PromptTuning {
             n_virtual: self.config.num_virtual_tokens,
             tokens: Some(self.values()),
             prefix: Vec::new(),
+            keep_positions: false,
             head: None,
             config: serde_json::to_string(&self.config).expect("serialisable"),
         };
