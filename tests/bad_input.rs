@@ -4,19 +4,8 @@ mod common;
 use common::*;
 use gguf_peft::ggml::GgmlType;
 use std::path::Path;
-use std::process::Command;
 
-fn run(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_gguf-peft"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use common::run_cli as run;
 
 /// Fails with exactly one stderr line that starts with "error:", names the
 /// file and contains `what`.

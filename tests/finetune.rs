@@ -12,12 +12,10 @@ use gguf_peft::train::metrics::{read, StepMetrics};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// Runs the binary: (success, stderr).
 fn cli(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_gguf-peft"))
-        .args(args)
-        .output()
-        .unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    let (ok, _, err) = run_cli(args);
+    (ok, err)
 }
 
 /// `finetune -m MODEL -d DATA -o OUT -t 2` and the space-separated `extra`.

@@ -12,7 +12,7 @@ use gguf_peft::model::{Batch, Model, NoHooks};
 use gguf_peft::peft::p_tuning::{Encoder, PTuningConfig};
 use gguf_peft::peft::prefix::PrefixConfig;
 use gguf_peft::peft::prompt_tuning::{PromptInit, PromptTuningConfig};
-use gguf_peft::peft::{load_adapter, MethodConfig};
+use gguf_peft::peft::{load_adapter, MethodConfig, Trainable};
 use gguf_peft::train::{loss_and_grads, recompute::loss_and_grads_recompute};
 
 fn prompt(n: usize) -> MethodConfig {
@@ -77,6 +77,54 @@ fn examples(n_vocab: usize) -> Vec<Example> {
         .collect()
 }
 
+/// Checks every trainable tensor's gradient (its two largest entries)
+/// against central differences and against gradient checkpointing; returns
+/// the loss and the worst relative error.
+fn check_gradients(name: &str, model: &Model, m: &dyn Trainable, refs: &[&Example]) -> (f32, f32) {
+    let mut sched = model.sched();
+    let (l0, _, grads) = loss_and_grads(model, m, &mut sched, refs).unwrap();
+    let (l1, _, grads_rc) = loss_and_grads_recompute(model, m, &mut sched, refs).unwrap();
+    assert!(
+        (l0 - l1).abs() <= 1e-5 * l0.abs(),
+        "{name}: loss {l0} vs recomputed {l1}"
+    );
+    let params = m.params();
+    let eps = 1e-2f32;
+    let mut worst = 0f32;
+    for (i, pname) in m.param_names().iter().enumerate() {
+        let g = &grads[i];
+        let scale = g.iter().fold(0f32, |a, x| a.max(x.abs()));
+        let rc = g.iter().zip(&grads_rc[i]).fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+        assert!(
+            rc <= 1e-4 * scale.max(1e-6),
+            "{name} {pname}: recomputed gradient differs by {rc:.2e}"
+        );
+        let mut vals = params[i].read_f32();
+        let mut idx: Vec<usize> = (0..g.len()).collect();
+        idx.sort_by(|&a, &b| g[b].abs().total_cmp(&g[a].abs()));
+        for &j in idx.iter().take(2) {
+            let orig = vals[j];
+            let mut loss_at = |v: f32| {
+                vals[j] = v;
+                params[i].write_f32(&vals);
+                loss_and_grads(model, m, &mut sched, refs).unwrap().0
+            };
+            let (lp, lm) = (loss_at(orig + eps), loss_at(orig - eps));
+            vals[j] = orig;
+            params[i].write_f32(&vals);
+            let fd = (lp - lm) / (2.0 * eps);
+            let rel = (fd - g[j]).abs() / g[j].abs().max(1e-3);
+            worst = worst.max(rel);
+            assert!(
+                rel <= 1e-2,
+                "{name} {pname}[{j}]: gradient {:.5e}, central difference {fd:.5e}, relative error {rel:.2e}",
+                g[j]
+            );
+        }
+    }
+    (l0, worst)
+}
+
 /// Central differences on the entries with the largest gradients of every
 /// trainable tensor; the batch packs two sequences, so the virtual tokens
 /// are inserted twice.
@@ -87,53 +135,12 @@ fn gradients_match_finite_differences() {
     let model = Model::load(&path, Backend::cpu(threads())).unwrap();
     let exs = examples(model.hparams.n_vocab);
     let refs: Vec<&Example> = exs.iter().collect();
-    let mut sched = model.sched();
     for (name, cfg) in methods(3) {
         let m = cfg.build(&model, None, 7).unwrap();
-        let (l0, _, grads) = loss_and_grads(&model, &*m, &mut sched, &refs).unwrap();
-        // Gradient checkpointing gives the same gradients.
-        let (l1, _, grads_rc) = loss_and_grads_recompute(&model, &*m, &mut sched, &refs).unwrap();
-        assert!(
-            (l0 - l1).abs() <= 1e-5 * l0.abs(),
-            "{name}: loss {l0} vs recomputed {l1}"
-        );
-        let params = m.params();
-        let eps = 1e-2f32;
-        let mut worst = 0f32;
-        for (i, pname) in m.param_names().iter().enumerate() {
-            let g = &grads[i];
-            let scale = g.iter().fold(0f32, |a, x| a.max(x.abs()));
-            let rc = g.iter().zip(&grads_rc[i]).fold(0f32, |a, (x, y)| a.max((x - y).abs()));
-            assert!(
-                rc <= 1e-4 * scale.max(1e-6),
-                "{name} {pname}: recomputed gradient differs by {rc:.2e}"
-            );
-            let mut vals = params[i].read_f32();
-            let mut idx: Vec<usize> = (0..g.len()).collect();
-            idx.sort_by(|&a, &b| g[b].abs().total_cmp(&g[a].abs()));
-            for &j in idx.iter().take(2) {
-                let orig = vals[j];
-                vals[j] = orig + eps;
-                params[i].write_f32(&vals);
-                let (lp, _, _) = loss_and_grads(&model, &*m, &mut sched, &refs).unwrap();
-                vals[j] = orig - eps;
-                params[i].write_f32(&vals);
-                let (lm, _, _) = loss_and_grads(&model, &*m, &mut sched, &refs).unwrap();
-                vals[j] = orig;
-                params[i].write_f32(&vals);
-                let fd = (lp - lm) / (2.0 * eps);
-                let rel = (fd - g[j]).abs() / g[j].abs().max(1e-3);
-                worst = worst.max(rel);
-                assert!(
-                    rel <= 1e-2,
-                    "{name} {pname}[{j}]: gradient {:.5e}, central difference {fd:.5e}, relative error {rel:.2e}",
-                    g[j]
-                );
-            }
-        }
+        let (l0, worst) = check_gradients(name, &model, &*m, &refs);
         println!(
             "{name}: loss {l0:.4}, {} tensors ({} values), worst relative error {worst:.2e}",
-            params.len(),
+            m.params().len(),
             m.n_trainable()
         );
     }
@@ -390,43 +397,12 @@ fn classification_head_gradients_and_file() {
         .collect();
     let refs: Vec<&Example> = exs.iter().collect();
     let mut sched = model.sched();
-    let (l0, n, grads) = loss_and_grads(&model, &*m, &mut sched, &refs).unwrap();
+    let (l0, n, _) = loss_and_grads(&model, &*m, &mut sched, &refs).unwrap();
     assert_eq!(n, 2, "one target per labeled example");
     // ln 3 for an untrained head on 3 classes.
     assert!((l0 - 3f32.ln()).abs() < 0.3, "loss {l0}");
-    let (_, _, grads_rc) = loss_and_grads_recompute(&model, &*m, &mut sched, &refs).unwrap();
-    let params = m.params();
-    let eps = 1e-2f32;
-    for (i, pname) in m.param_names().iter().enumerate() {
-        let g = &grads[i];
-        let scale = g.iter().fold(0f32, |a, x| a.max(x.abs()));
-        let rc = g.iter().zip(&grads_rc[i]).fold(0f32, |a, (x, y)| a.max((x - y).abs()));
-        assert!(
-            rc <= 1e-4 * scale.max(1e-6),
-            "{pname}: recomputed gradient differs by {rc:.2e}"
-        );
-        let mut vals = params[i].read_f32();
-        let mut idx: Vec<usize> = (0..g.len()).collect();
-        idx.sort_by(|&a, &b| g[b].abs().total_cmp(&g[a].abs()));
-        for &j in idx.iter().take(2) {
-            let orig = vals[j];
-            vals[j] = orig + eps;
-            params[i].write_f32(&vals);
-            let (lp, _, _) = loss_and_grads(&model, &*m, &mut sched, &refs).unwrap();
-            vals[j] = orig - eps;
-            params[i].write_f32(&vals);
-            let (lm, _, _) = loss_and_grads(&model, &*m, &mut sched, &refs).unwrap();
-            vals[j] = orig;
-            params[i].write_f32(&vals);
-            let fd = (lp - lm) / (2.0 * eps);
-            let rel = (fd - g[j]).abs() / g[j].abs().max(1e-3);
-            assert!(
-                rel <= 1e-2,
-                "{pname}[{j}]: gradient {:.5e}, central difference {fd:.5e}",
-                g[j]
-            );
-        }
-    }
+    let (_, worst) = check_gradients("ptuning-v2 classifier", &model, &*m, &refs);
+    println!("ptuning-v2 classifier: worst relative error {worst:.2e}");
     let file = dir.join("cls.gguf");
     m.write_adapter(&model, &file).unwrap();
     let loaded = load_adapter(&model, &file, 1.0).unwrap();

@@ -8,7 +8,6 @@ mod common;
 use common::*;
 use gguf_peft::train::metrics::read;
 use std::path::Path;
-use std::process::Command;
 
 const GOOD: [&str; 4] = ["good", "great", "lovely", "excellent"];
 const BAD: [&str; 4] = ["bad", "awful", "terrible", "boring"];
@@ -36,16 +35,32 @@ fn sentiment_data(path: &Path, n: usize, seed: u64) {
     std::fs::write(path, s).unwrap();
 }
 
-fn cli(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_gguf-peft"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+use common::run_cli as cli;
+
+/// `finetune` on `train` with `eval` held out, batches of 8, 12 steps and
+/// the `extra` options; returns its stderr (it must succeed).
+fn finetune(m: &str, train: &Path, eval: &Path, out: &Path, extra: &str) -> String {
+    let mut args = vec![
+        "finetune",
+        "-m",
+        m,
+        "-d",
+        train.to_str().unwrap(),
+        "--eval-data",
+        eval.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "-t",
+        "2",
+        "--batch-size",
+        "8",
+        "--max-steps",
+        "12",
+    ];
+    args.extend(extra.split_whitespace());
+    let (ok, _, err) = cli(&args);
+    assert!(ok, "finetune {extra} failed:\n{err}");
+    err
 }
 
 #[test]
@@ -64,29 +79,8 @@ fn every_prompt_method_learns_the_synthetic_task() {
         ("ptuning-v2", "--num-virtual-tokens 4"),
     ] {
         let out = dir.join(method);
-        let mut args = vec![
-            "finetune",
-            "-m",
-            m,
-            "-d",
-            train.to_str().unwrap(),
-            "--eval-data",
-            eval.to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-            "-t",
-            "2",
-            "--method",
-            method,
-            "--batch-size",
-            "8",
-            "--max-steps",
-            "12",
-        ];
-        args.extend(extra.split_whitespace());
         let t0 = std::time::Instant::now();
-        let (ok, _, err) = cli(&args);
-        assert!(ok, "{method}: finetune failed:\n{err}");
+        let err = finetune(m, &train, &eval, &out, &format!("--method {method} {extra}"));
         let line = err
             .lines()
             .find(|l| l.starts_with("trainable params: "))
@@ -160,28 +154,7 @@ fn ptuning_v2_trains_a_classifier() {
         std::fs::write(path, labeled).unwrap();
     }
     let out = dir.join("out");
-    let (ok, _, err) = cli(&[
-        "finetune",
-        "-m",
-        m,
-        "-d",
-        train.to_str().unwrap(),
-        "--eval-data",
-        eval.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "-t",
-        "2",
-        "--method",
-        "ptuning-v2",
-        "--num-virtual-tokens",
-        "4",
-        "--batch-size",
-        "8",
-        "--max-steps",
-        "12",
-    ]);
-    assert!(ok, "finetune failed:\n{err}");
+    let err = finetune(m, &train, &eval, &out, "--method ptuning-v2 --num-virtual-tokens 4");
     assert!(err.contains("classification: 2 classes"), "{err}");
     let ms = read(&out.join("metrics.jsonl")).unwrap();
     let evals: Vec<f32> = ms.iter().filter_map(|m| m.eval_loss).collect();

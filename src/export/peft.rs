@@ -207,13 +207,33 @@ pub fn export(adapter: &Path, base: &Path, out_dir: &Path) -> Result<()> {
             (n.clone(), v)
         })
         .collect();
+    write_adapter_dir(out_dir, views, &serde_json::to_value(&cfg).expect("serialisable"))
+}
+
+/// Writes a PEFT adapter directory: `adapter_model.safetensors` (as torch
+/// saves it, `format: pt`) and `adapter_config.json`, each atomically.
+pub(crate) fn write_adapter_dir(
+    out_dir: &Path,
+    views: Vec<(String, TensorView<'_>)>,
+    cfg: &serde_json::Value,
+) -> Result<()> {
     let mut info = HashMap::new();
     info.insert("format".to_string(), "pt".to_string());
     let bytes = safetensors::serialize(views, Some(info))
         .map_err(|e| Error::Msg(format!("{}: cannot serialise safetensors: {e}", out_dir.display())))?;
     write_atomic(&out_dir.join("adapter_model.safetensors"), &bytes)?;
-    let json = serde_json::to_string_pretty(&cfg).expect("serialisable");
+    let json = serde_json::to_string_pretty(cfg).expect("serialisable");
     write_atomic(&out_dir.join("adapter_config.json"), json.as_bytes())
+}
+
+/// A safetensors file's tensors, or an error naming `path`.
+pub(crate) fn parse_safetensors<'b>(bytes: &'b [u8], path: &Path) -> Result<SafeTensors<'b>> {
+    SafeTensors::deserialize(bytes).map_err(|e| {
+        Error::Msg(format!(
+            "{}: not a valid safetensors file ({e}); truncated?",
+            path.display()
+        ))
+    })
 }
 
 /// PEFT's pattern match: the key equals the module path or ends it after a dot.
@@ -256,12 +276,7 @@ pub fn import(dir: &Path, base_path: &Path, out: &Path) -> Result<()> {
     }
     let st_path = dir.join("adapter_model.safetensors");
     let bytes = std::fs::read(&st_path).map_err(|e| Error::io(&st_path, e))?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| {
-        Error::Msg(format!(
-            "{}: not a valid safetensors file ({e}); truncated?",
-            st_path.display()
-        ))
-    })?;
+    let st = parse_safetensors(&bytes, &st_path)?;
     // Group A and B by module.
     let mut found: BTreeMap<String, (Option<TensorView<'_>>, Option<TensorView<'_>>, bool)> = BTreeMap::new();
     for (name, t) in st.tensors() {

@@ -22,8 +22,7 @@ use crate::ggml::f32_bytes;
 use crate::model::{Hparams, Model};
 use crate::train::metrics::write_atomic;
 use crate::{Error, Result};
-use safetensors::{tensor::TensorView, Dtype, SafeTensors};
-use std::collections::HashMap;
+use safetensors::{tensor::TensorView, Dtype};
 use std::path::Path;
 
 const TENSOR: &str = "prompt_embeddings";
@@ -162,13 +161,7 @@ pub fn export(adapter: &Path, model: &Model, out_dir: &Path) -> Result<()> {
         let labels = serde_json::to_string_pretty(classes).expect("serialisable");
         write_atomic(&out_dir.join("labels.json"), labels.as_bytes())?;
     }
-    let mut info = HashMap::new();
-    info.insert("format".to_string(), "pt".to_string());
-    let bytes = safetensors::serialize(views, Some(info))
-        .map_err(|e| Error::Msg(format!("{}: cannot serialise safetensors: {e}", out_dir.display())))?;
-    write_atomic(&out_dir.join("adapter_model.safetensors"), &bytes)?;
-    let json = serde_json::to_string_pretty(&cfg).expect("serialisable");
-    write_atomic(&out_dir.join("adapter_config.json"), json.as_bytes())
+    super::peft::write_adapter_dir(out_dir, views, &cfg)
 }
 
 /// Whether `dir` holds a PEFT prompt-learning adapter this module reads.
@@ -200,12 +193,7 @@ pub fn import(dir: &Path, model: &Model, out: &Path) -> Result<()> {
     }
     let st_path = dir.join("adapter_model.safetensors");
     let bytes = std::fs::read(&st_path).map_err(|e| Error::io(&st_path, e))?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| {
-        Error::Msg(format!(
-            "{}: not a valid safetensors file ({e}); truncated?",
-            st_path.display()
-        ))
-    })?;
+    let st = super::peft::parse_safetensors(&bytes, &st_path)?;
     let t = st
         .tensor(TENSOR)
         .map_err(|_| Error::Msg(format!("{}: no '{TENSOR}' tensor", st_path.display())))?;

@@ -83,3 +83,16 @@ pub fn some_tokens(n: usize, n_vocab: usize, seed: u64) -> Vec<i32> {
     t.extend((1..n).map(|_| 3 + r.below(n_vocab - 3) as i32));
     t
 }
+
+/// Runs the `gguf-peft` binary: (success, stdout, stderr).
+pub fn run_cli(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gguf-peft"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
