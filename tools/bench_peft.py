@@ -1,11 +1,14 @@
 #!/usr/bin/env python3
 """Reference benchmark: PEFT + transformers + torch (CPU, fp32) on the same
 GGUF (loaded and dequantized through transformers' gguf_file= support), the
-same LoRA config and token counts as `gguf-peft bench`, printing the same
+same method config and token counts as `gguf-peft bench`, printing the same
 figures. Run both in one sitting to compare:
 
     tools/bench_peft.py --model MODEL.gguf --threads 2
     gguf-peft bench --model MODEL.gguf --threads 2
+
+`--method prompt|prefix --num-virtual-tokens N` benchmarks prompt tuning or
+prefix tuning instead of LoRA (`gguf-peft bench --method ...` likewise).
 
 Needs: pip install torch transformers peft gguf sentencepiece
 """
@@ -23,6 +26,8 @@ def main():
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--method", default="lora", choices=["lora", "prompt", "prefix"])
+    ap.add_argument("--num-virtual-tokens", type=int, default=20)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--alpha", type=float, default=16.0)
     ap.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
@@ -31,15 +36,23 @@ def main():
     a = ap.parse_args()
 
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     d, f = os.path.split(os.path.abspath(a.model))
     base = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, torch_dtype=torch.float32)
-    cfg = LoraConfig(r=a.rank, lora_alpha=a.alpha, lora_dropout=0.0, target_modules=a.targets.split(","),
-                     task_type="CAUSAL_LM")
+    if a.method == "prompt":
+        cfg = PromptTuningConfig(num_virtual_tokens=a.num_virtual_tokens, task_type="CAUSAL_LM")
+        what = f"prompt tuning, {a.num_virtual_tokens} virtual tokens"
+    elif a.method == "prefix":
+        cfg = PrefixTuningConfig(num_virtual_tokens=a.num_virtual_tokens, task_type="CAUSAL_LM")
+        what = f"prefix tuning, {a.num_virtual_tokens} virtual tokens"
+    else:
+        cfg = LoraConfig(r=a.rank, lora_alpha=a.alpha, lora_dropout=0.0, target_modules=a.targets.split(","),
+                         task_type="CAUSAL_LM")
+        what = f"LoRA r={a.rank} on {a.targets}"
     model = get_peft_model(base, cfg)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     vocab = model.config.vocab_size
@@ -71,12 +84,12 @@ def main():
     if a.json:
         print(json.dumps({
             "stack": f"peft {__import__('peft').__version__} / transformers {__import__('transformers').__version__} / torch {torch.__version__}",
-            "threads": a.threads, "tokens": n, "steps": a.steps, "trainable_params": n_train,
+            "method": what, "threads": a.threads, "tokens": n, "steps": a.steps, "trainable_params": n_train,
             "forward_tokens_per_s": n / fm, "forward_s": {"median": fm, "min": min(fwd), "max": max(fwd)},
             "train_tokens_per_s": n / tm, "train_step_s": {"median": tm, "min": min(train), "max": max(train)},
             "train_over_forward": tm / fm, "peak_rss_bytes": rss}, indent=2))
         return
-    print(f"PEFT + torch {torch.__version__} fp32, LoRA r={a.rank} on {a.targets}, {n_train} trainable, {a.threads} threads")
+    print(f"PEFT + torch {torch.__version__} fp32, {what}, {n_train} trainable, {a.threads} threads")
     print(f"forward    {n / fm:8.1f} tokens/s   step {fm:.3f} s (min {min(fwd):.3f}, max {max(fwd):.3f}) over {a.steps} steps of {n} tokens")
     print(f"train      {n / tm:8.1f} tokens/s   step {tm:.3f} s (min {min(train):.3f}, max {max(train):.3f})")
     print(f"train step / forward pass: {tm / fm:.2f}")

@@ -6,8 +6,10 @@ use super::ComputeArgs;
 use crate::data::Example;
 use crate::ggml::GgmlType;
 use crate::model::{Batch, WeightLayout};
-use crate::peft::lora::{Lora, LoraConfig};
-use crate::peft::Trainable;
+use crate::peft::lora::LoraConfig;
+use crate::peft::prefix::PrefixConfig;
+use crate::peft::prompt_tuning::{PromptInit, PromptTuningConfig};
+use crate::peft::MethodConfig;
 use crate::rng::Rng;
 use crate::train::{micro_batch_grads, OptimConfig, TrainState};
 use crate::{Error, Result};
@@ -37,6 +39,12 @@ pub struct BenchArgs {
     /// Warm-up steps, not measured.
     #[arg(long, default_value_t = 1)]
     warmup: usize,
+    /// Method: `lora`, or `prompt` / `prefix` (with --num-virtual-tokens).
+    #[arg(long, default_value = "lora", value_parser = ["lora", "prompt", "prefix"])]
+    method: String,
+    /// Virtual tokens of `prompt` / `prefix` (counted in neither tokens/s).
+    #[arg(long, default_value_t = 20)]
+    num_virtual_tokens: usize,
     /// LoRA rank.
     #[arg(short = 'r', long, default_value_t = 8)]
     rank: usize,
@@ -143,13 +151,38 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "transposed-q8" => model.prepare_transposed(Some(crate::ggml::GgmlType::Q8_0)),
         _ => 0,
     } as u64;
-    let cfg = LoraConfig {
-        rank: a.rank,
-        alpha: a.alpha,
-        targets: a.targets.split(',').map(|s| s.trim().to_owned()).collect(),
-        ..Default::default()
+    let n = a.num_virtual_tokens;
+    let (cfg, what) = match a.method.as_str() {
+        "prompt" => (
+            MethodConfig::Prompt(PromptTuningConfig {
+                num_virtual_tokens: n,
+                init: PromptInit::Vocab,
+            }),
+            format!("prompt tuning, {n} virtual tokens"),
+        ),
+        "prefix" => (
+            MethodConfig::Prefix(PrefixConfig {
+                num_virtual_tokens: n,
+                projection: None,
+                init: PromptInit::Vocab,
+                ptuning_v2: false,
+                keep_positions: false,
+                classes: Vec::new(),
+            }),
+            format!("prefix tuning, {n} virtual tokens"),
+        ),
+        _ => (
+            MethodConfig::Lora(LoraConfig {
+                rank: a.rank,
+                alpha: a.alpha,
+                targets: a.targets.split(',').map(|s| s.trim().to_owned()).collect(),
+                ..Default::default()
+            }),
+            format!("LoRA r={} on {}", a.rank, a.targets),
+        ),
     };
-    let lora = Lora::new(&model, cfg, 0)?;
+    let method = cfg.build(&model, None, 0)?;
+    let method = &*method;
     let mut rng = Rng::new(1);
     let n_vocab = model.hparams.n_vocab;
     let tokens: Vec<i32> = (0..a.tokens).map(|_| rng.below(n_vocab) as i32).collect();
@@ -164,18 +197,18 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let mut fwd = Vec::new();
     for i in 0..a.warmup + a.steps {
         let t0 = Instant::now();
-        model.logits(&mut sched, &batch, &lora)?;
+        model.logits(&mut sched, &batch, method)?;
         if i >= a.warmup {
             fwd.push(t0.elapsed().as_secs_f64());
         }
     }
     let ocfg = OptimConfig::default();
-    let mut st = TrainState::fresh(&lora, 0);
+    let mut st = TrainState::fresh(method, 0);
     let mut train = Vec::new();
     for i in 0..a.warmup + a.steps {
         let t0 = Instant::now();
-        let (_, _, grads) = micro_batch_grads(&model, &lora, &mut sched, &[&ex], a.grad_checkpointing)?;
-        st.update(&ocfg, ocfg.lr, grads, &lora);
+        let (_, _, grads) = micro_batch_grads(&model, method, &mut sched, &[&ex], a.grad_checkpointing)?;
+        st.update(&ocfg, ocfg.lr, grads, method);
         if i >= a.warmup {
             train.push(t0.elapsed().as_secs_f64());
         }
@@ -184,7 +217,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if a.profile {
         crate::train::loss_and_grads_profiled(
             &model,
-            &lora,
+            method,
             &mut sched,
             &[&ex],
             Some((&mut profile, a.profile_shapes)),
@@ -198,7 +231,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if a.json {
         let j = serde_json::json!({
             "model": model_path, "base_compute": a.base_compute, "backward": a.backward, "threads": threads, "tokens": a.tokens,
-            "steps": a.steps, "warmup": a.warmup, "rank": a.rank, "trainable_params": lora.n_trainable(),
+            "steps": a.steps, "warmup": a.warmup, "method": what, "trainable_params": method.n_trainable(),
             "forward_tokens_per_s": n / fm, "forward_s": {"median": fm, "min": fmin, "max": fmax},
             "train_tokens_per_s": n / tm, "train_step_s": {"median": tm, "min": tmin, "max": tmax},
             "train_over_forward": tm / fm, "grad_checkpointing": a.grad_checkpointing, "peak_rss_bytes": rss, "weights_bytes": weights,
@@ -208,7 +241,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     let h = super::inspect::human_bytes;
     println!(
-        "model {} ({} base, {} backward{}, {} of weights), LoRA r={} on {}, {} trainable, {} threads",
+        "model {} ({} base, {} backward{}, {} of weights), {}, {} trainable, {} threads",
         model_path.display(),
         a.base_compute,
         a.backward,
@@ -218,9 +251,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
             ""
         },
         h(weights),
-        a.rank,
-        a.targets,
-        lora.n_trainable(),
+        what,
+        method.n_trainable(),
         threads
     );
     println!(
