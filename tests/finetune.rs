@@ -222,7 +222,7 @@ fn demo_task_is_learned_and_llama_cpp_shows_it() {
     // Our graph with the trained adapter equals llama.cpp with it.
     {
         use gguf_peft::ggml::Backend;
-        use gguf_peft::model::{Batch, Model};
+        use gguf_peft::model::Model;
         let m = Model::load(&model, Backend::cpu(threads())).unwrap();
         let lora = gguf_peft::export::llama_lora::read(&out.join("adapter.gguf"), &m).unwrap();
         let lm = LlamaModel::load(&model, false).unwrap();
@@ -231,7 +231,7 @@ fn demo_task_is_learned_and_llama_cpp_shows_it() {
             true,
             false,
         );
-        let ours = m.logits(&mut m.sched(), &Batch::single(&tokens), &lora).unwrap();
+        let ours = logits_like_llama_cpp(&m, &lora, &tokens);
         let ad = lm.load_adapter(&out.join("adapter.gguf")).unwrap();
         let mut ctx = lm.context(64, threads()).unwrap();
         ctx.set_adapters(&[(&ad, 1.0)]).unwrap();

@@ -155,7 +155,7 @@ fn check_llama_cpp_adapter(path: &std::path::Path, cfg: LoraConfig, b_scale: f32
     lora.user_scale = scale;
     let tokens = some_tokens(40, model.hparams.n_vocab, 6);
     let mut sched = model.sched();
-    let ours = model.logits(&mut sched, &Batch::single(&tokens), &lora).unwrap();
+    let ours = logits_like_llama_cpp(&model, &lora, &tokens);
     let base = model.logits(&mut sched, &Batch::single(&tokens), &NoHooks).unwrap();
 
     let lm = LlamaModel::load(path, false).unwrap();

@@ -4,7 +4,7 @@ mod common;
 use common::*;
 use gguf_peft::ggml::llama::LlamaModel;
 use gguf_peft::ggml::Backend;
-use gguf_peft::model::{Batch, Model, NoHooks};
+use gguf_peft::model::{Model, NoHooks};
 
 const PROMPTS: [&str; 3] = [
     "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined \
@@ -23,12 +23,11 @@ const PROMPTS: [&str; 3] = [
 fn logits_match_llama_cpp_on_three_prompts() {
     let path = smollm2();
     let ours = Model::load(&path, Backend::cpu(threads())).unwrap();
-    let mut sched = ours.sched();
     let lm = LlamaModel::load(&path, false).unwrap();
     for (i, p) in PROMPTS.iter().enumerate() {
         let tokens = lm.tokenize(p, true, false);
         assert!(tokens.len() >= 64, "prompt {i} has only {} tokens", tokens.len());
-        let a = ours.logits(&mut sched, &Batch::single(&tokens), &NoHooks).unwrap();
+        let a = logits_like_llama_cpp(&ours, &NoHooks, &tokens);
         let mut ctx = lm.context(256, threads()).unwrap();
         let b = ctx.decode(&tokens, 0).unwrap();
         let (d, m) = compare(&a, &b);

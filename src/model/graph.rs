@@ -399,9 +399,28 @@ impl<'a> Forward<'a> {
             k = self.concat(c.cont(c.permute(pk, [0, 2, 1, 3])), k, 1);
             vt = self.concat(c.cont(c.permute(pv, [1, 2, 0, 3])), vt, 0);
         }
-        let kq = c.mul_mat(k, q); // [n_kv, n, n_head]
+        let (n_head, n_head_kv) = (self.hp.n_head as i64, self.hp.n_head_kv as i64);
+        // GQA in training: the query heads of one KV head are adjacent, so
+        // stacking them as rows makes each product one plain matmul per KV
+        // head instead of a broadcast one (and so its backward). Inference
+        // keeps llama.cpp's broadcast shapes for bit-identical logits.
+        let group = self.differentiable && n_head != n_head_kv;
+        let grouped = |t: Tensor<'a>| {
+            let [a, b, _, _] = t.ne();
+            c.reshape(t, &[a, b * (n_head / n_head_kv), n_head_kv])
+        };
+        let ungrouped = |t: Tensor<'a>| c.reshape(t, &[t.ne()[0], n, n_head]);
+        let kq = if group {
+            ungrouped(c.mul_mat(k, grouped(q)))
+        } else {
+            c.mul_mat(k, q)
+        }; // [n_kv, n, n_head]
         let kq = c.soft_max_ext(kq, Some(mask), scale);
-        let kqv = c.mul_mat(vt, kq); // [hd_v, n, n_head]
+        let kqv = if group {
+            ungrouped(c.mul_mat(vt, grouped(kq)))
+        } else {
+            c.mul_mat(vt, kq)
+        }; // [hd_v, n, n_head]
         let o = c.cont(c.permute(kqv, [0, 2, 1, 3])); // [hd_v, n_head, n]
         c.reshape(o, &[(self.hp.head_dim_v * self.hp.n_head) as i64, n])
     }

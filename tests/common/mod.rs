@@ -49,8 +49,21 @@ pub fn synth(dir: &Path, arch: &str, ty: GgmlType) -> PathBuf {
 /// Our logits for one sequence.
 pub fn our_logits(path: &Path, tokens: &[i32]) -> Vec<Vec<f32>> {
     let model = Model::load(path, Backend::cpu(threads())).unwrap();
+    logits_like_llama_cpp(&model, &NoHooks, tokens)
+}
+
+/// Our logits for one sequence computed as llama.cpp computes them: over a
+/// KV cache padded to 256 cells. Without the padding the attention runs on
+/// other shapes, so float rounding differs slightly, and on a 4-bit model a
+/// near-tie in the activations' 8-bit quantization can turn that into a
+/// visible difference (seen: 0.5 on one row of SmolLM2 logits).
+pub fn logits_like_llama_cpp(model: &Model, hooks: &dyn gguf_peft::model::Hooks, tokens: &[i32]) -> Vec<Vec<f32>> {
     let mut sched = model.sched();
-    model.logits(&mut sched, &Batch::single(tokens), &NoHooks).unwrap()
+    let cache = gguf_peft::model::KvCache::default();
+    model
+        .logits_cached(&mut sched, &Batch::single(tokens), hooks, &cache)
+        .unwrap()
+        .0
 }
 
 /// llama.cpp's logits for one sequence (fresh context, F32 KV cache).
