@@ -28,7 +28,7 @@ pub trait Architecture: Sync {
     /// Tensors the file must (or may) hold, with their shapes.
     fn tensors(&self, hp: &Hparams) -> Vec<TensorDecl>;
     /// The input embeddings `[n_embd, n_rows]` (token lookup, the
-    /// architecture's scaling, the `input_embeddings` hook).
+    /// architecture's scaling, the adapter's virtual tokens).
     fn embed<'a>(&self, f: &mut Forward<'a>) -> Tensor<'a> {
         f.embeddings(1.0)
     }
