@@ -25,7 +25,8 @@ pub struct FinetuneArgs {
     #[arg(short, long)]
     model: PathBuf,
     /// Training data: JSONL ({"text"}, {"prompt","completion"}, {"messages"},
-    /// alpaca) or a plain text file.
+    /// alpaca, or {"text","label"} to train a P-tuning v2 classifier) or a
+    /// plain text file.
     #[arg(short, long)]
     data: PathBuf,
     /// Output directory (adapter.gguf, adapter_config.json, metrics.jsonl,
@@ -49,7 +50,8 @@ pub struct FinetuneArgs {
     /// How virtual tokens / prefixes start: `vocab` (random vocabulary
     /// tokens: their embeddings, or for prefixes their keys and values),
     /// `text` (the tokens of --init-text, likewise), `random` (standard
-    /// normal, PEFT's default) or `zero`.
+    /// normal, PEFT's default) or `zero`. Default: `text` when --init-text
+    /// is given, else `vocab`.
     #[arg(long, value_parser = ["vocab", "random", "text", "zero"])]
     prompt_init: Option<String>,
     /// Text whose tokens start the virtual tokens (repeated or cut to length).
