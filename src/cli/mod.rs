@@ -128,7 +128,8 @@ struct EvalArgs {
     /// GGUF model file.
     #[arg(short, long)]
     model: PathBuf,
-    /// Text file, or JSONL with text / prompt+completion / messages records.
+    /// Text file, or JSONL with text / prompt+completion / messages records
+    /// ({"text","label"} records with a classifier adapter).
     #[arg(short, long)]
     data: PathBuf,
     /// Tokens per evaluation window; longer texts are cut into windows.
