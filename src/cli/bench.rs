@@ -58,9 +58,10 @@ pub struct BenchArgs {
     #[arg(long, default_value = "native", value_parser = ["native", "f32"])]
     base_compute: String,
     /// Input gradients through frozen weights: `transposed` (matmul with a
-    /// transposed F16 copy), `transposed-q8` (Q8_0 copy) or ggml's `stock`
+    /// transposed F16 copy), `transposed-q8` (Q8_0 copy), `transposed-q4`
+    /// (Q4_0 copy) or ggml's `stock`
     /// OUT_PROD.
-    #[arg(long, default_value = "transposed", value_parser = ["transposed", "transposed-q8", "stock"])]
+    #[arg(long, default_value = "transposed", value_parser = ["transposed", "transposed-q8", "transposed-q4", "stock"])]
     backward: String,
     /// Gradient checkpointing per block in the training step.
     #[arg(long)]
@@ -146,11 +147,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         return Err(Error::Msg("--steps must be ≥ 1 and --tokens ≥ 2".into()));
     }
     let (mut model, _tok) = super::load_with(&model_path, threads, layout)?;
-    let t_bytes = match a.backward.as_str() {
-        "transposed" => model.prepare_transposed(None),
-        "transposed-q8" => model.prepare_transposed(Some(crate::ggml::GgmlType::Q8_0)),
-        _ => 0,
-    } as u64;
+    let t_bytes = super::prepare_backward(&mut model, &a.backward) as u64;
     let n = a.num_virtual_tokens;
     let (cfg, what) = match a.method.as_str() {
         "prompt" => (

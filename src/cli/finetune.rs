@@ -169,9 +169,10 @@ pub struct FinetuneArgs {
     /// Input gradients through the frozen weights: `transposed` (matmul with
     /// a transposed F16 copy of each weight, made once at load, 2 bytes per
     /// weight), `transposed-q8` (Q8_0 copies: half the memory, noisier
-    /// gradients) or ggml's `stock` OUT_PROD (no extra memory, several times
-    /// slower on CPU).
-    #[arg(long, default_value = "transposed", value_parser = ["transposed", "transposed-q8", "stock"])]
+    /// gradients), `transposed-q4` (Q4_0 copies: a quarter, gradients as
+    /// noisy as a 4-bit base) or ggml's `stock` OUT_PROD (no extra memory,
+    /// several times slower on CPU).
+    #[arg(long, default_value = "transposed", value_parser = ["transposed", "transposed-q8", "transposed-q4", "stock"])]
     backward: String,
     #[command(flatten)]
     compute: ComputeArgs,
@@ -273,11 +274,7 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         }
     };
     let (mut model, tok) = super::load_with(&a.model, threads, layout)?;
-    let t_bytes = match a.backward.as_str() {
-        "transposed" => model.prepare_transposed(None),
-        "transposed-q8" => model.prepare_transposed(Some(crate::ggml::GgmlType::Q8_0)),
-        _ => 0,
-    };
+    let t_bytes = super::prepare_backward(&mut model, &a.backward);
     eprintln!(
         "base: {} held as {:?} ({}), {} backward ({} more)",
         a.model.display(),

@@ -357,6 +357,18 @@ fn eval_classes(
     Ok(())
 }
 
+/// Makes the transposed weight copies `--backward` asks for; returns their
+/// bytes (0 for ggml's stock backward).
+pub(crate) fn prepare_backward(model: &mut Model, backward: &str) -> usize {
+    use crate::ggml::GgmlType;
+    match backward {
+        "transposed" => model.prepare_transposed(None),
+        "transposed-q8" => model.prepare_transposed(Some(GgmlType::Q8_0)),
+        "transposed-q4" => model.prepare_transposed(Some(GgmlType::Q4_0)),
+        _ => 0,
+    }
+}
+
 /// Writes to stdout; a closed pipe (`| head`) ends output quietly.
 pub(crate) fn print_stdout(s: &str) {
     let mut out = std::io::stdout().lock();
