@@ -71,26 +71,28 @@ fn permute(v: &[f32], cols: usize, heads: usize) -> Vec<f32> {
     out
 }
 
+/// The 16 NF4 values (bitsandbytes' table, also saved as `quant_map`).
+const NF4_CODE: [f32; 16] = [
+    -1.0,
+    -0.696_192_8,
+    -0.525_073_05,
+    -0.394_917_5,
+    -0.284_441_38,
+    -0.184_773_43,
+    -0.091_050_036,
+    0.0,
+    0.079_580_3,
+    0.160_930_2,
+    0.246_112_3,
+    0.337_915_24,
+    0.440_709_83,
+    0.562_617,
+    0.722_956_84,
+    1.0,
+];
+
 /// NF4 encoding (absmax per 64 values, nearest code), transformers' layout.
 fn nf4_encode(v: &[f32]) -> (Vec<u8>, Vec<f32>, Vec<f32>) {
-    const CODE: [f32; 16] = [
-        -1.0,
-        -0.696_192_8,
-        -0.525_073_05,
-        -0.394_917_5,
-        -0.284_441_38,
-        -0.184_773_43,
-        -0.091_050_036,
-        0.0,
-        0.079_580_3,
-        0.160_930_2,
-        0.246_112_3,
-        0.337_915_24,
-        0.440_709_83,
-        0.562_617,
-        0.722_956_84,
-        1.0,
-    ];
     let absmax: Vec<f32> = v
         .chunks(64)
         .map(|b| b.iter().fold(0f32, |m, x| m.max(x.abs())))
@@ -101,7 +103,7 @@ fn nf4_encode(v: &[f32]) -> (Vec<u8>, Vec<f32>, Vec<f32>) {
         .map(|(i, x)| {
             let y = x / absmax[i / 64].max(1e-12);
             (0..16)
-                .min_by(|&a, &b| (CODE[a] - y).abs().total_cmp(&(CODE[b] - y).abs()))
+                .min_by(|&a, &b| (NF4_CODE[a] - y).abs().total_cmp(&(NF4_CODE[b] - y).abs()))
                 .unwrap() as u8
         })
         .collect();
@@ -112,7 +114,7 @@ fn nf4_encode(v: &[f32]) -> (Vec<u8>, Vec<f32>, Vec<f32>) {
     let deq = v
         .iter()
         .enumerate()
-        .map(|(i, _)| CODE[nib[i] as usize] * absmax[i / 64])
+        .map(|(i, _)| NF4_CODE[nib[i] as usize] * absmax[i / 64])
         .collect();
     (packed, absmax, deq)
 }
@@ -161,29 +163,11 @@ fn write_hf(gguf: &Path, dir: &Path, arch: &str, dtype: Dtype, nf4: bool) -> std
                 vec![absmax.len()],
                 absmax.iter().flat_map(|x| x.to_le_bytes()).collect(),
             ));
-            let qm: [f32; 16] = [
-                -1.0,
-                -0.696_192_8,
-                -0.525_073_05,
-                -0.394_917_5,
-                -0.284_441_38,
-                -0.184_773_43,
-                -0.091_050_036,
-                0.0,
-                0.079_580_3,
-                0.160_930_2,
-                0.246_112_3,
-                0.337_915_24,
-                0.440_709_83,
-                0.562_617,
-                0.722_956_84,
-                1.0,
-            ];
             data.push((
                 format!("{name}.quant_map"),
                 Dtype::F32,
                 vec![16],
-                qm.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                NF4_CODE.iter().flat_map(|x| x.to_le_bytes()).collect(),
             ));
             data.push((
                 format!("{name}.quant_state.bitsandbytes__nf4"),

@@ -27,6 +27,16 @@ fn adapter(path: &Path, cfg: LoraConfig) -> PathBuf {
     out
 }
 
+/// An F32 `arch` base in `dir`, a LoRA adapter for it, and its PEFT export
+/// in `dir/peft`: (base, adapter, PEFT directory).
+fn exported(dir: &Path, arch: &str, cfg: LoraConfig) -> (PathBuf, PathBuf, PathBuf) {
+    let base = synth(dir, arch, GgmlType::F32);
+    let a = adapter(&base, cfg);
+    let peft_dir = dir.join("peft");
+    export(&a, &base, &peft_dir).unwrap();
+    (base, a, peft_dir)
+}
+
 #[test]
 fn export_import_round_trip_is_bit_exact() {
     let dir = tmpdir("peft-rt");
@@ -65,17 +75,12 @@ fn export_import_round_trip_is_bit_exact() {
 #[test]
 fn exported_files_have_peft_structure() {
     let dir = tmpdir("peft-structure");
-    let base = synth(&dir, "llama", GgmlType::F32);
-    let a = adapter(
-        &base,
-        LoraConfig {
-            rank: 4,
-            alpha: 8.0,
-            ..Default::default()
-        },
-    );
-    let out = dir.join("peft");
-    export(&a, &base, &out).unwrap();
+    let cfg = LoraConfig {
+        rank: 4,
+        alpha: 8.0,
+        ..Default::default()
+    };
+    let (_, _, out) = exported(&dir, "llama", cfg);
     let cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
     assert_eq!(cfg["peft_type"], "LORA");
@@ -124,16 +129,11 @@ fn exported_files_have_peft_structure() {
 #[test]
 fn import_refuses_what_gguf_cannot_hold() {
     let dir = tmpdir("peft-bad");
-    let base = synth(&dir, "llama", GgmlType::F32);
-    let a = adapter(
-        &base,
-        LoraConfig {
-            rank: 4,
-            ..Default::default()
-        },
-    );
-    let good = dir.join("peft");
-    export(&a, &base, &good).unwrap();
+    let cfg = LoraConfig {
+        rank: 4,
+        ..Default::default()
+    };
+    let (base, _, good) = exported(&dir, "llama", cfg);
     let out = dir.join("out.gguf");
     let copy = |name: &str| {
         let d = dir.join(name);
@@ -210,17 +210,12 @@ fn import_refuses_what_gguf_cannot_hold() {
 #[test]
 fn import_folds_per_module_scales() {
     let dir = tmpdir("peft-fold");
-    let base = synth(&dir, "qwen3", GgmlType::F32);
-    let a = adapter(
-        &base,
-        LoraConfig {
-            rank: 4,
-            alpha: 8.0,
-            ..Default::default()
-        },
-    );
-    let peft_dir = dir.join("peft");
-    export(&a, &base, &peft_dir).unwrap();
+    let cfg = LoraConfig {
+        rank: 4,
+        alpha: 8.0,
+        ..Default::default()
+    };
+    let (base, a, peft_dir) = exported(&dir, "qwen3", cfg);
     let cfg_path = peft_dir.join("adapter_config.json");
     let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
     cfg["use_rslora"] = serde_json::json!(true);
