@@ -61,6 +61,31 @@ pub(crate) fn alloc_params(model: &Model, shapes: &[(String, Vec<usize>)]) -> Te
     model.backend().alloc_store(ctx)
 }
 
+/// Evaluates tensors a method builds from its own parameters (no tokens):
+/// `build(method, f)` adds them to a graph of up to `graph_size` nodes
+/// through a builder over an empty batch; returns their values, in order.
+pub(crate) fn evaluate<H: crate::model::Hooks>(
+    model: &Model,
+    hooks: &H,
+    graph_size: usize,
+    build: impl for<'a> FnOnce(&'a H, &crate::model::Forward<'a>) -> Vec<Tensor<'a>>,
+) -> Result<Vec<Vec<f32>>> {
+    let ctx = Context::new(graph_size * 2, graph_size, false);
+    let batch = crate::model::Batch::default();
+    let f = crate::model::Forward::new(&ctx, &model.hparams, model.weights(), hooks, 0, &batch, false);
+    let outs: Vec<Tensor<'_>> = build(hooks, &f).into_iter().map(|t| ctx.cont(t).set_output()).collect();
+    let mut g = ctx.new_graph(graph_size, false);
+    for t in &outs {
+        g.build_forward(*t);
+    }
+    let err = |e: crate::ggml::ComputeError| crate::Error::Msg(e.to_string());
+    let mut sched = crate::ggml::Sched::new(std::slice::from_ref(model.backend()), graph_size);
+    sched.alloc(&g).map_err(err)?;
+    f.fill_inputs();
+    sched.compute(&g).map_err(err)?;
+    Ok(outs.iter().map(|t| t.read_f32()).collect())
+}
+
 /// PyTorch's default init of `nn.Linear(n_in, n_out)`: weight and bias
 /// uniform in ±1/sqrt(n_in) (Kaiming-uniform with a = sqrt(5)).
 pub(crate) fn linear_init(rng: &mut Rng, n_in: usize, n_out: usize) -> (Vec<f32>, Vec<f32>) {

@@ -5,7 +5,6 @@
 //! output, used at inference exactly like prompt tuning's virtual tokens.
 //! Tensor names follow PEFT's modules (`mlp_head.0.weight`, ...).
 
-use super::prompt_tuning::{PromptInit, PromptTuning, PromptTuningConfig};
 use super::{alloc_params, linear_init, Trainable};
 use crate::ggml::{Tensor, TensorStore};
 use crate::model::{Forward, Hooks, Model};
@@ -192,30 +191,8 @@ impl PTuning {
             return Ok(Vec::new());
         }
         let gs = 64 * self.config.num_virtual_tokens * self.config.encoder_num_layers.max(1) + 256;
-        let ctx = crate::ggml::Context::new(gs * 2, gs, false);
-        let batch = crate::model::Batch::default();
-        let f = Forward::new(&ctx, &model.hparams, model.weights(), self, 0, &batch, false);
-        let out = ctx.cont(self.encode(&f)).set_output();
-        let mut g = ctx.new_graph(gs, false);
-        g.build_forward(out);
-        let mut sched = crate::ggml::Sched::new(std::slice::from_ref(model.backend()), gs);
-        sched.alloc(&g).map_err(|e| Error::Msg(e.to_string()))?;
-        f.fill_inputs();
-        sched.compute(&g).map_err(|e| Error::Msg(e.to_string()))?;
-        Ok(out.read_f32())
-    }
-
-    /// The inference form: fixed virtual tokens (what is exported).
-    pub fn to_prompt(&self, model: &Model) -> Result<PromptTuning> {
-        let cfg = PromptTuningConfig {
-            num_virtual_tokens: self.config.num_virtual_tokens,
-            init: PromptInit::Random,
-        };
-        Ok(PromptTuning::from_values(
-            model,
-            cfg,
-            &self.virtual_token_values(model)?,
-        ))
+        let out = super::evaluate(model, self, gs, |p, f| vec![p.encode(f)])?;
+        Ok(out.into_iter().next().expect("one output"))
     }
 }
 

@@ -252,26 +252,18 @@ impl PrefixTuning {
                 .collect());
         }
         // Run the projection once per layer, in one graph.
-        let gs = 64 * self.n_layer + 64;
-        let ctx = crate::ggml::Context::new(gs * 2, gs, false);
-        let batch = crate::model::Batch::default();
-        let f = Forward::new(&ctx, &model.hparams, model.weights(), self, 0, &batch, false);
-        let outs: Vec<(Tensor<'_>, Tensor<'_>)> = (0..self.n_layer)
-            .map(|il| {
-                let (k, v) = self.attn_kv_prefix(&f, il).expect("prefix entries");
-                (ctx.cont(k).set_output(), ctx.cont(v).set_output())
-            })
-            .collect();
-        let mut g = ctx.new_graph(gs, false);
-        for (k, v) in &outs {
-            g.build_forward(*k);
-            g.build_forward(*v);
-        }
-        let mut sched = model.sched();
-        sched.alloc(&g).map_err(|e| Error::Msg(e.to_string()))?;
-        f.fill_inputs();
-        sched.compute(&g).map_err(|e| Error::Msg(e.to_string()))?;
-        Ok(outs.iter().map(|(k, v)| (k.read_f32(), v.read_f32())).collect())
+        let mut vals = super::evaluate(model, self, 64 * self.n_layer + 64, |p, f| {
+            (0..p.n_layer)
+                .flat_map(|il| {
+                    let (k, v) = p.attn_kv_prefix(f, il).expect("prefix entries");
+                    [k, v]
+                })
+                .collect()
+        })?
+        .into_iter();
+        Ok((0..self.n_layer)
+            .map(|_| (vals.next().expect("key"), vals.next().expect("value")))
+            .collect())
     }
 
     /// The method's name in adapter files.
