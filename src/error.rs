@@ -14,6 +14,8 @@ pub enum Error {
     Compute(#[from] crate::ggml::ComputeError),
     #[error(transparent)]
     Data(#[from] crate::data::DataError),
+    #[error(transparent)]
+    Device(#[from] crate::ggml::DeviceError),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,

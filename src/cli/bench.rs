@@ -146,7 +146,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if a.steps == 0 || a.tokens < 2 {
         return Err(Error::Msg("--steps must be ≥ 1 and --tokens ≥ 2".into()));
     }
-    let (mut model, _tok) = super::load_with(&model_path, threads, layout)?;
+    let (mut model, _tok) = super::load_with(&model_path, a.compute.backend()?, layout)?;
     let t_bytes = super::prepare_backward(&mut model, &a.backward) as u64;
     let n = a.num_virtual_tokens;
     let (cfg, what) = match a.method.as_str() {
@@ -210,16 +210,25 @@ pub fn run(a: BenchArgs) -> Result<()> {
             train.push(t0.elapsed().as_secs_f64());
         }
     }
-    let mut profile = Vec::new();
-    if a.profile {
-        crate::train::loss_and_grads_profiled(
-            &model,
-            method,
-            &mut sched,
-            &[&ex],
-            Some((&mut profile, a.profile_shapes)),
-        )?;
+    let mut obs = crate::train::Observe {
+        profile: a.profile,
+        shapes: a.profile_shapes,
+        ..Default::default()
+    };
+    crate::train::loss_and_grads_observed(&model, method, &mut sched, &[&ex], Some(&mut obs))?;
+    let profile = obs.times;
+    // Views cost nothing wherever they sit; count the nodes that compute.
+    let view = |op: &str| matches!(op, "VIEW" | "RESHAPE" | "PERMUTE" | "TRANSPOSE" | "NONE");
+    let device = model.backend().name();
+    let mut on_cpu: std::collections::BTreeMap<String, usize> = Default::default();
+    let mut n_nodes = 0;
+    for n in obs.placement.iter().filter(|n| !view(&n.op)) {
+        n_nodes += 1;
+        if n.backend != device {
+            *on_cpu.entry(n.op.clone()).or_default() += 1;
+        }
     }
+    let n_cpu: usize = on_cpu.values().sum();
     let (fm, fmin, fmax) = stats(&fwd);
     let (tm, tmin, tmax) = stats(&train);
     let n = a.tokens as f64;
@@ -232,6 +241,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             "forward_tokens_per_s": n / fm, "forward_s": {"median": fm, "min": fmin, "max": fmax},
             "train_tokens_per_s": n / tm, "train_step_s": {"median": tm, "min": tmin, "max": tmax},
             "train_over_forward": tm / fm, "grad_checkpointing": a.grad_checkpointing, "peak_rss_bytes": rss, "weights_bytes": weights,
+            "device": device, "train_nodes": n_nodes, "train_nodes_on_cpu_fallback": n_cpu,
         });
         println!("{}", serde_json::to_string_pretty(&j).expect("serialisable"));
         return Ok(());
@@ -269,6 +279,15 @@ pub fn run(a: BenchArgs) -> Result<()> {
         tmax
     );
     println!("train step / forward pass: {:.2}", tm / fm);
+    if !model.backend().is_cpu() {
+        let ops: Vec<String> = on_cpu.iter().map(|(op, n)| format!("{op} ×{n}")).collect();
+        println!(
+            "device {device}: {} of {n_nodes} training-graph nodes fell back to the CPU{}{}",
+            n_cpu,
+            if ops.is_empty() { "" } else { ": " },
+            ops.join(", ")
+        );
+    }
     println!("peak RSS: {}", rss.map_or("unknown".to_string(), h));
     if a.profile {
         let total: f64 = profile.iter().map(|p| p.1).sum();

@@ -163,7 +163,8 @@ pub struct FinetuneArgs {
     resume: Option<PathBuf>,
     /// How the frozen base is held while training: `native` (the file's
     /// quant types), `f32` (dequantized once: exact values, faster on CPU,
-    /// 4 bytes per weight), `auto` (f32 when that takes at most 4 GiB).
+    /// 4 bytes per weight), `auto` (on the CPU f32 when that takes at most
+    /// 4 GiB; native on a GPU).
     #[arg(long, default_value = "auto", value_parser = ["auto", "native", "f32"])]
     base_compute: String,
     /// Input gradients through the frozen weights: `transposed` (matmul with
@@ -259,10 +260,12 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
             a.data.display()
         )));
     }
-    let threads = a.compute.threads();
+    let backend = a.compute.backend()?;
     let layout = match a.base_compute.as_str() {
         "native" => WeightLayout::Native,
         "f32" => WeightLayout::F32,
+        // A GPU's quantized matmuls are fast and its memory is scarce.
+        _ if !backend.is_cpu() => WeightLayout::Native,
         _ => {
             let f = crate::gguf::GgufFile::open(&a.model)?;
             let n: u64 = f.tensors().iter().map(|t| t.n_elements()).sum();
@@ -273,7 +276,7 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
             }
         }
     };
-    let (mut model, tok) = super::load_with(&a.model, threads, layout)?;
+    let (mut model, tok) = super::load_with(&a.model, backend, layout)?;
     let t_bytes = super::prepare_backward(&mut model, &a.backward);
     eprintln!(
         "base: {} held as {:?} ({}), {} backward ({} more)",

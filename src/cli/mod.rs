@@ -77,11 +77,21 @@ pub struct ComputeArgs {
     /// CPU threads (default: number of physical cores).
     #[arg(short = 't', long)]
     threads: Option<usize>,
+    /// Compute device: `auto` (the first GPU of this build, else the CPU),
+    /// `cpu`, or a ggml device name such as CUDA0, Vulkan0, Metal. On a
+    /// GPU, ops it cannot run go to the CPU with --threads threads.
+    #[arg(long, default_value = "auto")]
+    device: String,
 }
 
 impl ComputeArgs {
     fn threads(&self) -> usize {
         self.threads.unwrap_or_else(num_cpus::get_physical).max(1)
+    }
+
+    /// The backend for --device and --threads.
+    fn backend(&self) -> Result<std::sync::Arc<Backend>> {
+        Ok(Backend::open(&self.device, self.threads())?)
     }
 }
 
@@ -171,27 +181,27 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-/// Loads a model (in its own types) and its tokenizer on the CPU backend.
-pub(crate) fn load(path: &std::path::Path, threads: usize) -> Result<(Model, Tokenizer)> {
-    load_with(path, threads, crate::model::WeightLayout::Native)
+/// Loads a model (in its own types) and its tokenizer on the --device backend.
+pub(crate) fn load(path: &std::path::Path, compute: &ComputeArgs) -> Result<(Model, Tokenizer)> {
+    load_with(path, compute.backend()?, crate::model::WeightLayout::Native)
 }
 
-/// Loads a model in `layout` and its tokenizer on the CPU backend.
+/// Loads a model in `layout` and its tokenizer on `backend`.
 pub(crate) fn load_with(
     path: &std::path::Path,
-    threads: usize,
+    backend: std::sync::Arc<Backend>,
     layout: crate::model::WeightLayout,
 ) -> Result<(Model, Tokenizer)> {
     if !path.exists() {
         return Err(Error::Msg(format!("{}: no such file", path.display())));
     }
-    let model = Model::load_with(path, Backend::cpu(threads), layout)?;
+    let model = Model::load_with(path, backend, layout)?;
     let tok = Tokenizer::load(path, &model.file)?;
     Ok((model, tok))
 }
 
 fn generate(a: GenerateArgs) -> Result<()> {
-    let (model, tok) = load(&a.model, a.compute.threads())?;
+    let (model, tok) = load(&a.model, &a.compute)?;
     let hooks = a.adapter.hooks(&model)?;
     let text = if a.chat {
         let mut msgs = Vec::new();
@@ -273,7 +283,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
 }
 
 fn eval(a: EvalArgs) -> Result<()> {
-    let (model, tok) = load(&a.model, a.compute.threads())?;
+    let (model, tok) = load(&a.model, &a.compute)?;
     let hooks = a.adapter.hooks(&model)?;
     let records = crate::data::read_records(&a.data)?;
     if let Some(classes) = hooks.class_labels() {

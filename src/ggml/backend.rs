@@ -10,6 +10,96 @@ use std::sync::Arc;
 /// Owns a `ggml_backend_t` (a device stream: CPU, CUDA, Metal, Vulkan).
 pub struct Backend {
     ptr: NonNull<sys::ggml_backend>,
+    /// For a device other than the CPU: the CPU backend that runs the ops
+    /// the device cannot (every scheduler over this backend gets it last).
+    fallback: Option<Arc<Backend>>,
+}
+
+/// What kind of compute device a [`Device`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceKind {
+    Cpu,
+    /// A discrete GPU.
+    Gpu,
+    /// A GPU sharing the host's memory.
+    IntegratedGpu,
+    /// An accelerator used next to the CPU (e.g. BLAS); not a compute device of its own.
+    Accelerator,
+}
+
+/// A compute device that ggml's backend registry knows in this build.
+#[derive(Debug, Clone)]
+pub struct Device {
+    /// Registry name: "CPU", "CUDA0", "Vulkan0", "Metal", ...
+    pub name: String,
+    pub description: String,
+    pub kind: DeviceKind,
+    /// Device memory in bytes (total, free).
+    pub memory: (usize, usize),
+}
+
+/// Why a device could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("no compute device named '{name}' in this build (available: {available}; GPUs need a build with --features cuda, vulkan or metal)")]
+    Unknown { name: String, available: String },
+    #[error("device '{0}' failed to initialise (driver problem or out of memory?)")]
+    Init(String),
+}
+
+/// The compute devices of this build, in registry order.
+pub fn devices() -> Vec<Device> {
+    super::init_logging();
+    // SAFETY: registry queries; the registry outlives the program.
+    let n = unsafe { sys::ggml_backend_dev_count() };
+    (0..n)
+        .filter_map(|i| {
+            // SAFETY: i < count; the device handle is owned by the registry.
+            let d = unsafe { sys::ggml_backend_dev_get(i) };
+            (!d.is_null()).then(|| device_info(d))
+        })
+        .collect()
+}
+
+fn device_info(d: sys::ggml_backend_dev_t) -> Device {
+    let cstr = |p: *const std::os::raw::c_char| {
+        if p.is_null() {
+            String::new()
+        } else {
+            // SAFETY: ggml returns NUL-terminated strings owned by the device.
+            unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+        }
+    };
+    let (mut free, mut total) = (0usize, 0usize);
+    // SAFETY: d is a valid registry device; the out-pointers are live locals.
+    let (name, description, ty) = unsafe {
+        sys::ggml_backend_dev_memory(d, &mut free, &mut total);
+        (
+            cstr(sys::ggml_backend_dev_name(d)),
+            cstr(sys::ggml_backend_dev_description(d)),
+            sys::ggml_backend_dev_type(d),
+        )
+    };
+    let kind = match ty {
+        sys::GGML_BACKEND_DEVICE_TYPE_CPU => DeviceKind::Cpu,
+        sys::GGML_BACKEND_DEVICE_TYPE_GPU => DeviceKind::Gpu,
+        sys::GGML_BACKEND_DEVICE_TYPE_IGPU => DeviceKind::IntegratedGpu,
+        _ => DeviceKind::Accelerator,
+    };
+    Device {
+        name,
+        description,
+        kind,
+        memory: (total, free),
+    }
+}
+
+/// The device `auto` picks: the first discrete GPU, else the first
+/// integrated one, else none (the CPU).
+pub fn default_gpu() -> Option<Device> {
+    let all = devices();
+    let first = |k| all.iter().find(|d| d.kind == k).cloned();
+    first(DeviceKind::Gpu).or_else(|| first(DeviceKind::IntegratedGpu))
 }
 
 // SAFETY: a backend handle may be used from any one thread at a time; Backend
@@ -35,10 +125,61 @@ impl Backend {
         let ptr = unsafe { sys::ggml_backend_cpu_init() };
         let b = Backend {
             ptr: NonNull::new(ptr).expect("ggml_backend_cpu_init failed"),
+            fallback: None,
         };
         // SAFETY: b is a CPU backend.
         unsafe { sys::ggml_backend_cpu_set_n_threads(b.raw(), n_threads.max(1) as i32) };
         Arc::new(b)
+    }
+
+    /// Whether this backend can run node `t` as it is.
+    pub fn supports(&self, t: Tensor<'_>) -> bool {
+        // SAFETY: valid backend and tensor.
+        unsafe { sys::ggml_backend_supports_op(self.raw(), t.raw()) }
+    }
+
+    /// Opens a compute device by registry name (case-insensitive: "cuda0",
+    /// "Vulkan0", "cpu"), or "auto": the first GPU, else the CPU. A GPU gets
+    /// a CPU backend with `n_threads` threads for the ops it cannot run.
+    #[allow(clippy::arc_with_non_send_sync)]
+    pub fn open(name: &str, n_threads: usize) -> Result<Arc<Self>, DeviceError> {
+        let dev = if name.eq_ignore_ascii_case("auto") {
+            match default_gpu() {
+                Some(d) => d,
+                None => return Ok(Self::cpu(n_threads)),
+            }
+        } else {
+            let all = devices();
+            match all.iter().find(|d| d.name.eq_ignore_ascii_case(name)) {
+                Some(d) => d.clone(),
+                None => {
+                    return Err(DeviceError::Unknown {
+                        name: name.to_owned(),
+                        available: all.iter().map(|d| d.name.as_str()).collect::<Vec<_>>().join(", "),
+                    })
+                }
+            }
+        };
+        if dev.kind == DeviceKind::Cpu {
+            return Ok(Self::cpu(n_threads));
+        }
+        let cname = std::ffi::CString::new(dev.name.clone()).map_err(|_| DeviceError::Init(dev.name.clone()))?;
+        // SAFETY: valid C string; the registry owns the device handle.
+        let d = unsafe { sys::ggml_backend_dev_by_name(cname.as_ptr()) };
+        if d.is_null() {
+            return Err(DeviceError::Init(dev.name));
+        }
+        // SAFETY: d is a registry device; null params select its defaults.
+        let ptr = unsafe { sys::ggml_backend_dev_init(d, std::ptr::null()) };
+        Ok(Arc::new(Backend {
+            ptr: NonNull::new(ptr).ok_or(DeviceError::Init(dev.name))?,
+            fallback: Some(Self::cpu(n_threads)),
+        }))
+    }
+
+    /// The CPU backend that runs what this device cannot (None on the CPU).
+    pub fn fallback(&self) -> Option<&Arc<Backend>> {
+        self.fallback.as_ref()
     }
 
     pub(crate) fn raw(&self) -> sys::ggml_backend_t {
@@ -187,7 +328,7 @@ impl TensorStore {
 /// more backends (the first preferred, the last the CPU).
 pub struct Sched {
     ptr: NonNull<sys::ggml_backend_sched>,
-    _backends: Vec<Arc<Backend>>,
+    backends: Vec<Arc<Backend>>,
 }
 
 impl Drop for Sched {
@@ -195,6 +336,25 @@ impl Drop for Sched {
         // SAFETY: freed exactly once, before the backends it holds.
         unsafe { sys::ggml_backend_sched_free(self.ptr.as_ptr()) }
     }
+}
+
+/// Nodes of the graph the scheduler runs.
+fn exec_nodes(g: &Graph<'_>) -> usize {
+    // SAFETY: valid graph.
+    unsafe { sys::ggml_graph_n_nodes(g.exec_raw()) as usize }
+}
+
+/// Where the scheduler placed one graph node ([`Sched::assignments`]).
+#[derive(Debug, Clone)]
+pub struct NodeAssignment {
+    /// Op, e.g. "MUL_MAT".
+    pub op: String,
+    /// The node's own name.
+    pub name: String,
+    /// Its sources' names (weights keep their GGUF names).
+    pub sources: Vec<String>,
+    /// Name of the backend that runs it ("CPU", "Vulkan0", ...).
+    pub backend: String,
 }
 
 /// Why a graph could not run.
@@ -210,7 +370,14 @@ pub enum ComputeError {
 
 impl Sched {
     /// A scheduler over `backends` for graphs of up to `graph_size` nodes.
+    /// Devices' CPU fallbacks are appended (ggml wants the CPU last).
     pub fn new(backends: &[Arc<Backend>], graph_size: usize) -> Self {
+        let mut backends = backends.to_vec();
+        for f in backends.clone().iter().filter_map(|b| b.fallback.clone()) {
+            if !backends.iter().any(|b| Arc::ptr_eq(b, &f)) {
+                backends.push(f);
+            }
+        }
         let mut raw: Vec<sys::ggml_backend_t> = backends.iter().map(|b| b.raw()).collect();
         // SAFETY: raw holds valid backends kept alive by the Arcs stored in the
         // scheduler; null bufts selects each backend's default buffer type.
@@ -226,7 +393,7 @@ impl Sched {
         };
         Sched {
             ptr: NonNull::new(p).expect("ggml_backend_sched_new failed"),
-            _backends: backends.to_vec(),
+            backends,
         }
     }
 
@@ -234,12 +401,12 @@ impl Sched {
     /// Fails (instead of letting ggml abort) when some node can run on none
     /// of the scheduler's backends.
     pub fn alloc(&mut self, g: &Graph<'_>) -> Result<(), ComputeError> {
-        for i in 0..g.n_nodes() {
+        for i in 0..exec_nodes(g) {
             // SAFETY: i < n_nodes; nodes are valid tensors of the graph.
-            let node = unsafe { sys::ggml_graph_node(g.raw(), i as i32) };
+            let node = unsafe { sys::ggml_graph_node(g.exec_raw(), i as i32) };
             // SAFETY: valid backends and node.
             let ok = self
-                ._backends
+                .backends
                 .iter()
                 .any(|b| unsafe { sys::ggml_backend_supports_op(b.raw(), node) });
             if !ok {
@@ -258,11 +425,54 @@ impl Sched {
         // SAFETY: valid scheduler and graph; reset frees the previous allocation.
         unsafe { sys::ggml_backend_sched_reset(self.ptr.as_ptr()) };
         // SAFETY: as above.
-        if unsafe { sys::ggml_backend_sched_alloc_graph(self.ptr.as_ptr(), g.raw()) } {
+        if unsafe { sys::ggml_backend_sched_alloc_graph(self.ptr.as_ptr(), g.exec_raw()) } {
             Ok(())
         } else {
             Err(ComputeError::Alloc(g.n_nodes()))
         }
+    }
+
+    /// After [`Sched::alloc`]: where the scheduler put each node of `g`
+    /// (to check that nothing expected on a device falls back to the CPU).
+    pub fn assignments(&self, g: &Graph<'_>) -> Vec<NodeAssignment> {
+        let name_of = |t: *const sys::ggml_tensor| {
+            // SAFETY: t is a valid tensor of the graph; its name is a
+            // NUL-terminated array inside the tensor.
+            unsafe { CStr::from_ptr((*t).name.as_ptr()) }
+                .to_string_lossy()
+                .into_owned()
+        };
+        (0..exec_nodes(g))
+            .map(|i| {
+                // SAFETY: i < n_nodes; nodes are valid tensors of the graph.
+                let node = unsafe { sys::ggml_graph_node(g.exec_raw(), i as i32) };
+                // SAFETY: valid scheduler and node of a graph it allocated.
+                let b = unsafe { sys::ggml_backend_sched_get_tensor_backend(self.ptr.as_ptr(), node) };
+                let backend = self
+                    .backends
+                    .iter()
+                    .find(|x| x.raw() == b)
+                    .map_or_else(String::new, |x| x.name());
+                // SAFETY: valid node; ggml returns a static op name; sources are valid or null.
+                let (op, sources) = unsafe {
+                    (
+                        CStr::from_ptr(sys::ggml_op_desc(node)).to_string_lossy().into_owned(),
+                        (*node)
+                            .src
+                            .iter()
+                            .filter(|s| !s.is_null())
+                            .map(|&s| name_of(s))
+                            .collect(),
+                    )
+                };
+                NodeAssignment {
+                    op,
+                    name: name_of(node),
+                    sources,
+                    backend,
+                }
+            })
+            .collect()
     }
 
     /// Runs an allocated graph node by node and returns the time spent per
@@ -328,7 +538,7 @@ impl Sched {
     /// Runs an allocated graph to completion.
     pub fn compute(&mut self, g: &Graph<'_>) -> Result<(), ComputeError> {
         // SAFETY: the graph was allocated by this scheduler and its inputs set.
-        let st = unsafe { sys::ggml_backend_sched_graph_compute(self.ptr.as_ptr(), g.raw()) };
+        let st = unsafe { sys::ggml_backend_sched_graph_compute(self.ptr.as_ptr(), g.exec_raw()) };
         if st == sys::GGML_STATUS_SUCCESS {
             Ok(())
         } else {

@@ -37,6 +37,10 @@ pub struct Tensor<'a> {
 /// A computation graph allocated in a context borrowed for `'a`.
 pub struct Graph<'a> {
     ptr: NonNull<sys::ggml_cgraph>,
+    /// When a rewrite inserted nodes: the same computation laid out again
+    /// (new nodes before their consumers) for the scheduler, while `ptr`
+    /// keeps ggml's gradient bookkeeping.
+    exec: Option<NonNull<sys::ggml_cgraph>>,
     _ctx: PhantomData<&'a Context>,
 }
 
@@ -45,10 +49,18 @@ impl Context {
     /// graph of `graph_size` nodes (with gradients if `grads`).
     pub fn new(n_tensors: usize, graph_size: usize, grads: bool) -> Self {
         // SAFETY: pure size queries.
+        // A training graph (grads) gets room for one re-laid-out copy and
+        // the nodes a rewrite inserts ([`Graph::contiguous_out_prod_inputs`]).
+        let extra = if grads { graph_size / 4 } else { 0 };
         let mem = unsafe {
-            sys::ggml_tensor_overhead() * n_tensors
+            sys::ggml_tensor_overhead() * (n_tensors + extra)
                 + if graph_size > 0 {
                     sys::ggml_graph_overhead_custom(graph_size, grads)
+                        + if grads {
+                            sys::ggml_graph_overhead_custom(graph_size, false)
+                        } else {
+                            0
+                        }
                 } else {
                     0
                 }
@@ -91,6 +103,7 @@ impl Context {
         let p = unsafe { sys::ggml_new_graph_custom(self.raw(), size, grads) };
         Graph {
             ptr: NonNull::new(p).expect("graph allocation failed"),
+            exec: None,
             _ctx: PhantomData,
         }
     }
@@ -488,6 +501,61 @@ fn bytemuck_f32(data: &[f32]) -> &[u8] {
 impl<'a> Graph<'a> {
     pub(crate) fn raw(&self) -> *mut sys::ggml_cgraph {
         self.ptr.as_ptr()
+    }
+
+    /// The graph the scheduler allocates and runs (see `exec`).
+    pub(crate) fn exec_raw(&self) -> *mut sys::ggml_cgraph {
+        self.exec.unwrap_or(self.ptr).as_ptr()
+    }
+
+    /// Copies the non-contiguous inputs of every OUT_PROD that `runs`
+    /// refuses as it is into contiguous tensors (Vulkan's OUT_PROD only
+    /// takes contiguous ones; ggml's backward feeds it transposed views), so
+    /// that the product stays on the device instead of falling back to the
+    /// CPU. Call after the backward pass is built and rewritten, before
+    /// allocating; the graph's context must have been made with `grads`.
+    /// Returns the number of copies inserted.
+    pub fn contiguous_out_prod_inputs(&mut self, ctx: &'a Context, runs: impl Fn(Tensor<'a>) -> bool) -> usize {
+        let nodes: Vec<*mut sys::ggml_tensor> = (0..self.n_nodes())
+            // SAFETY: i < n_nodes; nodes are valid tensors of this graph.
+            .map(|i| unsafe { sys::ggml_graph_node(self.raw(), i as i32) })
+            .collect();
+        let mut n = 0;
+        for &node in &nodes {
+            let t = Tensor {
+                ptr: NonNull::new(node).expect("non-null node"),
+                _ctx: PhantomData,
+            };
+            // SAFETY: node is valid.
+            if unsafe { (*node).op } != sys::GGML_OP_OUT_PROD || runs(t) {
+                continue;
+            }
+            for k in 0..2 {
+                // SAFETY: node is valid; its sources are valid or null.
+                let src = unsafe { (*node).src[k] };
+                // SAFETY: src is a valid tensor (checked non-null).
+                if src.is_null() || unsafe { sys::ggml_is_contiguous(src) } {
+                    continue;
+                }
+                // SAFETY: ctx has room (sized with grads); the copy has the
+                // source's shape, so the product's result is unchanged.
+                unsafe { (*node).src[k] = sys::ggml_cont(ctx.raw(), src) };
+                n += 1;
+            }
+        }
+        if n > 0 {
+            // Lay the nodes out again in their order: expanding each one
+            // first adds its not yet visited sources, i.e. the new copies.
+            // SAFETY: the context was sized for this second graph (grads).
+            let exec =
+                unsafe { sys::ggml_new_graph_custom(ctx.raw(), sys::ggml_graph_size(self.raw()) as usize, false) };
+            for &node in &nodes {
+                // SAFETY: valid graph and node of the same context.
+                unsafe { sys::ggml_build_forward_expand(exec, node) };
+            }
+            self.exec = Some(NonNull::new(exec).expect("graph allocation failed"));
+        }
+        n
     }
 
     /// Adds `t` and everything it depends on to the graph.

@@ -9,7 +9,10 @@ mod context;
 pub mod llama;
 mod types;
 
-pub use backend::{Backend, Buffer, ComputeError, Sched, TensorStore};
+pub use backend::{
+    default_gpu, devices, Backend, Buffer, ComputeError, Device, DeviceError, DeviceKind, NodeAssignment, Sched,
+    TensorStore,
+};
 pub use context::{Context, Graph, Tensor};
 pub use types::{f32_bytes, GgmlType};
 

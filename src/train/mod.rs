@@ -122,6 +122,10 @@ pub(crate) fn one_hot(targets: &[i32], n_vocab: usize) -> Vec<f32> {
 pub(crate) fn build_backward<'a>(model: &'a Model, ctx: &'a Context, g: &mut crate::ggml::Graph<'a>) {
     g.build_backward(ctx);
     g.replace_weight_out_prods(|w| model.transposed_of(w));
+    let dev = model.backend();
+    if !dev.is_cpu() {
+        g.contiguous_out_prod_inputs(ctx, |t| dev.supports(t));
+    }
 }
 
 /// Loss, loss rows and gradients of one micro-batch, with or without
@@ -148,20 +152,33 @@ pub fn loss_and_grads(
     sched: &mut Sched,
     examples: &[&Example],
 ) -> Result<(f32, usize, Vec<Vec<f32>>)> {
-    loss_and_grads_profiled(model, method, sched, examples, None)
+    loss_and_grads_observed(model, method, sched, examples, None)
 }
 
 /// Seconds and node counts per op kind, largest first.
 pub type Profile = Vec<(String, f64, usize)>;
 
-/// [`loss_and_grads`], optionally recording the time per op kind (and
-/// input shapes, with the flag).
-pub fn loss_and_grads_profiled(
+/// What one training step can record besides its results (for benchmarks
+/// and tests).
+#[derive(Debug, Default)]
+pub struct Observe {
+    /// Time every op kind (slower than a plain step).
+    pub profile: bool,
+    /// With `profile`: per op and input shapes.
+    pub shapes: bool,
+    /// Seconds and node counts per op kind, largest first (with `profile`).
+    pub times: Profile,
+    /// Where the scheduler placed each node of the step's graph.
+    pub placement: Vec<crate::ggml::NodeAssignment>,
+}
+
+/// [`loss_and_grads`], recording what `obs` asks for.
+pub fn loss_and_grads_observed(
     model: &Model,
     method: &dyn Trainable,
     sched: &mut Sched,
     examples: &[&Example],
-    profile: Option<(&mut Profile, bool)>,
+    obs: Option<&mut Observe>,
 ) -> Result<(f32, usize, Vec<Vec<f32>>)> {
     let (batch, targets) = make_batch(examples);
     let n_out = targets.len();
@@ -192,8 +209,15 @@ pub fn loss_and_grads_profiled(
     method.fill_inputs(&g);
     labels.write_f32(&one_hot(&targets, n_vocab));
     g.reset();
-    match profile {
-        Some((p, shapes)) => *p = sched.compute_profiled(&g, shapes)?,
+    match obs {
+        Some(o) => {
+            o.placement = sched.assignments(&g);
+            if o.profile {
+                o.times = sched.compute_profiled(&g, o.shapes)?;
+            } else {
+                sched.compute(&g)?;
+            }
+        }
         None => sched.compute(&g)?,
     }
     let l = loss.read_f32()[0];
