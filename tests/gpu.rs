@@ -177,3 +177,88 @@ fn unknown_device_is_refused_with_the_list() {
     assert!(err.contains("NoSuchGpu7") && err.contains("CPU"), "{err}");
     assert!(!err.contains('\n'), "{err}");
 }
+
+/// Every method family, and LoRA with gradient checkpointing, on a packed
+/// batch of two sequences: the device's loss and gradients are the CPU's
+/// (F32 weights, so only float rounding differs).
+#[test]
+fn every_method_trains_on_the_gpu_as_on_the_cpu() {
+    use gguf_peft::peft::p_tuning::{Encoder, PTuningConfig};
+    use gguf_peft::peft::prefix::PrefixConfig;
+    use gguf_peft::peft::prompt_tuning::{PromptInit, PromptTuningConfig};
+    use gguf_peft::peft::MethodConfig;
+    let Some(dev) = gpu() else { return };
+    let dir = tmpdir("gpu-methods");
+    let path = synth(&dir, "llama", GgmlType::F32);
+    let prefix = |ptuning_v2| {
+        MethodConfig::Prefix(PrefixConfig {
+            num_virtual_tokens: 4,
+            projection: None,
+            init: PromptInit::Random,
+            ptuning_v2,
+            keep_positions: false,
+            classes: Vec::new(),
+        })
+    };
+    let methods = [
+        ("lora, checkpointed", MethodConfig::Lora(LoraConfig::default()), true),
+        (
+            "prompt",
+            MethodConfig::Prompt(PromptTuningConfig {
+                num_virtual_tokens: 4,
+                init: PromptInit::Vocab,
+            }),
+            false,
+        ),
+        (
+            "ptuning-lstm",
+            MethodConfig::Ptuning(PTuningConfig {
+                num_virtual_tokens: 4,
+                encoder: Encoder::Lstm,
+                encoder_hidden_size: 16,
+                encoder_num_layers: 2,
+            }),
+            false,
+        ),
+        ("prefix", prefix(false), false),
+        ("ptuning-v2, checkpointed", prefix(true), true),
+    ];
+    for (name, cfg, recompute) in methods {
+        let run = |backend| {
+            let model = Model::load(&path, backend).unwrap();
+            let method = cfg.build(&model, None, 3).unwrap();
+            let exs: Vec<Example> = [(9, 5), (6, 6)]
+                .iter()
+                .map(|&(len, seed)| Example {
+                    tokens: some_tokens(len, model.hparams.n_vocab, seed),
+                    loss: vec![true; len],
+                    label: None,
+                })
+                .collect();
+            let refs: Vec<&Example> = exs.iter().collect();
+            let mut sched = model.sched();
+            let (l, _, g) =
+                gguf_peft::train::micro_batch_grads(&model, method.as_ref(), &mut sched, &refs, recompute).unwrap();
+            (l, g)
+        };
+        let (l_cpu, g_cpu) = run(Backend::cpu(threads()));
+        let (l_gpu, g_gpu) = run(Backend::open(&dev.name, threads()).unwrap());
+        let (mut diff, mut norm) = (0f64, 0f64);
+        for (x, y) in g_gpu.iter().flatten().zip(g_cpu.iter().flatten()) {
+            diff += ((x - y) as f64).powi(2);
+            norm += (*y as f64).powi(2);
+        }
+        let rel = (diff / norm).sqrt();
+        println!(
+            "{name}: loss CPU {l_cpu:.6} vs {} {l_gpu:.6}, gradients relative difference {rel:.2e}",
+            dev.name
+        );
+        assert!(norm > 0.0, "{name}: no gradient");
+        assert!(
+            (l_cpu - l_gpu).abs() <= 5e-4 * l_cpu.abs(),
+            "{name}: loss {l_cpu} vs {l_gpu}"
+        );
+        assert!(rel <= 5e-3, "{name}: gradients differ by {rel:.2e}");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
