@@ -167,15 +167,38 @@ fn gpu_training_step_matches_cpu() {
 }
 
 /// Naming a device this build does not have is a one-line error listing
-/// the ones it has (runs on every build).
+/// the ones it has; `devices` lists them, marking what `auto` picks (runs
+/// on every build).
 #[test]
-fn unknown_device_is_refused_with_the_list() {
+fn devices_are_listed_and_unknown_ones_refused() {
     let err = match Backend::open("NoSuchGpu7", 1) {
         Ok(_) => panic!("opened a device that does not exist"),
         Err(e) => e.to_string(),
     };
     assert!(err.contains("NoSuchGpu7") && err.contains("CPU"), "{err}");
     assert!(!err.contains('\n'), "{err}");
+    let (ok, out, _) = run_cli(&["devices"]);
+    assert!(ok);
+    let auto = default_gpu().map_or_else(|| "CPU".to_string(), |d| d.name);
+    assert!(out.lines().any(|l| l.starts_with("CPU ")), "{out}");
+    let marked: Vec<&str> = out.lines().filter(|l| l.ends_with("(auto)")).collect();
+    assert_eq!(marked.len(), 1, "{out}");
+    assert!(marked[0].starts_with(&auto), "{out}");
+    let dir = tmpdir("gpu-bad-device");
+    let path = synth(&dir, "llama", GgmlType::F32);
+    let (ok, _, err) = run_cli(&[
+        "generate",
+        "-m",
+        path.to_str().unwrap(),
+        "-p",
+        "hi",
+        "--device",
+        "NoSuchGpu7",
+    ]);
+    assert!(!ok);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("NoSuchGpu7"), "{err}");
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// Every method family, and LoRA with gradient checkpointing, on a packed

@@ -47,6 +47,8 @@ enum Command {
     ImportAdapter(convert::ImportArgs),
     /// Convert a HF checkpoint (safetensors, incl. bitsandbytes NF4) to GGUF.
     Convert(convert::ConvertArgs),
+    /// List the compute devices of this build (names for --device).
+    Devices,
 }
 
 /// Options to apply a trained adapter.
@@ -178,7 +180,37 @@ fn run(cli: Cli) -> Result<()> {
         Command::Export(a) => convert::export(a),
         Command::ImportAdapter(a) => convert::import(a),
         Command::Convert(a) => convert::convert(a),
+        Command::Devices => {
+            list_devices();
+            Ok(())
+        }
     }
+}
+
+/// Prints the build's compute devices, marking the one `--device auto` picks.
+fn list_devices() {
+    let auto = crate::ggml::default_gpu().map_or_else(|| "CPU".to_string(), |d| d.name);
+    let mut out = String::new();
+    for d in crate::ggml::devices() {
+        let mem = if d.memory.0 > 0 {
+            format!(
+                ", {} free of {}",
+                inspect::human_bytes(d.memory.1 as u64),
+                inspect::human_bytes(d.memory.0 as u64)
+            )
+        } else {
+            String::new()
+        };
+        let mark = if d.name == auto { "  (auto)" } else { "" };
+        let kind = match d.kind {
+            crate::ggml::DeviceKind::Cpu => "CPU",
+            crate::ggml::DeviceKind::Gpu => "GPU",
+            crate::ggml::DeviceKind::IntegratedGpu => "integrated GPU",
+            crate::ggml::DeviceKind::Accelerator => "accelerator",
+        };
+        out.push_str(&format!("{:10} {kind}: {}{mem}{mark}\n", d.name, d.description));
+    }
+    print_stdout(&out);
 }
 
 /// Loads a model (in its own types) and its tokenizer on the --device backend.
