@@ -231,17 +231,22 @@ fn transposed_backward_matches_stock_on_quantized_weights() {
         tokens,
         ..Default::default()
     };
-    let grads = |ty: GgmlType, transposed: Option<Option<GgmlType>>| {
+    let grads_with = |ty: GgmlType, transposed: Option<Option<GgmlType>>, repack: bool| {
         let path = synth(&dir, "qwen3", ty);
         let mut model = Model::load(&path, Backend::cpu(threads())).unwrap();
+        model.repack_transposed = repack;
         if let Some(t) = transposed {
             model.prepare_transposed(t);
+        }
+        if model.transposed_repacked() {
+            println!("{ty} base: transposed copies in the CPU's repacking buffer");
         }
         let lora = Lora::new(&model, all_targets(), 1).unwrap();
         randomize_b(&lora, 2, 0.05);
         let mut sched = model.sched();
         gguf_peft::train::loss_and_grads(&model, &lora, &mut sched, &[&ex]).unwrap()
     };
+    let grads = |ty: GgmlType, transposed: Option<Option<GgmlType>>| grads_with(ty, transposed, true);
     let rel = |a: &[Vec<f32>], b: &[Vec<f32>]| {
         let (mut diff, mut norm) = (0f64, 0f64);
         for (x, y) in a.iter().flatten().zip(b.iter().flatten()) {
@@ -271,6 +276,16 @@ fn transposed_backward_matches_stock_on_quantized_weights() {
             assert!(r <= bound, "{ty} {name}: {r:.2e}");
         }
     }
+    // Q4_0 copies in the CPU's repacking buffer (where this CPU repacks
+    // them) run other kernels on the same values: the same gradients up to
+    // float summation order.
+    let q4 = Some(Some(GgmlType::Q4_0));
+    let (l_r, _, g_r) = grads_with(GgmlType::Q4_K, q4, true);
+    let (l_p, _, g_p) = grads_with(GgmlType::Q4_K, q4, false);
+    let r = rel(&g_r, &g_p);
+    println!("Q4_0 copies repacked vs plain: relative difference {r:.2e}");
+    assert_eq!(l_r, l_p);
+    assert!(r <= 1e-3, "{r:.2e}");
     let _ = std::fs::remove_dir_all(dir);
 }
 

@@ -241,6 +241,70 @@ impl Backend {
         })
     }
 
+    /// On the CPU: allocates `ctx`'s tensors (2-D weights) in ggml's
+    /// repacking buffer type (CPU_REPACK), which stores them interleaved for
+    /// faster matmul kernels (on x86 with AVX2: Q4_0, Q4_K, IQ4_NL). Such
+    /// tensors may only be the weight of a MUL_MAT and cannot be read back.
+    /// `None` unless this CPU repacks every one of them (ggml would crash
+    /// writing one it does not).
+    pub fn alloc_store_repacked(&self, ctx: Context) -> Option<TensorStore> {
+        if !self.is_cpu() {
+            return None;
+        }
+        let name = std::ffi::CString::new("ggml_backend_dev_get_extra_bufts").expect("no NUL");
+        // SAFETY: registry queries with a valid C string; the function
+        // pointer, when present, has the documented signature.
+        let buft = unsafe {
+            let reg = sys::ggml_backend_cpu_reg();
+            let f = sys::ggml_backend_reg_get_proc_address(reg, name.as_ptr());
+            if f.is_null() {
+                return None;
+            }
+            let f: unsafe extern "C" fn(sys::ggml_backend_dev_t) -> *mut sys::ggml_backend_buffer_type_t =
+                std::mem::transmute(f);
+            let list = f(sys::ggml_backend_get_device(self.raw()));
+            if list.is_null() {
+                return None;
+            }
+            // The list is NULL-terminated; CPU_REPACK is the one we want.
+            let mut i = 0;
+            loop {
+                let b = *list.add(i);
+                if b.is_null() {
+                    break None;
+                }
+                if CStr::from_ptr(sys::ggml_backend_buft_name(b)).to_bytes() == b"CPU_REPACK" {
+                    break Some(b);
+                }
+                i += 1;
+            }
+        }?;
+        // SAFETY: ctx is a no_alloc context whose tensors have no data yet.
+        let p = unsafe { sys::ggml_backend_alloc_ctx_tensors_from_buft(ctx.raw(), buft) };
+        let buf = Buffer { ptr: NonNull::new(p)? };
+        let mut names = HashMap::new();
+        let mut ptrs = Vec::new();
+        let tensors = ctx.tensors();
+        // Ask the CPU backend whether it would run `mul_mat(t, x)` with each
+        // tensor where it now lies (it checks that a repacked layout exists).
+        let probe = Context::new(tensors.len() * 2 + 1, 0, false);
+        for (i, t) in tensors.into_iter().enumerate() {
+            let x = probe.new_tensor(super::GgmlType::F32, &[t.ne()[0], 1]);
+            if t.ne()[2] != 1 || t.ne()[3] != 1 || !self.supports(probe.mul_mat(t, x)) {
+                return None;
+            }
+            names.insert(t.name(), i);
+            ptrs.push(NonNull::new(t.raw()).expect("non-null tensor"));
+        }
+        Some(TensorStore {
+            buf: Some(buf),
+            ctx,
+            names,
+            ptrs,
+            _host: None,
+        })
+    }
+
     /// Allocates every tensor of `ctx` in one buffer of this backend and
     /// returns both as a store whose tensors can be looked up by name.
     pub fn alloc_store(&self, ctx: Context) -> TensorStore {

@@ -59,6 +59,10 @@ pub struct Model {
     weights: TensorStore,
     /// Transposed copies `<name>.T` of the matrices, for the backward pass.
     transposed: Option<TensorStore>,
+    /// Whether the transposed copies sit in the CPU's repacking buffer.
+    transposed_repacked: bool,
+    /// Let [`Model::prepare_transposed`] repack copies (default on).
+    pub repack_transposed: bool,
 }
 
 pub use arch::Architecture;
@@ -157,6 +161,8 @@ impl Model {
             backend,
             weights,
             transposed: None,
+            transposed_repacked: false,
+            repack_transposed: true,
         })
     }
 
@@ -205,12 +211,23 @@ impl Model {
             Some(t) if n_out % t.block_size() as i64 == 0 => t,
             _ => GgmlType::F16,
         };
-        let ctx = Context::new(mats.len() + 1, 0, false);
-        for (name, ne) in &mats {
-            ctx.new_tensor(ty_t(ne[1]), &[ne[1], ne[0]])
-                .set_name(&format!("{name}.T"));
-        }
-        let store = self.backend.alloc_store(ctx);
+        let new_ctx = || {
+            let ctx = Context::new(mats.len() + 1, 0, false);
+            for (name, ne) in &mats {
+                ctx.new_tensor(ty_t(ne[1]), &[ne[1], ne[0]])
+                    .set_name(&format!("{name}.T"));
+            }
+            ctx
+        };
+        // On the CPU, types it repacks (Q4_0 on AVX2 or NEON) go to its
+        // repacking buffer: measured 2.2x faster matmuls than plain Q4_0 and
+        // 1.4x faster than F32 (bench_matmul, 1536², 256 tokens, 2 threads).
+        let repacked = self
+            .repack_transposed
+            .then(|| self.backend.alloc_store_repacked(new_ctx()))
+            .flatten();
+        self.transposed_repacked = repacked.is_some();
+        let store = repacked.unwrap_or_else(|| self.backend.alloc_store(new_ctx()));
         // One matrix at a time, so that the host copies of only one are alive.
         for (name, ne) in &mats {
             // From the file's own bytes (the loaded copy may be F32 already).
@@ -222,6 +239,12 @@ impl Model {
         let size = store.size();
         self.transposed = Some(store);
         size
+    }
+
+    /// Whether [`Model::prepare_transposed`] put its copies in the CPU's
+    /// repacking buffer (types this CPU repacks, e.g. Q4_0 on AVX2).
+    pub fn transposed_repacked(&self) -> bool {
+        self.transposed_repacked
     }
 
     /// The transposed copy of weight `w`, if [`Model::prepare_transposed`] made one.
