@@ -55,7 +55,6 @@ pub struct Model {
     pub file: GgufFile,
     pub hparams: Hparams,
     pub arch: &'static dyn Architecture,
-    backend: Arc<Backend>,
     weights: TensorStore,
     /// Transposed copies `<name>.T` of the matrices, for the backward pass.
     transposed: Option<TensorStore>,
@@ -63,6 +62,8 @@ pub struct Model {
     transposed_repacked: bool,
     /// Let [`Model::prepare_transposed`] repack copies (default on).
     pub repack_transposed: bool,
+    /// Last, so that the buffers above are freed before the device.
+    backend: Arc<Backend>,
 }
 
 pub use arch::Architecture;
