@@ -18,6 +18,7 @@ pub struct Backend {
 /// What kind of compute device a [`Device`] is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceKind {
+    /// The host CPU.
     Cpu,
     /// A discrete GPU.
     Gpu,
@@ -32,7 +33,9 @@ pub enum DeviceKind {
 pub struct Device {
     /// Registry name: "CPU", "CUDA0", "Vulkan0", "Metal", ...
     pub name: String,
+    /// What the driver calls it (e.g. "NVIDIA H200", "AMD EPYC").
     pub description: String,
+    /// CPU, GPU, integrated GPU or accelerator.
     pub kind: DeviceKind,
     /// Device memory in bytes (total, free).
     pub memory: (usize, usize),
