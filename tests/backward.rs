@@ -31,7 +31,7 @@ fn check_arch(arch: &str) {
     pctx.new_tensor(GgmlType::F32, &[n_embd as i64, n as i64])
         .set_name("delta");
     let hook = InputOffset {
-        store: backend.alloc_store(pctx),
+        store: backend.alloc_store(pctx).unwrap(),
     };
     let delta = hook.store.get("delta").unwrap().set_param();
     let mut rng = Rng::new(11);

@@ -57,7 +57,7 @@ fn step(
     copy: Option<GgmlType>,
 ) -> (f32, Vec<Vec<f32>>, Observe) {
     let mut model = Model::load_with(path, backend, layout).unwrap();
-    model.prepare_transposed(copy);
+    model.prepare_transposed(copy).unwrap();
     let lora = lora_on(&model);
     let ex = example(model.hparams.n_vocab);
     let mut sched = model.sched();
@@ -297,4 +297,17 @@ fn every_method_trains_on_the_gpu_as_on_the_cpu() {
         assert!(rel <= 5e-3, "{name}: gradients differ by {rel:.2e}");
     }
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A device without room for a store is an error naming the device and the
+/// size, not an abort (shown on the CPU with an impossible 4 TiB).
+#[test]
+fn out_of_device_memory_is_an_error() {
+    let ctx = gguf_peft::ggml::Context::new(2, 0, false);
+    ctx.new_tensor(GgmlType::F32, &[1 << 20, 1 << 20]).set_name("huge");
+    let err = match Backend::cpu(1).alloc_store(ctx) {
+        Ok(_) => panic!("allocated 4 TiB"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("could not allocate 4194304 MiB on CPU"), "{err}");
 }

@@ -44,7 +44,7 @@ fn check_finite_differences(transposed: Option<GgmlType>) {
     let path = synth(&dir, "llama", GgmlType::F32);
     let mut model = Model::load(&path, Backend::cpu(threads())).unwrap();
     if let Some(t) = transposed {
-        model.prepare_transposed(Some(t));
+        model.prepare_transposed(Some(t)).unwrap();
     }
     let lora = Lora::new(&model, all_targets(), 1).unwrap();
     randomize_b(&lora, 2, 0.05);
@@ -236,7 +236,7 @@ fn transposed_backward_matches_stock_on_quantized_weights() {
         let mut model = Model::load(&path, Backend::cpu(threads())).unwrap();
         model.repack_transposed = repack;
         if let Some(t) = transposed {
-            model.prepare_transposed(t);
+            model.prepare_transposed(t).unwrap();
         }
         if model.transposed_repacked() {
             println!("{ty} base: transposed copies in the CPU's repacking buffer");
@@ -298,7 +298,7 @@ fn gradient_checkpointing_matches_plain_backward() {
     for arch in ["llama", "qwen2", "qwen3", "gemma3"] {
         let path = synth(&dir, arch, GgmlType::Q4_K);
         let mut model = Model::load(&path, Backend::cpu(threads())).unwrap();
-        model.prepare_transposed(None);
+        model.prepare_transposed(None).unwrap();
         let mut cfg = all_targets();
         cfg.dropout = 0.1;
         if arch == "qwen2" {

@@ -152,7 +152,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     let (mut model, _tok) = super::load_with(&model_path, a.compute.backend()?, layout)?;
     model.repack_transposed = !a.no_repack;
-    let t_bytes = super::prepare_backward(&mut model, &a.backward) as u64;
+    let t_bytes = super::prepare_backward(&mut model, &a.backward)? as u64;
     let n = a.num_virtual_tokens;
     let (cfg, what) = match a.method.as_str() {
         "prompt" => (

@@ -32,7 +32,7 @@ pub fn measure(ty: GgmlType, n: usize, tokens: usize, threads: usize, reps: usiz
     wctx.new_tensor(ty, &[n as i64, n as i64]).set_name("w");
     wctx.new_tensor(GgmlType::F16, &[n as i64, n as i64]).set_name("w.T");
     wctx.new_tensor(GgmlType::F32, &[n as i64, tokens as i64]).set_name("x");
-    let store = backend.alloc_store(wctx);
+    let store = backend.alloc_store(wctx)?;
     let w: Vec<f32> = (0..n * n).map(|_| rng.normal() * 0.05).collect();
     let wq = ty.from_f32(&w, n);
     store.get("w").unwrap().write_bytes(&wq);

@@ -277,7 +277,7 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         }
     };
     let (mut model, tok) = super::load_with(&a.model, backend, layout)?;
-    let t_bytes = super::prepare_backward(&mut model, &a.backward);
+    let t_bytes = super::prepare_backward(&mut model, &a.backward)?;
     eprintln!(
         "base: {} held as {:?} ({}), {} backward ({} more)",
         a.model.display(),

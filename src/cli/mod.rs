@@ -401,14 +401,14 @@ fn eval_classes(
 
 /// Makes the transposed weight copies `--backward` asks for; returns their
 /// bytes (0 for ggml's stock backward).
-pub(crate) fn prepare_backward(model: &mut Model, backward: &str) -> usize {
+pub(crate) fn prepare_backward(model: &mut Model, backward: &str) -> Result<usize> {
     use crate::ggml::GgmlType;
-    match backward {
-        "transposed" => model.prepare_transposed(None),
-        "transposed-q8" => model.prepare_transposed(Some(GgmlType::Q8_0)),
-        "transposed-q4" => model.prepare_transposed(Some(GgmlType::Q4_0)),
+    Ok(match backward {
+        "transposed" => model.prepare_transposed(None)?,
+        "transposed-q8" => model.prepare_transposed(Some(GgmlType::Q8_0))?,
+        "transposed-q4" => model.prepare_transposed(Some(GgmlType::Q4_0))?,
         _ => 0,
-    }
+    })
 }
 
 /// Writes to stdout; a closed pipe (`| head`) ends output quietly.

@@ -199,7 +199,7 @@ pub fn read_host(path: &Path, base: &GgufFile) -> Result<HostLora> {
 pub fn read(path: &Path, model: &Model) -> Result<Lora> {
     let h = read_host(path, &model.file)?;
     let sites = h.pairs.iter().map(|p| p.site.clone()).collect();
-    let lora = Lora::alloc(model, h.config, h.alpha, sites);
+    let lora = Lora::alloc(model, h.config, h.alpha, sites)?;
     for p in &h.pairs {
         lora.tensor_a(&p.base).write_f32(&p.a);
         lora.tensor_b(&p.base).write_f32(&p.b);

@@ -310,25 +310,32 @@ impl Backend {
 
     /// Allocates every tensor of `ctx` in one buffer of this backend and
     /// returns both as a store whose tensors can be looked up by name.
-    pub fn alloc_store(&self, ctx: Context) -> TensorStore {
+    /// Fails when the device is out of memory.
+    pub fn alloc_store(&self, ctx: Context) -> Result<TensorStore, ComputeError> {
+        let tensors = ctx.tensors();
         // SAFETY: ctx is a no_alloc context whose tensors have no data yet;
         // returns null when the context has no tensors or allocation fails.
         let p = unsafe { sys::ggml_backend_alloc_ctx_tensors(ctx.raw(), self.raw()) };
         let buf = NonNull::new(p).map(|ptr| Buffer { ptr });
+        if buf.is_none() && !tensors.is_empty() {
+            return Err(ComputeError::OutOfMemory {
+                bytes: tensors.iter().map(|t| t.n_bytes()).sum(),
+                device: self.name(),
+            });
+        }
         let mut names = HashMap::new();
         let mut ptrs = Vec::new();
-        for (i, t) in ctx.tensors().into_iter().enumerate() {
-            assert!(buf.is_some(), "allocating {} tensors on {} failed", i + 1, self.name());
+        for (i, t) in tensors.into_iter().enumerate() {
             names.insert(t.name(), i);
             ptrs.push(NonNull::new(t.raw()).expect("non-null tensor"));
         }
-        TensorStore {
+        Ok(TensorStore {
             buf,
             ctx,
             names,
             ptrs,
             _host: None,
-        }
+        })
     }
 }
 
@@ -433,6 +440,8 @@ pub enum ComputeError {
     Status(i32),
     #[error("no backend can run {0}")]
     Unsupported(String),
+    #[error("could not allocate {} MiB on {device} (out of device memory? try --device cpu, or --backward transposed-q4 for smaller copies)", .bytes / (1 << 20))]
+    OutOfMemory { bytes: usize, device: String },
 }
 
 impl Sched {

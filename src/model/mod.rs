@@ -144,7 +144,10 @@ impl Model {
                 .store_over_host(ctx, host, &offsets)
                 .expect("tensor offsets were validated at open")
         } else {
-            let weights = backend.alloc_store(ctx);
+            let weights = backend.alloc_store(ctx).map_err(|e| ModelError::Invalid {
+                path: path.clone(),
+                msg: format!("loading the weights: {e}"),
+            })?;
             for t in &present {
                 let dst = weights.get(&t.name).expect("just created");
                 if ty_of(t) == t.ty {
@@ -196,10 +199,11 @@ impl Model {
     /// token when W is quantized). Copies are F16 (2 bytes per weight; the
     /// fastest CPU path measured, and gradients within 1e-3 of the exact
     /// ones) unless `ty` names another type whose block size fits the row
-    /// length. Returns the bytes they take.
-    pub fn prepare_transposed(&mut self, ty: Option<GgmlType>) -> usize {
+    /// length. Returns the bytes they take; fails when the device has no
+    /// room for them.
+    pub fn prepare_transposed(&mut self, ty: Option<GgmlType>) -> Result<usize, ComputeError> {
         if let Some(t) = &self.transposed {
-            return t.size();
+            return Ok(t.size());
         }
         let mats: Vec<(String, [i64; 4])> = self
             .weights
@@ -228,7 +232,10 @@ impl Model {
             .then(|| self.backend.alloc_store_repacked(new_ctx()))
             .flatten();
         self.transposed_repacked = repacked.is_some();
-        let store = repacked.unwrap_or_else(|| self.backend.alloc_store(new_ctx()));
+        let store = match repacked {
+            Some(s) => s,
+            None => self.backend.alloc_store(new_ctx())?,
+        };
         // One matrix at a time, so that the host copies of only one are alive.
         for (name, ne) in &mats {
             // From the file's own bytes (the loaded copy may be F32 already).
@@ -239,7 +246,7 @@ impl Model {
         }
         let size = store.size();
         self.transposed = Some(store);
-        size
+        Ok(size)
     }
 
     /// Whether [`Model::prepare_transposed`] put its copies in the CPU's

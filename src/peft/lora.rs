@@ -199,7 +199,7 @@ impl Lora {
             return Err(Error::Msg("no LoRA targets selected".into()));
         }
         let alpha_file = config.scale() * config.rank as f32;
-        let lora = Self::alloc(model, config, alpha_file, sites);
+        let lora = Self::alloc(model, config, alpha_file, sites)?;
         let mut rng = Rng::new(seed);
         for s in &lora.sites {
             if s.is_embedding() {
@@ -218,7 +218,7 @@ impl Lora {
     }
 
     /// An adapter with these sites, tensors allocated but not initialised.
-    pub fn alloc(model: &Model, config: LoraConfig, alpha_file: f32, sites: Vec<LoraSite>) -> Self {
+    pub fn alloc(model: &Model, config: LoraConfig, alpha_file: f32, sites: Vec<LoraSite>) -> Result<Self> {
         let ctx = Context::new(sites.len() * 2 + 1, 0, false);
         let mut index = HashMap::new();
         for (i, s) in sites.iter().enumerate() {
@@ -229,8 +229,8 @@ impl Lora {
                 .set_name(&format!("{}.lora_b", s.weight));
             index.insert(s.weight.clone(), i);
         }
-        let store = model.backend().alloc_store(ctx);
-        Lora {
+        let store = model.backend().alloc_store(ctx)?;
+        Ok(Lora {
             config,
             alpha_file,
             user_scale: 1.0,
@@ -238,7 +238,7 @@ impl Lora {
             index,
             store,
             dropout: RefCell::new(None),
-        }
+        })
     }
 
     /// The adapted weights.

@@ -52,13 +52,13 @@ pub trait Trainable: crate::model::Hooks {
 
 /// F32 tensors with these names and shapes (ggml order) on the model's
 /// backend, uninitialised.
-pub(crate) fn alloc_params(model: &Model, shapes: &[(String, Vec<usize>)]) -> TensorStore {
+pub(crate) fn alloc_params(model: &Model, shapes: &[(String, Vec<usize>)]) -> Result<TensorStore> {
     let ctx = Context::new(shapes.len() + 1, 0, false);
     for (name, ne) in shapes {
         let ne: Vec<i64> = ne.iter().map(|&n| n as i64).collect();
         ctx.new_tensor(GgmlType::F32, &ne).set_name(name);
     }
-    model.backend().alloc_store(ctx)
+    Ok(model.backend().alloc_store(ctx)?)
 }
 
 /// Evaluates tensors a method builds from its own parameters (no tokens):
@@ -149,7 +149,7 @@ pub fn load_adapter(model: &Model, path: &Path, scale: f32) -> Result<Box<dyn Tr
                 num_virtual_tokens: n,
                 init: prompt_tuning::PromptInit::Random,
             };
-            Box::new(prompt_tuning::PromptTuning::from_values(model, cfg, &t))
+            Box::new(prompt_tuning::PromptTuning::from_values(model, cfg, &t)?)
         }
         None => {
             let cfg = prefix::PrefixConfig {

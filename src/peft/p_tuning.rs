@@ -100,7 +100,7 @@ impl PTuning {
             }
         }
         let shapes: Vec<(String, Vec<usize>)> = params.iter().map(|(n, s, _)| (n.clone(), s.clone())).collect();
-        let store = alloc_params(model, &shapes);
+        let store = alloc_params(model, &shapes)?;
         for (name, _, v) in &params {
             store.get(name).expect("allocated").write_f32(v);
         }

@@ -145,7 +145,7 @@ impl PrefixTuning {
                     shapes.clear();
                 }
                 shapes.extend(head_shape(model, &config));
-                let p = Self::with_store(model, config.clone(), alloc_params(model, &shapes));
+                let p = Self::with_store(model, config.clone(), alloc_params(model, &shapes)?);
                 if n > 0 {
                     let emb = normal(kv * n);
                     let (w0, b0) = linear_init(&mut rng, kv, h);
@@ -215,7 +215,7 @@ impl PrefixTuning {
             }
         }
         shapes.extend(head_shape(model, &config));
-        let p = Self::with_store(model, config, alloc_params(model, &shapes));
+        let p = Self::with_store(model, config, alloc_params(model, &shapes)?);
         if let Some(h) = head {
             p.init_head(&mut Rng::new(0), Some(h));
         }

@@ -81,12 +81,12 @@ impl PromptTuning {
             None if config.init == PromptInit::Zero => vec![0.0; n * n_embd],
             None => (0..n * n_embd).map(|_| rng.normal()).collect(),
         };
-        Ok(Self::from_values(model, config, &values))
+        Self::from_values(model, config, &values)
     }
 
     /// Virtual tokens with these values (`n_embd` per token), e.g. read from
     /// an adapter file.
-    pub fn from_values(model: &Model, config: PromptTuningConfig, values: &[f32]) -> Self {
+    pub fn from_values(model: &Model, config: PromptTuningConfig, values: &[f32]) -> Result<Self> {
         let n = config.num_virtual_tokens;
         let n_embd = model.hparams.n_embd;
         assert_eq!(values.len(), n * n_embd, "virtual token values");
@@ -95,11 +95,11 @@ impl PromptTuning {
         } else {
             vec![(TENSOR.to_string(), vec![n_embd, n])]
         };
-        let store = alloc_params(model, &shapes);
+        let store = alloc_params(model, &shapes)?;
         if n > 0 {
             store.get(TENSOR).expect("allocated").write_f32(values);
         }
-        PromptTuning { config, store }
+        Ok(PromptTuning { config, store })
     }
 
     /// The current virtual tokens, `n_embd` values per token.

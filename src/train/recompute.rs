@@ -103,7 +103,7 @@ pub fn loss_and_grads_recompute(
         .set_name("ckpt.h");
     sctx.new_tensor(GgmlType::F32, &[n_embd as i64, n_rows as i64])
         .set_name("ckpt.g");
-    let store = model.backend().alloc_store(sctx);
+    let store = model.backend().alloc_store(sctx)?;
     let h_in = store.get("ckpt.h").expect("created").set_param();
     let g_in = store.get("ckpt.g").expect("created");
 
