@@ -48,10 +48,10 @@ impl Context {
     /// A metadata-only context with room for `n_tensors` tensors and one
     /// graph of `graph_size` nodes (with gradients if `grads`).
     pub fn new(n_tensors: usize, graph_size: usize, grads: bool) -> Self {
-        // SAFETY: pure size queries.
         // A training graph (grads) gets room for one re-laid-out copy and
         // the nodes a rewrite inserts ([`Graph::contiguous_out_prod_inputs`]).
         let extra = if grads { graph_size / 4 } else { 0 };
+        // SAFETY: pure size queries.
         let mem = unsafe {
             sys::ggml_tensor_overhead() * (n_tensors + extra)
                 + if graph_size > 0 {
