@@ -234,7 +234,7 @@ fn transposed_backward_matches_stock_on_quantized_weights() {
     let grads_with = |ty: GgmlType, transposed: Option<Option<GgmlType>>, repack: bool| {
         let path = synth(&dir, "qwen3", ty);
         let mut model = Model::load(&path, Backend::cpu(threads())).unwrap();
-        model.repack_transposed = repack;
+        model.repack = repack;
         if let Some(t) = transposed {
             model.prepare_transposed(t).unwrap();
         }
@@ -334,6 +334,50 @@ fn gradient_checkpointing_matches_plain_backward() {
         assert_eq!(n1, n2);
         assert!((l1 - l2).abs() <= 1e-6 * l1.abs(), "{arch}: loss {l1} vs {l2}");
         assert!(rel <= 1e-5, "{arch}: {rel:.2e}");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Matrices moved into the CPU's repacking buffer (`Model::repack_weights`,
+/// what `finetune` and `bench` do unless the backward is ggml's stock one)
+/// run other kernels on the same values: the loss and gradients of the
+/// plain kernels up to float summation order.
+#[test]
+fn repacked_weights_give_the_plain_kernels_results() {
+    let dir = tmpdir("lora-repacked-weights");
+    let tokens = some_tokens(20, 320, 9);
+    let ex = Example {
+        loss: vec![true; tokens.len()],
+        tokens,
+        ..Default::default()
+    };
+    for ty in [GgmlType::Q4_0, GgmlType::Q4_K] {
+        let path = synth(&dir, "llama", ty);
+        let step = |repack: bool| {
+            let mut model = Model::load(&path, Backend::cpu(threads())).unwrap();
+            let n = if repack { model.repack_weights() } else { 0 };
+            model.prepare_transposed(Some(GgmlType::F32)).unwrap();
+            let lora = Lora::new(&model, all_targets(), 1).unwrap();
+            randomize_b(&lora, 2, 0.05);
+            let mut sched = model.sched();
+            let (l, _, g) = gguf_peft::train::loss_and_grads(&model, &lora, &mut sched, &[&ex]).unwrap();
+            (n, l, g)
+        };
+        let (n, l_r, g_r) = step(true);
+        let (_, l_p, g_p) = step(false);
+        let (mut diff, mut norm) = (0f64, 0f64);
+        for (x, y) in g_r.iter().flatten().zip(g_p.iter().flatten()) {
+            diff += ((x - y) as f64).powi(2);
+            norm += (*y as f64).powi(2);
+        }
+        let r = (diff / norm).sqrt();
+        println!("{ty}: {n} matrices repacked; loss {l_r:.6} vs {l_p:.6}; gradients relative difference {r:.2e}");
+        #[cfg(target_arch = "x86_64")]
+        if ty == GgmlType::Q4_0 && std::arch::is_x86_feature_detected!("avx2") {
+            assert!(n > 0, "an AVX2 CPU repacks Q4_0");
+        }
+        assert!((l_r - l_p).abs() <= 1e-4 * l_p.abs(), "{ty}: loss {l_r} vs {l_p}");
+        assert!(r <= 1e-3, "{ty}: {r:.2e}");
     }
     let _ = std::fs::remove_dir_all(dir);
 }

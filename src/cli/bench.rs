@@ -66,8 +66,8 @@ pub struct BenchArgs {
     /// Gradient checkpointing per block in the training step.
     #[arg(long)]
     grad_checkpointing: bool,
-    /// Keep transposed copies out of the CPU's repacking buffer (to measure
-    /// what repacking gains).
+    /// Keep weights and transposed copies out of the CPU's repacking buffer
+    /// (to measure what repacking gains).
     #[arg(long)]
     no_repack: bool,
     /// Print a JSON object instead of text.
@@ -151,7 +151,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         return Err(Error::Msg("--steps must be ≥ 1 and --tokens ≥ 2".into()));
     }
     let (mut model, _tok) = super::load_with(&model_path, a.compute.backend()?, layout)?;
-    model.repack_transposed = !a.no_repack;
+    model.repack = !a.no_repack;
     let t_bytes = super::prepare_backward(&mut model, &a.backward)? as u64;
     let n = a.num_virtual_tokens;
     let (cfg, what) = match a.method.as_str() {
@@ -250,16 +250,20 @@ pub fn run(a: BenchArgs) -> Result<()> {
             "forward_tokens_per_s": n / fm, "forward_s": {"median": fm, "min": fmin, "max": fmax},
             "train_tokens_per_s": n / tm, "train_step_s": {"median": tm, "min": tmin, "max": tmax},
             "train_over_forward": tm / fm, "grad_checkpointing": a.grad_checkpointing, "peak_rss_bytes": rss, "weights_bytes": weights,
-            "device": device, "transposed_repacked": model.transposed_repacked(), "train_nodes": n_nodes, "train_nodes_on_cpu_fallback": n_cpu,
+            "device": device, "transposed_repacked": model.transposed_repacked(), "weights_repacked": model.weights_repacked(), "train_nodes": n_nodes, "train_nodes_on_cpu_fallback": n_cpu,
         });
         println!("{}", serde_json::to_string_pretty(&j).expect("serialisable"));
         return Ok(());
     }
     let h = super::inspect::human_bytes;
     println!(
-        "model {} ({} base, {} backward{}{}, {} of weights), {}, {} trainable, {} threads",
+        "model {} ({} base{}, {} backward{}{}, {} of weights), {}, {} trainable, {} threads",
         model_path.display(),
         a.base_compute,
+        match model.weights_repacked() {
+            0 => String::new(),
+            n => format!(" with {n} matrices repacked"),
+        },
         a.backward,
         if model.transposed_repacked() { " (repacked)" } else { "" },
         if a.grad_checkpointing {

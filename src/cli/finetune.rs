@@ -279,9 +279,13 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
     let (mut model, tok) = super::load_with(&a.model, backend, layout)?;
     let t_bytes = super::prepare_backward(&mut model, &a.backward)?;
     eprintln!(
-        "base: {} held as {:?} ({}), {} backward ({} more)",
+        "base: {} held as {:?}{} ({}), {} backward ({} more)",
         a.model.display(),
         layout,
+        match model.weights_repacked() {
+            0 => String::new(),
+            n => format!(", {n} matrices repacked for the CPU's faster kernels"),
+        },
         super::inspect::human_bytes(model.weights_bytes() as u64),
         a.backward,
         super::inspect::human_bytes(t_bytes as u64)

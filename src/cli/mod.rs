@@ -400,9 +400,14 @@ fn eval_classes(
 }
 
 /// Makes the transposed weight copies `--backward` asks for; returns their
-/// bytes (0 for ggml's stock backward).
+/// bytes (0 for ggml's stock backward). Except with the stock backward (which
+/// reads the weights with OUT_PROD), matrices of types this CPU repacks move
+/// into its repacking buffer first.
 pub(crate) fn prepare_backward(model: &mut Model, backward: &str) -> Result<usize> {
     use crate::ggml::GgmlType;
+    if backward != "stock" {
+        model.repack_weights();
+    }
     Ok(match backward {
         "transposed" => model.prepare_transposed(None)?,
         "transposed-q8" => model.prepare_transposed(Some(GgmlType::Q8_0))?,

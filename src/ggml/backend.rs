@@ -241,6 +241,7 @@ impl Backend {
             names,
             ptrs,
             _host: Some(host),
+            overlay: None,
         })
     }
 
@@ -305,6 +306,7 @@ impl Backend {
             names,
             ptrs,
             _host: None,
+            overlay: None,
         })
     }
 
@@ -335,6 +337,7 @@ impl Backend {
             names,
             ptrs,
             _host: None,
+            overlay: None,
         })
     }
 }
@@ -374,6 +377,9 @@ pub struct TensorStore {
     ptrs: Vec<NonNull<sys::ggml_tensor>>,
     /// Host memory the tensors point into, kept alive with them.
     _host: Option<Arc<memmap2::MmapMut>>,
+    /// Tensors of the same names held elsewhere (e.g. repacked copies),
+    /// which [`TensorStore::get`] hands out instead.
+    overlay: Option<Box<TensorStore>>,
 }
 
 // SAFETY: the pointers point into `ctx`, which the store owns and moves with
@@ -381,20 +387,30 @@ pub struct TensorStore {
 unsafe impl Send for TensorStore {}
 
 impl TensorStore {
-    /// The tensor with this name.
+    /// The tensor with this name (the overlay's, where it has one).
     pub fn get(&self, name: &str) -> Option<Tensor<'_>> {
+        if let Some(t) = self.overlay.as_ref().and_then(|o| o.get(name)) {
+            return Some(t);
+        }
         let &i = self.names.get(name)?;
         Some(Tensor::from_raw(self.ptrs[i]))
     }
 
-    /// Every tensor, in creation order.
+    /// Every tensor of the store itself, in creation order (names and
+    /// shapes; an overlay's tensors have the same).
     pub fn tensors(&self) -> Vec<Tensor<'_>> {
         self.ctx.tensors()
     }
 
-    /// Bytes of device memory held.
+    /// Bytes of device memory held (overlay included).
     pub fn size(&self) -> usize {
-        self.buf.as_ref().map_or(0, |b| b.size())
+        self.buf.as_ref().map_or(0, |b| b.size()) + self.overlay.as_ref().map_or(0, |o| o.size())
+    }
+
+    /// Hands out `other`'s tensors instead of this store's of the same
+    /// names from now on (this store's stay allocated and unused).
+    pub fn set_overlay(&mut self, other: TensorStore) {
+        self.overlay = Some(Box::new(other));
     }
 }
 

@@ -28,6 +28,23 @@ pub fn map_file(file: &std::fs::File) -> std::io::Result<std::sync::Arc<memmap2:
     unsafe { memmap2::MmapOptions::new().map_copy(file) }.map(std::sync::Arc::new)
 }
 
+/// Lets the kernel drop the resident pages of `len` bytes at `offset` of a
+/// mapping made by [`map_file`] (after their contents were copied
+/// elsewhere); a later read faults them in from the file again.
+pub fn drop_pages(map: &memmap2::MmapMut, offset: usize, len: usize) {
+    // Whole pages inside the range only.
+    let page = 4096;
+    let start = offset.div_ceil(page) * page;
+    let end = ((offset + len) / page) * page;
+    if end <= start || end > map.len() {
+        return;
+    }
+    // SAFETY: the mapping is private and nothing ever writes to it, so its
+    // pages are clean copies of the file: MADV_DONTNEED discards them and
+    // later accesses read the same bytes from the file again.
+    let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start) };
+}
+
 /// Silences ggml's and llama.cpp's log output unless `GGUF_PEFT_LOG` is set.
 pub fn init_logging() {
     static ONCE: std::sync::Once = std::sync::Once::new();
