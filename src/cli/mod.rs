@@ -401,19 +401,22 @@ fn eval_classes(
 
 /// Makes the transposed weight copies `--backward` asks for; returns their
 /// bytes (0 for ggml's stock backward). Except with the stock backward (which
-/// reads the weights with OUT_PROD), matrices of types this CPU repacks move
-/// into its repacking buffer first.
+/// reads the weights with OUT_PROD), matrices of types this CPU repacks then
+/// move into its repacking buffer.
 pub(crate) fn prepare_backward(model: &mut Model, backward: &str) -> Result<usize> {
     use crate::ggml::GgmlType;
-    if backward != "stock" {
-        model.repack_weights();
-    }
-    Ok(match backward {
+    let bytes = match backward {
         "transposed" => model.prepare_transposed(None)?,
         "transposed-q8" => model.prepare_transposed(Some(GgmlType::Q8_0))?,
         "transposed-q4" => model.prepare_transposed(Some(GgmlType::Q4_0))?,
         _ => 0,
-    })
+    };
+    // After the copies, which read the mapped originals that repacking
+    // then gives back.
+    if backward != "stock" {
+        model.repack_weights();
+    }
+    Ok(bytes)
 }
 
 /// Writes to stdout; a closed pipe (`| head`) ends output quietly.
