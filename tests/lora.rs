@@ -225,12 +225,7 @@ fn exported_adapter_in_llama_cpp_matches_smollm2() {
 #[test]
 fn transposed_backward_matches_stock_on_quantized_weights() {
     let dir = tmpdir("lora-transposed");
-    let tokens = some_tokens(20, 320, 9);
-    let ex = Example {
-        loss: vec![true; tokens.len()],
-        tokens,
-        ..Default::default()
-    };
+    let ex = example_all_loss(20, 320, 9);
     let grads_with = |ty: GgmlType, transposed: Option<Option<GgmlType>>, repack: bool| {
         let path = synth(&dir, "qwen3", ty);
         let mut model = Model::load(&path, Backend::cpu(threads())).unwrap();
@@ -247,14 +242,7 @@ fn transposed_backward_matches_stock_on_quantized_weights() {
         gguf_peft::train::loss_and_grads(&model, &lora, &mut sched, &[&ex]).unwrap()
     };
     let grads = |ty: GgmlType, transposed: Option<Option<GgmlType>>| grads_with(ty, transposed, true);
-    let rel = |a: &[Vec<f32>], b: &[Vec<f32>]| {
-        let (mut diff, mut norm) = (0f64, 0f64);
-        for (x, y) in a.iter().flatten().zip(b.iter().flatten()) {
-            diff += ((x - y) as f64).powi(2);
-            norm += (*y as f64).powi(2);
-        }
-        (diff / norm).sqrt()
-    };
+    let rel = rel_diff;
     let exact = grads(GgmlType::F32, None).2;
     let noise = |t: GgmlType| rel(&grads(t, None).2, &exact);
     let (noise8, noise4) = (noise(GgmlType::Q8_0), noise(GgmlType::Q4_0));
@@ -324,12 +312,7 @@ fn gradient_checkpointing_matches_plain_backward() {
         let (l2, n2, g2) =
             gguf_peft::train::recompute::loss_and_grads_recompute(&model, &lora, &mut sched, &refs).unwrap();
         lora.set_training(None);
-        let (mut diff, mut norm) = (0f64, 0f64);
-        for (a, b) in g2.iter().flatten().zip(g1.iter().flatten()) {
-            diff += ((a - b) as f64).powi(2);
-            norm += (*b as f64).powi(2);
-        }
-        let rel = (diff / norm).sqrt();
+        let rel = rel_diff(&g2, &g1);
         println!("{arch}: loss {l1} / {l2}, gradients relative difference {rel:.2e}");
         assert_eq!(n1, n2);
         assert!((l1 - l2).abs() <= 1e-6 * l1.abs(), "{arch}: loss {l1} vs {l2}");
@@ -345,12 +328,7 @@ fn gradient_checkpointing_matches_plain_backward() {
 #[test]
 fn repacked_weights_give_the_plain_kernels_results() {
     let dir = tmpdir("lora-repacked-weights");
-    let tokens = some_tokens(20, 320, 9);
-    let ex = Example {
-        loss: vec![true; tokens.len()],
-        tokens,
-        ..Default::default()
-    };
+    let ex = example_all_loss(20, 320, 9);
     for ty in [GgmlType::Q4_0, GgmlType::Q4_K] {
         let path = synth(&dir, "llama", ty);
         let step = |repack: bool| {
@@ -365,12 +343,7 @@ fn repacked_weights_give_the_plain_kernels_results() {
         };
         let (n, l_r, g_r) = step(true);
         let (_, l_p, g_p) = step(false);
-        let (mut diff, mut norm) = (0f64, 0f64);
-        for (x, y) in g_r.iter().flatten().zip(g_p.iter().flatten()) {
-            diff += ((x - y) as f64).powi(2);
-            norm += (*y as f64).powi(2);
-        }
-        let r = (diff / norm).sqrt();
+        let r = rel_diff(&g_r, &g_p);
         println!("{ty}: {n} matrices repacked; loss {l_r:.6} vs {l_p:.6}; gradients relative difference {r:.2e}");
         #[cfg(target_arch = "x86_64")]
         if ty == GgmlType::Q4_0 && std::arch::is_x86_feature_detected!("avx2") {

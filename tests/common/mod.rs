@@ -109,3 +109,24 @@ pub fn run_cli(args: &[&str]) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// One example of `n` pseudo-random tokens, every position carrying loss.
+pub fn example_all_loss(n: usize, n_vocab: usize, seed: u64) -> gguf_peft::data::Example {
+    let tokens = some_tokens(n, n_vocab, seed);
+    gguf_peft::data::Example {
+        loss: vec![true; tokens.len()],
+        tokens,
+        ..Default::default()
+    }
+}
+
+/// ‖a − b‖ / ‖b‖ over all values of two gradient sets (‖b‖ must not be 0).
+pub fn rel_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f64 {
+    let (mut diff, mut norm) = (0f64, 0f64);
+    for (x, y) in a.iter().flatten().zip(b.iter().flatten()) {
+        diff += ((x - y) as f64).powi(2);
+        norm += (*y as f64).powi(2);
+    }
+    assert!(norm > 0.0, "reference gradients are all zero");
+    (diff / norm).sqrt()
+}
