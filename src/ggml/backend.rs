@@ -180,11 +180,6 @@ impl Backend {
         }))
     }
 
-    /// The CPU backend that runs what this device cannot (None on the CPU).
-    pub fn fallback(&self) -> Option<&Arc<Backend>> {
-        self.fallback.as_ref()
-    }
-
     pub(crate) fn raw(&self) -> sys::ggml_backend_t {
         self.ptr.as_ptr()
     }
@@ -220,9 +215,7 @@ impl Backend {
         // (Arc) for as long as the buffer exists; it does not own the memory.
         let p = unsafe { sys::ggml_backend_cpu_buffer_from_ptr(base, host.len()) };
         let buf = Buffer { ptr: NonNull::new(p)? };
-        let mut names = HashMap::new();
-        let mut ptrs = Vec::new();
-        for (i, (t, &o)) in tensors.iter().zip(offsets).enumerate() {
+        for (t, &o) in tensors.iter().zip(offsets) {
             // SAFETY: o + n_bytes <= len (checked above), so the tensor lies
             // inside the buffer; the tensor has no data yet.
             let st = unsafe {
@@ -231,18 +224,9 @@ impl Backend {
             if st != sys::GGML_STATUS_SUCCESS {
                 return None;
             }
-            names.insert(t.name(), i);
-            ptrs.push(NonNull::new(t.raw()).expect("non-null tensor"));
         }
         drop(tensors);
-        Some(TensorStore {
-            buf: Some(buf),
-            ctx,
-            names,
-            ptrs,
-            _host: Some(host),
-            overlay: None,
-        })
+        Some(TensorStore::indexed(ctx, Some(buf), Some(host)))
     }
 
     /// On the CPU: allocates `ctx`'s tensors (2-D weights) in ggml's
@@ -286,28 +270,17 @@ impl Backend {
         // SAFETY: ctx is a no_alloc context whose tensors have no data yet.
         let p = unsafe { sys::ggml_backend_alloc_ctx_tensors_from_buft(ctx.raw(), buft) };
         let buf = Buffer { ptr: NonNull::new(p)? };
-        let mut names = HashMap::new();
-        let mut ptrs = Vec::new();
-        let tensors = ctx.tensors();
         // Ask the CPU backend whether it would run `mul_mat(t, x)` with each
         // tensor where it now lies (it checks that a repacked layout exists).
+        let tensors = ctx.tensors();
         let probe = Context::new(tensors.len() * 2 + 1, 0, false);
-        for (i, t) in tensors.into_iter().enumerate() {
+        for t in tensors {
             let x = probe.new_tensor(super::GgmlType::F32, &[t.ne()[0], 1]);
             if t.ne()[2] != 1 || t.ne()[3] != 1 || !self.supports(probe.mul_mat(t, x)) {
                 return None;
             }
-            names.insert(t.name(), i);
-            ptrs.push(NonNull::new(t.raw()).expect("non-null tensor"));
         }
-        Some(TensorStore {
-            buf: Some(buf),
-            ctx,
-            names,
-            ptrs,
-            _host: None,
-            overlay: None,
-        })
+        Some(TensorStore::indexed(ctx, Some(buf), None))
     }
 
     /// Allocates every tensor of `ctx` in one buffer of this backend and
@@ -325,20 +298,8 @@ impl Backend {
                 device: self.name(),
             });
         }
-        let mut names = HashMap::new();
-        let mut ptrs = Vec::new();
-        for (i, t) in tensors.into_iter().enumerate() {
-            names.insert(t.name(), i);
-            ptrs.push(NonNull::new(t.raw()).expect("non-null tensor"));
-        }
-        Ok(TensorStore {
-            buf,
-            ctx,
-            names,
-            ptrs,
-            _host: None,
-            overlay: None,
-        })
+        drop(tensors);
+        Ok(TensorStore::indexed(ctx, buf, None))
     }
 }
 
@@ -387,6 +348,25 @@ pub struct TensorStore {
 unsafe impl Send for TensorStore {}
 
 impl TensorStore {
+    /// A store over `ctx`, whose tensors `buf` (or `host`) now holds,
+    /// indexed by name.
+    fn indexed(ctx: Context, buf: Option<Buffer>, host: Option<Arc<memmap2::MmapMut>>) -> Self {
+        let mut names = HashMap::new();
+        let mut ptrs = Vec::new();
+        for (i, t) in ctx.tensors().into_iter().enumerate() {
+            names.insert(t.name(), i);
+            ptrs.push(NonNull::new(t.raw()).expect("non-null tensor"));
+        }
+        TensorStore {
+            buf,
+            ctx,
+            names,
+            ptrs,
+            _host: host,
+            overlay: None,
+        }
+    }
+
     /// The tensor with this name (the overlay's, where it has one).
     pub fn get(&self, name: &str) -> Option<Tensor<'_>> {
         if let Some(t) = self.overlay.as_ref().and_then(|o| o.get(name)) {

@@ -32,7 +32,8 @@ pub fn map_file(file: &std::fs::File) -> std::io::Result<std::sync::Arc<memmap2:
 /// mapping made by [`map_file`] (after their contents were copied
 /// elsewhere); a later read faults them in from the file again.
 pub fn drop_pages(map: &memmap2::MmapMut, offset: usize, len: usize) {
-    // Whole pages inside the range only.
+    // Whole 4 KiB pages inside the range only (where pages are larger,
+    // madvise refuses the range and the pages simply stay).
     let page = 4096;
     let start = offset.div_ceil(page) * page;
     let end = ((offset + len) / page) * page;
