@@ -6,7 +6,6 @@
 
 mod common;
 use common::*;
-use gguf_peft::data::Example;
 use gguf_peft::ggml::{default_gpu, Backend, Device, GgmlType};
 use gguf_peft::model::{Model, WeightLayout};
 use gguf_peft::peft::lora::{Lora, LoraConfig};
@@ -189,47 +188,10 @@ fn devices_are_listed_and_unknown_ones_refused() {
 /// (F32 weights, so only float rounding differs).
 #[test]
 fn every_method_trains_on_the_gpu_as_on_the_cpu() {
-    use gguf_peft::peft::p_tuning::{Encoder, PTuningConfig};
-    use gguf_peft::peft::prefix::PrefixConfig;
-    use gguf_peft::peft::prompt_tuning::{PromptInit, PromptTuningConfig};
-    use gguf_peft::peft::MethodConfig;
     let Some(dev) = gpu() else { return };
     let dir = tmpdir("gpu-methods");
     let path = synth(&dir, "llama", GgmlType::F32);
-    let prefix = |ptuning_v2| {
-        MethodConfig::Prefix(PrefixConfig {
-            num_virtual_tokens: 4,
-            projection: None,
-            init: PromptInit::Random,
-            ptuning_v2,
-            keep_positions: false,
-            classes: Vec::new(),
-        })
-    };
-    let methods = [
-        ("lora, checkpointed", MethodConfig::Lora(LoraConfig::default()), true),
-        (
-            "prompt",
-            MethodConfig::Prompt(PromptTuningConfig {
-                num_virtual_tokens: 4,
-                init: PromptInit::Vocab,
-            }),
-            false,
-        ),
-        (
-            "ptuning-lstm",
-            MethodConfig::Ptuning(PTuningConfig {
-                num_virtual_tokens: 4,
-                encoder: Encoder::Lstm,
-                encoder_hidden_size: 16,
-                encoder_num_layers: 2,
-            }),
-            false,
-        ),
-        ("prefix", prefix(false), false),
-        ("ptuning-v2, checkpointed", prefix(true), true),
-    ];
-    for (name, cfg, recompute) in methods {
+    for (name, cfg, recompute) in method_cases() {
         // Mesa 22.3's lavapipe (a CPU Vulkan driver, what this was verified
         // on) crashes intermittently inside the driver (a shader writing out
         // of bounds into host memory) on the many small graphs of a
@@ -245,20 +207,7 @@ fn every_method_trains_on_the_gpu_as_on_the_cpu() {
         }
         let run = |backend| {
             let model = Model::load(&path, backend).unwrap();
-            let method = cfg.build(&model, None, 3).unwrap();
-            let exs: Vec<Example> = [(9, 5), (6, 6)]
-                .iter()
-                .map(|&(len, seed)| Example {
-                    tokens: some_tokens(len, model.hparams.n_vocab, seed),
-                    loss: vec![true; len],
-                    label: None,
-                })
-                .collect();
-            let refs: Vec<&Example> = exs.iter().collect();
-            let mut sched = model.sched();
-            let (l, _, g) =
-                gguf_peft::train::micro_batch_grads(&model, method.as_ref(), &mut sched, &refs, recompute).unwrap();
-            (l, g)
+            method_step(&model, &cfg, recompute)
         };
         let (l_cpu, g_cpu) = run(Backend::cpu(threads()));
         let (l_gpu, g_gpu) = run(Backend::open(&dev.name, threads()).unwrap());

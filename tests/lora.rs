@@ -354,3 +354,54 @@ fn repacked_weights_give_the_plain_kernels_results() {
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// The backward's remaining OUT_PRODs (attention, LoRA gradients, method
+/// encoders) run as strided GEMMs on the CPU (`Model::gemm_out_prods`, on by
+/// default): the same loss and gradients as ggml's own OUT_PROD kernel, up
+/// to float summation order, for LoRA (non-zero B, grouped-query attention,
+/// transposed views as inputs) and every other method family.
+#[test]
+fn gemm_out_prods_give_ggml_kernel_results() {
+    use gguf_peft::train::{loss_and_grads_observed, Observe};
+    let dir = tmpdir("lora-gemm-out-prod");
+    let path = synth(&dir, "llama", GgmlType::F32);
+    let load = |gemm: bool| {
+        let mut model = Model::load(&path, Backend::cpu(threads())).unwrap();
+        model.gemm_out_prods = gemm;
+        model
+    };
+    let check = |name: &str, (l_g, g_g): (f32, Vec<Vec<f32>>), (l_s, g_s): (f32, Vec<Vec<f32>>)| {
+        let r = rel_diff(&g_g, &g_s);
+        println!("{name}: loss {l_g:.6} vs ggml's {l_s:.6}; gradients relative difference {r:.2e}");
+        assert!((l_g - l_s).abs() <= 1e-5 * l_s.abs(), "{name}: loss {l_g} vs {l_s}");
+        assert!(r <= 1e-5, "{name}: gradients differ by {r:.2e}");
+    };
+    let lora_step = |gemm: bool| {
+        let model = load(gemm);
+        let lora = Lora::new(&model, all_targets(), 1).unwrap();
+        randomize_b(&lora, 2, 0.05);
+        let ex = example_all_loss(24, model.hparams.n_vocab, 9);
+        let mut obs = Observe {
+            profile: true,
+            ..Default::default()
+        };
+        let mut sched = model.sched();
+        let (l, _, g) = loss_and_grads_observed(&model, &lora, &mut sched, &[&ex], Some(&mut obs)).unwrap();
+        let ops: Vec<String> = obs.times.iter().map(|t| t.0.clone()).collect();
+        ((l, g), ops)
+    };
+    let (gemm, ops_gemm) = lora_step(true);
+    let (stock, ops_stock) = lora_step(false);
+    assert!(ops_stock.iter().any(|o| o == "OUT_PROD"), "{ops_stock:?}");
+    assert!(!ops_gemm.iter().any(|o| o == "OUT_PROD"), "{ops_gemm:?}");
+    assert!(ops_gemm.iter().any(|o| o == "CUSTOM"), "{ops_gemm:?}");
+    check("lora", gemm, stock);
+    for (name, cfg, recompute) in method_cases() {
+        check(
+            name,
+            method_step(&load(true), &cfg, recompute),
+            method_step(&load(false), &cfg, recompute),
+        );
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}

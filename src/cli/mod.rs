@@ -413,8 +413,11 @@ pub(crate) fn prepare_backward(model: &mut Model, backward: &str) -> Result<usiz
     };
     // After the copies, which read the mapped originals that repacking
     // then gives back.
+    // "stock" is ggml's own backward throughout: its OUT_PROD kernel too.
     if backward != "stock" {
         model.repack_weights();
+    } else {
+        model.gemm_out_prods = false;
     }
     Ok(bytes)
 }

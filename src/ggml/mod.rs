@@ -7,6 +7,7 @@
 mod backend;
 mod context;
 pub mod llama;
+mod out_prod;
 mod types;
 
 pub use backend::{

@@ -63,6 +63,9 @@ pub struct Model {
     /// Let [`Model::prepare_transposed`] and [`Model::repack_weights`] use
     /// the CPU's repacking buffer (default on).
     pub repack: bool,
+    /// On the CPU, run the backward's F32 OUT_PRODs as strided GEMMs
+    /// (default on; off leaves ggml's kernel, e.g. to compare).
+    pub gemm_out_prods: bool,
     /// Matrices [`Model::repack_weights`] moved into the repacking buffer.
     weights_repacked: usize,
     /// Last, so that the buffers above are freed before the device.
@@ -170,6 +173,7 @@ impl Model {
             transposed: None,
             transposed_repacked: false,
             repack: true,
+            gemm_out_prods: true,
             weights_repacked: 0,
         })
     }

@@ -118,13 +118,16 @@ pub(crate) fn one_hot(targets: &[i32], n_vocab: usize) -> Vec<f32> {
 }
 
 /// Adds the backward pass and routes input gradients through the model's
-/// transposed weight copies, where it has them.
+/// transposed weight copies, where it has them; on the CPU the remaining
+/// OUT_PRODs run as GEMMs.
 pub(crate) fn build_backward<'a>(model: &'a Model, ctx: &'a Context, g: &mut crate::ggml::Graph<'a>) {
     g.build_backward(ctx);
     g.replace_weight_out_prods(|w| model.transposed_of(w));
     let dev = model.backend();
     if !dev.is_cpu() {
         g.contiguous_out_prod_inputs(ctx, |t| dev.supports(t));
+    } else if model.gemm_out_prods {
+        g.gemm_out_prods();
     }
 }
 

@@ -130,3 +130,60 @@ pub fn rel_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f64 {
     assert!(norm > 0.0, "reference gradients are all zero");
     (diff / norm).sqrt()
 }
+
+/// One case of every method family (and two checkpointed ones): name,
+/// config, whether the step recomputes blocks.
+pub fn method_cases() -> Vec<(&'static str, gguf_peft::peft::MethodConfig, bool)> {
+    use gguf_peft::peft::lora::LoraConfig;
+    use gguf_peft::peft::p_tuning::{Encoder, PTuningConfig};
+    use gguf_peft::peft::prefix::PrefixConfig;
+    use gguf_peft::peft::prompt_tuning::{PromptInit, PromptTuningConfig};
+    use gguf_peft::peft::MethodConfig;
+    let prefix = |ptuning_v2| {
+        MethodConfig::Prefix(PrefixConfig {
+            num_virtual_tokens: 4,
+            projection: None,
+            init: PromptInit::Random,
+            ptuning_v2,
+            keep_positions: false,
+            classes: Vec::new(),
+        })
+    };
+    vec![
+        ("lora, checkpointed", MethodConfig::Lora(LoraConfig::default()), true),
+        (
+            "prompt",
+            MethodConfig::Prompt(PromptTuningConfig {
+                num_virtual_tokens: 4,
+                init: PromptInit::Vocab,
+            }),
+            false,
+        ),
+        (
+            "ptuning-lstm",
+            MethodConfig::Ptuning(PTuningConfig {
+                num_virtual_tokens: 4,
+                encoder: Encoder::Lstm,
+                encoder_hidden_size: 16,
+                encoder_num_layers: 2,
+            }),
+            false,
+        ),
+        ("prefix", prefix(false), false),
+        ("ptuning-v2, checkpointed", prefix(true), true),
+    ]
+}
+
+/// Loss and gradients of one step of `cfg` (seed 3) on a packed batch of
+/// two sequences.
+pub fn method_step(model: &Model, cfg: &gguf_peft::peft::MethodConfig, recompute: bool) -> (f32, Vec<Vec<f32>>) {
+    let method = cfg.build(model, None, 3).unwrap();
+    let exs: Vec<gguf_peft::data::Example> = [(9, 5), (6, 6)]
+        .iter()
+        .map(|&(len, seed)| example_all_loss(len, model.hparams.n_vocab, seed))
+        .collect();
+    let refs: Vec<&gguf_peft::data::Example> = exs.iter().collect();
+    let mut sched = model.sched();
+    let (l, _, g) = gguf_peft::train::micro_batch_grads(model, method.as_ref(), &mut sched, &refs, recompute).unwrap();
+    (l, g)
+}

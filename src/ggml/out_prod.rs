@@ -1,0 +1,127 @@
+//! ggml's F32 OUT_PROD, run instead as a strided GEMM (matrixmultiply's
+//! packed, register-blocked kernels) in a ggml custom op on the CPU.
+//!
+//! ggml's CPU OUT_PROD is a loop of axpys over the result's rows: every
+//! multiply-add loads and stores the result, and when the result's rows are
+//! short (a LoRA gradient `[r, n_out]` has rows of r = 8 values) the loop
+//! overhead dominates — 2–25 GFLOP/s on a training step's shapes, against
+//! ~100 for the forward's matmuls. The backward's attention products, LoRA
+//! gradients and LoRA input gradients are all OUT_PRODs, a quarter of a step.
+//! A GEMM reads both inputs through their strides, so transposed views (as
+//! ggml's backward feeds them) need no copies either.
+
+use llama_cpp_sys_2 as sys;
+use std::ffi::{c_int, c_void};
+
+/// The layout of ggml's `ggml_custom_op_params` (ggml-impl.h), which
+/// `GGML_OP_CUSTOM` nodes keep in their `op_params`.
+#[repr(C)]
+struct CustomOpParams {
+    fun: sys::ggml_custom_op_t,
+    n_tasks: c_int,
+    userdata: *mut c_void,
+}
+
+const _: () = assert!(std::mem::size_of::<CustomOpParams>() <= 16 * std::mem::size_of::<i32>());
+
+/// Whether `node` is an OUT_PROD the GEMM can run: F32 in and out, result
+/// with contiguous rows.
+///
+/// # Safety
+/// `node` must be a valid tensor whose sources are valid or null.
+pub(super) unsafe fn applies(node: *const sys::ggml_tensor) -> bool {
+    // SAFETY: the caller guarantees node and its non-null sources are valid.
+    unsafe {
+        let (a, b) = ((*node).src[0], (*node).src[1]);
+        (*node).op == sys::GGML_OP_OUT_PROD
+            && !a.is_null()
+            && !b.is_null()
+            && (*node).type_ == sys::GGML_TYPE_F32
+            && (*a).type_ == sys::GGML_TYPE_F32
+            && (*b).type_ == sys::GGML_TYPE_F32
+            && (*node).nb[0] == 4
+    }
+}
+
+/// Turns an OUT_PROD node (checked with [`applies`]) into a custom op that
+/// computes the same product with [`run`]; sources, shape and type stay.
+///
+/// # Safety
+/// `node` must be a valid node of a graph that is not yet allocated.
+pub(super) unsafe fn rewrite(node: *mut sys::ggml_tensor) {
+    let params = CustomOpParams {
+        fun: Some(run),
+        n_tasks: -1, // GGML_N_TASKS_MAX: every thread of the graph
+        userdata: std::ptr::null_mut(),
+    };
+    // SAFETY: node is valid; op_params (64 bytes) holds the 24-byte params
+    // (asserted above), written unaligned as ggml memcpy's them back.
+    unsafe {
+        (*node).op = sys::GGML_OP_CUSTOM;
+        (*node).op_params = [0; 16];
+        std::ptr::write_unaligned((*node).op_params.as_mut_ptr() as *mut CustomOpParams, params);
+    }
+}
+
+/// `dst[i0,i1,i2,i3] = Σ_k a[i0,k,i2/r2,i3/r3] · b[i1,k,i2,i3]` (ggml's
+/// OUT_PROD, `a` broadcast over dims 2 and 3 as for grouped-query attention)
+/// for this thread's share of the result's columns.
+unsafe extern "C" fn run(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_int, _userdata: *mut c_void) {
+    // SAFETY: ggml calls this for a node made by `rewrite`, allocated, with
+    // its two F32 sources; every offset below stays within the tensors'
+    // extents given by their ne/nb, and the threads write disjoint columns.
+    unsafe {
+        let (a, b) = (&*(*dst).src[0], &*(*dst).src[1]);
+        let d = &*dst;
+        let (m, n, k) = (d.ne[0] as usize, d.ne[1] as usize, a.ne[1] as usize);
+        let slices = (d.ne[2] * d.ne[3]) as usize;
+        let (r2, r3) = (d.ne[2] / a.ne[2], d.ne[3] / a.ne[3]);
+        let s = |nb: usize| (nb / 4) as isize;
+        // Split the (slice, column) pairs between threads; a result with few
+        // columns (a LoRA A gradient: r of them) is split by rows instead.
+        let (ith, nth) = (ith as usize, nth as usize);
+        let by_rows = n * slices < 8 * nth;
+        let (units, per) = if by_rows { (m, 1) } else { (slices * n, n) };
+        let (u0, u1) = (units * ith / nth, units * (ith + 1) / nth);
+        let mut u = u0;
+        while u < u1 {
+            // One run: rows [r0, r1) × columns [c0, c1) of slice `sl`.
+            let (sl, r0, r1, c0, c1) = if by_rows {
+                u = u1;
+                (None, u0, u1, 0, n)
+            } else {
+                let (sl, c0) = (u / per, u % per);
+                let c1 = per.min(c0 + (u1 - u));
+                u += c1 - c0;
+                (Some(sl), 0, m, c0, c1)
+            };
+            for slice in sl.map_or(0..slices, |x| x..x + 1) {
+                let (i2, i3) = (slice as i64 % d.ne[2], slice as i64 / d.ne[2]);
+                let pa = (a.data as *const u8)
+                    .add(((i2 / r2) as usize) * a.nb[2] + ((i3 / r3) as usize) * a.nb[3] + r0 * a.nb[0])
+                    as *const f32;
+                let pb = (b.data as *const u8).add(i2 as usize * b.nb[2] + i3 as usize * b.nb[3] + c0 * b.nb[0])
+                    as *const f32;
+                let pc = (d.data as *mut u8).add(i2 as usize * d.nb[2] + i3 as usize * d.nb[3] + r0 * 4 + c0 * d.nb[1])
+                    as *mut f32;
+                // C (rows i0, columns i1) = A (i0 × k) · B (k × i1).
+                matrixmultiply::sgemm(
+                    r1 - r0,
+                    k,
+                    c1 - c0,
+                    1.0,
+                    pa,
+                    s(a.nb[0]),
+                    s(a.nb[1]),
+                    pb,
+                    s(b.nb[1]),
+                    s(b.nb[0]),
+                    0.0,
+                    pc,
+                    1,
+                    s(d.nb[1]),
+                );
+            }
+        }
+    }
+}
