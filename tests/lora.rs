@@ -356,18 +356,18 @@ fn repacked_weights_give_the_plain_kernels_results() {
 }
 
 /// The backward's remaining OUT_PRODs (attention, LoRA gradients, method
-/// encoders) run as strided GEMMs on the CPU (`Model::gemm_out_prods`, on by
+/// encoders) run as strided GEMMs on the CPU (`Model::gemm_products`, on by
 /// default): the same loss and gradients as ggml's own OUT_PROD kernel, up
 /// to float summation order, for LoRA (non-zero B, grouped-query attention,
 /// transposed views as inputs) and every other method family.
 #[test]
-fn gemm_out_prods_give_ggml_kernel_results() {
+fn gemm_products_give_ggml_kernel_results() {
     use gguf_peft::train::{loss_and_grads_observed, Observe};
     let dir = tmpdir("lora-gemm-out-prod");
     let path = synth(&dir, "llama", GgmlType::F32);
     let load = |gemm: bool| {
         let mut model = Model::load(&path, Backend::cpu(threads())).unwrap();
-        model.gemm_out_prods = gemm;
+        model.gemm_products = gemm;
         model
     };
     let check = |name: &str, (l_g, g_g): (f32, Vec<Vec<f32>>), (l_s, g_s): (f32, Vec<Vec<f32>>)| {

@@ -70,8 +70,9 @@ pub struct BenchArgs {
     /// (to measure what repacking gains).
     #[arg(long)]
     no_repack: bool,
-    /// Keep ggml's own OUT_PROD kernel for the backward's remaining outer
-    /// products (attention, LoRA gradients) instead of the strided GEMM.
+    /// Keep ggml's own kernels for the training graph's F32 outer products
+    /// (attention backward, LoRA gradients) and short-sum matmuls (LoRA B,
+    /// attention scores) instead of the strided GEMM.
     #[arg(long)]
     no_gemm: bool,
     /// Print a JSON object instead of text.
@@ -156,7 +157,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     let (mut model, _tok) = super::load_with(&model_path, a.compute.backend()?, layout)?;
     model.repack = !a.no_repack;
-    model.gemm_out_prods = !a.no_gemm;
+    model.gemm_products = !a.no_gemm;
     let t_bytes = super::prepare_backward(&mut model, &a.backward)? as u64;
     let n = a.num_virtual_tokens;
     let (cfg, what) = match a.method.as_str() {

@@ -417,7 +417,7 @@ pub(crate) fn prepare_backward(model: &mut Model, backward: &str) -> Result<usiz
     if backward != "stock" {
         model.repack_weights();
     } else {
-        model.gemm_out_prods = false;
+        model.gemm_products = false;
     }
     Ok(bytes)
 }

@@ -650,25 +650,20 @@ impl<'a> Graph<'a> {
         n
     }
 
-    /// Runs every remaining F32 OUT_PROD as a strided GEMM in a custom op
-    /// (see `out_prod.rs`): same product, through a register-blocked kernel
-    /// instead of ggml's row-by-row one. CPU backends only (a custom op runs
-    /// on the CPU); call after the backward pass is built and rewritten,
-    /// before allocating. Returns the number of nodes rewritten.
-    pub fn gemm_out_prods(&mut self) -> usize {
-        let mut n = 0;
-        for i in 0..self.n_nodes() {
-            // SAFETY: i < n_nodes; nodes are valid tensors of this graph,
-            // whose sources are valid or null; the graph is not allocated.
-            unsafe {
-                let node = sys::ggml_graph_node(self.raw(), i as i32);
-                if super::out_prod::applies(node) {
-                    super::out_prod::rewrite(node);
-                    n += 1;
-                }
-            }
-        }
-        n
+    /// Runs every remaining F32 OUT_PROD, and the F32 MUL_MATs with short
+    /// sums or strided inputs, as strided GEMMs in a custom op (see
+    /// `out_prod.rs`): the same products through a register-blocked kernel
+    /// instead of ggml's row-by-row ones. CPU backends only (a custom op
+    /// runs on the CPU); call after the backward pass is built and
+    /// rewritten, before allocating. Returns the number of nodes rewritten.
+    pub fn gemm_products(&mut self) -> usize {
+        (0..self.n_nodes())
+            .filter(|&i| {
+                // SAFETY: i < n_nodes; nodes are valid tensors of this graph,
+                // whose sources are valid or null; the graph is not allocated.
+                unsafe { super::out_prod::rewrite(sys::ggml_graph_node(self.raw(), i as i32)) }
+            })
+            .count()
     }
 
     /// Zeroes gradients and sets the loss gradient to 1 (after allocation).

@@ -1,5 +1,6 @@
-//! ggml's F32 OUT_PROD, run instead as a strided GEMM (matrixmultiply's
-//! packed, register-blocked kernels) in a ggml custom op on the CPU.
+//! ggml's F32 OUT_PROD, and its F32 MUL_MAT where that is slow, run
+//! instead as a strided GEMM (matrixmultiply's packed, register-blocked
+//! kernels) in a ggml custom op on the CPU.
 //!
 //! ggml's CPU OUT_PROD is a loop of axpys over the result's rows: every
 //! multiply-add loads and stores the result, and when the result's rows are
@@ -24,35 +25,65 @@ struct CustomOpParams {
 
 const _: () = assert!(std::mem::size_of::<CustomOpParams>() <= 16 * std::mem::size_of::<i32>());
 
-/// Whether `node` is an OUT_PROD the GEMM can run: F32 in and out, result
-/// with contiguous rows.
+/// Which product a rewritten node computes (kept in its `userdata`).
+#[derive(Clone, Copy, PartialEq)]
+enum Product {
+    /// `dst[i0,i1] = Σ_k a[i0,k] · b[i1,k]` (OUT_PROD).
+    Outer,
+    /// `dst[i0,i1] = Σ_k a[k,i0] · b[k,i1]` (MUL_MAT).
+    Inner,
+}
+
+/// Below this many summed terms ggml's F32 MUL_MAT runs dot products too
+/// short to be fast (a LoRA B product sums r = 8; attention scores sum a
+/// head's 64): measured 3–30 GFLOP/s there against ~100 for the GEMM's
+/// range, where ggml's own kernels (llamafile's sgemm) stay.
+const SHORT_DOT: i64 = 128;
+
+/// Which product the GEMM would compute for `node`: every F32 OUT_PROD, and
+/// F32 MUL_MATs whose sums are short or whose inputs are strided views.
 ///
 /// # Safety
 /// `node` must be a valid tensor whose sources are valid or null.
-pub(super) unsafe fn applies(node: *const sys::ggml_tensor) -> bool {
+unsafe fn product(node: *const sys::ggml_tensor) -> Option<Product> {
     // SAFETY: the caller guarantees node and its non-null sources are valid.
     unsafe {
         let (a, b) = ((*node).src[0], (*node).src[1]);
-        (*node).op == sys::GGML_OP_OUT_PROD
-            && !a.is_null()
+        let f32s = !a.is_null()
             && !b.is_null()
             && (*node).type_ == sys::GGML_TYPE_F32
             && (*a).type_ == sys::GGML_TYPE_F32
             && (*b).type_ == sys::GGML_TYPE_F32
-            && (*node).nb[0] == 4
+            && (*node).nb[0] == 4;
+        match (*node).op {
+            sys::GGML_OP_OUT_PROD if f32s => Some(Product::Outer),
+            sys::GGML_OP_MUL_MAT
+                if f32s && ((*a).ne[0] < SHORT_DOT || !sys::ggml_is_contiguous(a) || !sys::ggml_is_contiguous(b)) =>
+            {
+                Some(Product::Inner)
+            }
+            _ => None,
+        }
     }
 }
 
-/// Turns an OUT_PROD node (checked with [`applies`]) into a custom op that
-/// computes the same product with [`run`]; sources, shape and type stay.
+/// Turns `node`, if it is an F32 OUT_PROD or a MUL_MAT the GEMM runs faster
+/// (see [`product`]), into a custom op that computes the same product with
+/// [`run`]; sources, shape and type stay. Returns whether it did.
 ///
 /// # Safety
-/// `node` must be a valid node of a graph that is not yet allocated.
-pub(super) unsafe fn rewrite(node: *mut sys::ggml_tensor) {
+/// `node` must be a valid node (sources valid or null) of a graph that is
+/// not yet allocated.
+pub(super) unsafe fn rewrite(node: *mut sys::ggml_tensor) -> bool {
+    // SAFETY: forwarded from the caller.
+    let Some(p) = (unsafe { product(node) }) else {
+        return false;
+    };
     let params = CustomOpParams {
         fun: Some(run),
         n_tasks: -1, // GGML_N_TASKS_MAX: every thread of the graph
-        userdata: std::ptr::null_mut(),
+        // Not a pointer: the product kind, read back by `run`.
+        userdata: (p == Product::Inner) as usize as *mut c_void,
     };
     // SAFETY: node is valid; op_params (64 bytes) holds the 24-byte params
     // (asserted above), written unaligned as ggml memcpy's them back.
@@ -61,22 +92,28 @@ pub(super) unsafe fn rewrite(node: *mut sys::ggml_tensor) {
         (*node).op_params = [0; 16];
         std::ptr::write_unaligned((*node).op_params.as_mut_ptr() as *mut CustomOpParams, params);
     }
+    true
 }
 
-/// `dst[i0,i1,i2,i3] = Σ_k a[i0,k,i2/r2,i3/r3] · b[i1,k,i2,i3]` (ggml's
-/// OUT_PROD, `a` broadcast over dims 2 and 3 as for grouped-query attention)
-/// for this thread's share of the result's columns.
-unsafe extern "C" fn run(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_int, _userdata: *mut c_void) {
+/// The node's product (`a` broadcast over dims 2 and 3, as ggml does for
+/// grouped-query attention) for this thread's share of the result.
+unsafe extern "C" fn run(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_int, userdata: *mut c_void) {
     // SAFETY: ggml calls this for a node made by `rewrite`, allocated, with
     // its two F32 sources; every offset below stays within the tensors'
-    // extents given by their ne/nb, and the threads write disjoint columns.
+    // extents given by their ne/nb, and the threads write disjoint parts.
     unsafe {
         let (a, b) = (&*(*dst).src[0], &*(*dst).src[1]);
         let d = &*dst;
-        let (m, n, k) = (d.ne[0] as usize, d.ne[1] as usize, a.ne[1] as usize);
+        let s = |nb: usize| (nb / 4) as isize;
+        // Strides of A (i0 × k) and B (k × i1) in C = A · B, and the sum's length.
+        let (k, a_i0, a_k, b_k, b_i1) = if userdata.is_null() {
+            (a.ne[1] as usize, a.nb[0], a.nb[1], b.nb[1], b.nb[0])
+        } else {
+            (a.ne[0] as usize, a.nb[1], a.nb[0], b.nb[0], b.nb[1])
+        };
+        let (m, n) = (d.ne[0] as usize, d.ne[1] as usize);
         let slices = (d.ne[2] * d.ne[3]) as usize;
         let (r2, r3) = (d.ne[2] / a.ne[2], d.ne[3] / a.ne[3]);
-        let s = |nb: usize| (nb / 4) as isize;
         // Split the (slice, column) pairs between threads; a result with few
         // columns (a LoRA A gradient: r of them) is split by rows instead.
         let (ith, nth) = (ith as usize, nth as usize);
@@ -98,24 +135,23 @@ unsafe extern "C" fn run(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_int, _us
             for slice in sl.map_or(0..slices, |x| x..x + 1) {
                 let (i2, i3) = (slice as i64 % d.ne[2], slice as i64 / d.ne[2]);
                 let pa = (a.data as *const u8)
-                    .add(((i2 / r2) as usize) * a.nb[2] + ((i3 / r3) as usize) * a.nb[3] + r0 * a.nb[0])
+                    .add(((i2 / r2) as usize) * a.nb[2] + ((i3 / r3) as usize) * a.nb[3] + r0 * a_i0)
                     as *const f32;
-                let pb = (b.data as *const u8).add(i2 as usize * b.nb[2] + i3 as usize * b.nb[3] + c0 * b.nb[0])
-                    as *const f32;
+                let pb =
+                    (b.data as *const u8).add(i2 as usize * b.nb[2] + i3 as usize * b.nb[3] + c0 * b_i1) as *const f32;
                 let pc = (d.data as *mut u8).add(i2 as usize * d.nb[2] + i3 as usize * d.nb[3] + r0 * 4 + c0 * d.nb[1])
                     as *mut f32;
-                // C (rows i0, columns i1) = A (i0 × k) · B (k × i1).
                 matrixmultiply::sgemm(
                     r1 - r0,
                     k,
                     c1 - c0,
                     1.0,
                     pa,
-                    s(a.nb[0]),
-                    s(a.nb[1]),
+                    s(a_i0),
+                    s(a_k),
                     pb,
-                    s(b.nb[1]),
-                    s(b.nb[0]),
+                    s(b_k),
+                    s(b_i1),
                     0.0,
                     pc,
                     1,

@@ -63,9 +63,10 @@ pub struct Model {
     /// Let [`Model::prepare_transposed`] and [`Model::repack_weights`] use
     /// the CPU's repacking buffer (default on).
     pub repack: bool,
-    /// On the CPU, run the backward's F32 OUT_PRODs as strided GEMMs
-    /// (default on; off leaves ggml's kernel, e.g. to compare).
-    pub gemm_out_prods: bool,
+    /// On the CPU, run a training graph's F32 OUT_PRODs and short-sum F32
+    /// MUL_MATs as strided GEMMs (default on; off leaves ggml's kernels,
+    /// e.g. to compare).
+    pub gemm_products: bool,
     /// Matrices [`Model::repack_weights`] moved into the repacking buffer.
     weights_repacked: usize,
     /// Last, so that the buffers above are freed before the device.
@@ -173,7 +174,7 @@ impl Model {
             transposed: None,
             transposed_repacked: false,
             repack: true,
-            gemm_out_prods: true,
+            gemm_products: true,
             weights_repacked: 0,
         })
     }

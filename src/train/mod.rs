@@ -126,8 +126,16 @@ pub(crate) fn build_backward<'a>(model: &'a Model, ctx: &'a Context, g: &mut cra
     let dev = model.backend();
     if !dev.is_cpu() {
         g.contiguous_out_prod_inputs(ctx, |t| dev.supports(t));
-    } else if model.gemm_out_prods {
-        g.gemm_out_prods();
+    }
+    gemm_products(model, g);
+}
+
+/// On the CPU (unless turned off), runs the graph's F32 outer products and
+/// short-sum matmuls as GEMMs; every graph of a training step gets the same
+/// kernels, so recomputed blocks repeat the forward pass exactly.
+pub(crate) fn gemm_products(model: &Model, g: &mut crate::ggml::Graph<'_>) {
+    if model.backend().is_cpu() && model.gemm_products {
+        g.gemm_products();
     }
 }
 
