@@ -396,6 +396,10 @@ fn gemm_products_give_ggml_kernel_results() {
     assert!(!ops_gemm.iter().any(|o| o == "OUT_PROD"), "{ops_gemm:?}");
     assert!(ops_gemm.iter().any(|o| o == "CUSTOM"), "{ops_gemm:?}");
     check("lora", gemm, stock);
+    // F32 matrices need no transposed copies when the GEMM reads Wᵀ
+    // through W's strides (the finite-difference test covers that path).
+    assert_eq!(load(true).prepare_transposed(None).unwrap(), 0);
+    assert!(load(false).prepare_transposed(None).unwrap() > 0);
     for (name, cfg, recompute) in method_cases() {
         check(
             name,

@@ -210,17 +210,27 @@ impl Model {
     /// ones) unless `ty` names another type whose block size fits the row
     /// length. Returns the bytes they take; fails when the device has no
     /// room for them.
+    ///
+    /// With the default type, matrices held in F32 on the CPU get no copy
+    /// when [`Model::gemm_products`] is on: the GEMM reads `Wᵀ` through W's
+    /// strides, faster than a matmul over an F16 copy (SmolLM2, F32 base:
+    /// train 106–124 → 138–141 tokens/s) and without the copy's memory.
     pub fn prepare_transposed(&mut self, ty: Option<GgmlType>) -> Result<usize, ComputeError> {
         if let Some(t) = &self.transposed {
             return Ok(t.size());
         }
+        let strided_gemm = ty.is_none() && self.gemm_products && self.backend.is_cpu();
         let mats: Vec<(String, [i64; 4])> = self
             .weights
             .tensors()
             .iter()
             .filter(|t| t.ne()[1] > 1 && t.ne()[2] == 1 && t.ne()[3] == 1)
+            .filter(|t| !(strided_gemm && t.ty() == GgmlType::F32))
             .map(|t| (t.name(), t.ne()))
             .collect();
+        if mats.is_empty() {
+            return Ok(0);
+        }
         let ty_t = |n_out: i64| match ty {
             Some(t) if n_out % t.block_size() as i64 == 0 => t,
             _ => GgmlType::F16,
