@@ -70,9 +70,8 @@ pub struct BenchArgs {
     /// (to measure what repacking gains).
     #[arg(long)]
     no_repack: bool,
-    /// Keep ggml's own kernels for the training graph's F32 outer products
-    /// (attention backward, LoRA gradients) and short-sum matmuls (LoRA B,
-    /// attention scores) instead of the strided GEMM.
+    /// Keep ggml's own kernels for the training graph's F32 products (F32
+    /// weights, attention, LoRA, their backward) instead of the strided GEMM.
     #[arg(long)]
     no_gemm: bool,
     /// Print a JSON object instead of text.

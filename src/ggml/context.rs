@@ -170,6 +170,9 @@ unary_ops! {
 binary_ops! {
     /// `a.ne=[K,M], b.ne=[K,N]` → `[M,N]`: rows of a dotted with rows of b.
     mul_mat => ggml_mul_mat;
+    /// `a.ne=[M,K], b.ne=[N,K]` → `[M,N]`: sum over k of column k of a
+    /// times column k of b (ggml's backward of mul_mat).
+    out_prod => ggml_out_prod;
     /// Element-wise sum with broadcasting of b.
     add => ggml_add;
     /// Element-wise product with broadcasting of b.
@@ -650,10 +653,10 @@ impl<'a> Graph<'a> {
         n
     }
 
-    /// Runs every remaining F32 OUT_PROD, and the F32 MUL_MATs with short
-    /// sums or strided inputs, as strided GEMMs in a custom op (see
-    /// `out_prod.rs`): the same products through a register-blocked kernel
-    /// instead of ggml's row-by-row ones. CPU backends only (a custom op
+    /// Runs every remaining F32 OUT_PROD, and the F32 MUL_MATs over 32 or
+    /// more tokens, as strided GEMMs in a custom op (see `out_prod.rs`): the
+    /// same products through a packed, register-blocked kernel instead of
+    /// ggml's row-by-row ones. CPU backends only (a custom op
     /// runs on the CPU); call after the backward pass is built and
     /// rewritten, before allocating. Returns the number of nodes rewritten.
     pub fn gemm_products(&mut self) -> usize {

@@ -63,9 +63,9 @@ pub struct Model {
     /// Let [`Model::prepare_transposed`] and [`Model::repack_weights`] use
     /// the CPU's repacking buffer (default on).
     pub repack: bool,
-    /// On the CPU, run a training graph's F32 OUT_PRODs and short-sum F32
-    /// MUL_MATs as strided GEMMs (default on; off leaves ggml's kernels,
-    /// e.g. to compare).
+    /// On the CPU, run the F32 OUT_PRODs and F32 MUL_MATs of training
+    /// graphs (and of forward graphs over unquantized weights) as strided
+    /// GEMMs (default on; off leaves ggml's kernels, e.g. to compare).
     pub gemm_products: bool,
     /// Matrices [`Model::repack_weights`] moved into the repacking buffer.
     weights_repacked: usize,
@@ -447,6 +447,15 @@ impl Model {
         Ok(x.read_f32())
     }
 
+    /// On the CPU (unless [`Model::gemm_products`] is off), runs the graph's
+    /// F32 products as GEMMs. Every graph of a training step gets the same
+    /// kernels, so recomputed blocks repeat the forward pass exactly.
+    pub(crate) fn gemm_products_in(&self, g: &mut Graph<'_>) {
+        if self.gemm_products && self.backend.is_cpu() {
+            g.gemm_products();
+        }
+    }
+
     fn run(
         &self,
         sched: &mut Sched,
@@ -471,6 +480,15 @@ impl Model {
         let logits = self.head(&ctx, &mut f);
         let mut g: Graph = ctx.new_graph(gs, false);
         g.build_forward(logits);
+        // Not where a weight is quantized: its matmul rounds the input per
+        // block, and on real models (SmolLM2 Q4_1) the GEMM's other
+        // summation order flips enough of those roundings to move logits by
+        // up to 3 % from llama.cpp's, which ggml's own kernels reproduce
+        // exactly. (F32 weights: 6e-5, float rounding.)
+        let quantized = self.weights.tensors().iter().any(|t| t.ty().is_quantized());
+        if !quantized {
+            self.gemm_products_in(&mut g);
+        }
         sched.alloc(&g)?;
         f.fill_inputs();
         hooks.fill_inputs(&g);

@@ -118,8 +118,8 @@ pub(crate) fn one_hot(targets: &[i32], n_vocab: usize) -> Vec<f32> {
 }
 
 /// Adds the backward pass and routes input gradients through the model's
-/// transposed weight copies, where it has them; on the CPU the remaining
-/// OUT_PRODs run as GEMMs.
+/// transposed weight copies, where it has them; on the CPU the F32
+/// products run as GEMMs.
 pub(crate) fn build_backward<'a>(model: &'a Model, ctx: &'a Context, g: &mut crate::ggml::Graph<'a>) {
     g.build_backward(ctx);
     g.replace_weight_out_prods(|w| model.transposed_of(w));
@@ -127,16 +127,7 @@ pub(crate) fn build_backward<'a>(model: &'a Model, ctx: &'a Context, g: &mut cra
     if !dev.is_cpu() {
         g.contiguous_out_prod_inputs(ctx, |t| dev.supports(t));
     }
-    gemm_products(model, g);
-}
-
-/// On the CPU (unless turned off), runs the graph's F32 outer products and
-/// short-sum matmuls as GEMMs; every graph of a training step gets the same
-/// kernels, so recomputed blocks repeat the forward pass exactly.
-pub(crate) fn gemm_products(model: &Model, g: &mut crate::ggml::Graph<'_>) {
-    if model.backend().is_cpu() && model.gemm_products {
-        g.gemm_products();
-    }
+    model.gemm_products_in(g);
 }
 
 /// Loss, loss rows and gradients of one micro-batch, with or without

@@ -1,0 +1,156 @@
+//! The GEMM that runs F32 products on the CPU (`Graph::gemm_products`)
+//! against a plain f64 loop and against ggml's own kernels, on the layouts
+//! training produces: permuted and transposed views, grouped-query
+//! broadcast, short sums (LoRA rank), few result columns; and forward
+//! logits over a quantized base, which keep ggml's kernels.
+
+mod common;
+use common::*;
+use gguf_peft::ggml::{Backend, Context, GgmlType, Sched, Tensor};
+use gguf_peft::model::{Batch, Model, NoHooks, WeightLayout};
+use gguf_peft::rng::Rng;
+
+/// A product over views of the inputs: `(outer, a, b, result)`, where
+/// `outer` is OUT_PROD (`Σ_k a[i,k]·b[j,k]`), else MUL_MAT (`Σ_k a[k,i]·b[k,j]`).
+type Built<'a> = (bool, Tensor<'a>, Tensor<'a>, Tensor<'a>);
+type Build = for<'a> fn(&'a Context, &[Tensor<'a>]) -> Built<'a>;
+
+/// The product's result, on random inputs of `shapes`, with the GEMM on or
+/// off, and the f64 loop's result from the operands' logical values.
+fn run(shapes: &[[i64; 4]], gemm: bool, build: Build) -> (Vec<f32>, Vec<f64>) {
+    let backend = Backend::cpu(threads());
+    let ctx = Context::new(64, 64, false);
+    let ins: Vec<Tensor> = shapes
+        .iter()
+        .map(|ne| ctx.new_tensor(GgmlType::F32, ne).set_input())
+        .collect();
+    let (outer, a, b, out) = build(&ctx, &ins);
+    out.set_output();
+    let mut g = ctx.new_graph(64, false);
+    g.build_forward(out);
+    if gemm {
+        assert_eq!(g.gemm_products(), 1, "the product is rewritten");
+    }
+    let mut sched = Sched::new(std::slice::from_ref(&backend), 64);
+    sched.alloc(&g).unwrap();
+    fill(&ins);
+    sched.compute(&g).unwrap();
+    (out.read_f32(), reference(outer, a, b, out.ne()))
+}
+
+fn fill(ins: &[Tensor<'_>]) {
+    let mut rng = Rng::new(5);
+    for t in ins {
+        let v: Vec<f32> = (0..t.n_elements()).map(|_| rng.normal()).collect();
+        t.write_f32(&v);
+    }
+}
+
+/// The product by definition, `a` broadcast over dims 2 and 3 (GQA).
+fn reference(outer: bool, a: Tensor<'_>, b: Tensor<'_>, ne: [i64; 4]) -> Vec<f64> {
+    let (av, bv, an, bn) = (a.read_f32(), b.read_f32(), a.ne(), b.ne());
+    let at =
+        |v: &[f32], n: [i64; 4], i: [i64; 4]| v[(i[0] + n[0] * (i[1] + n[1] * (i[2] + n[2] * i[3]))) as usize] as f64;
+    let k = if outer { an[1] } else { an[0] };
+    let (r2, r3) = (ne[2] / an[2], ne[3] / an[3]);
+    let mut out = Vec::new();
+    for i3 in 0..ne[3] {
+        for i2 in 0..ne[2] {
+            for j in 0..ne[1] {
+                for i in 0..ne[0] {
+                    let (a2, a3) = (i2 / r2, i3 / r3);
+                    out.push(
+                        (0..k)
+                            .map(|kk| {
+                                if outer {
+                                    at(&av, an, [i, kk, a2, a3]) * at(&bv, bn, [j, kk, i2, i3])
+                                } else {
+                                    at(&av, an, [kk, i, a2, a3]) * at(&bv, bn, [kk, j, i2, i3])
+                                }
+                            })
+                            .sum(),
+                    );
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Attention scores: keys `[hd, kv heads, tokens]` and queries `[hd, heads,
+/// tokens]` permuted to `[hd, tokens, heads]`, keys broadcast to 3× heads.
+fn scores<'a>(c: &'a Context, x: &[Tensor<'a>]) -> Built<'a> {
+    let (k, q) = (c.permute(x[0], [0, 2, 1, 3]), c.permute(x[1], [0, 2, 1, 3]));
+    (false, k, q, c.mul_mat(k, q))
+}
+
+/// A LoRA B product: sums of r = 8 terms.
+fn lora_b<'a>(c: &'a Context, x: &[Tensor<'a>]) -> Built<'a> {
+    (false, x[0], x[1], c.mul_mat(x[0], x[1]))
+}
+
+/// A LoRA A gradient: few result columns (split by rows between threads).
+fn lora_a_grad<'a>(c: &'a Context, x: &[Tensor<'a>]) -> Built<'a> {
+    (true, x[0], x[1], c.out_prod(x[0], x[1]))
+}
+
+/// An input gradient as ggml's backward builds it: `out_prod(W, dyᵀ)`,
+/// the transposed view read through its strides.
+fn input_grad<'a>(c: &'a Context, x: &[Tensor<'a>]) -> Built<'a> {
+    let dyt = c.transpose(x[1]);
+    (true, x[0], dyt, c.out_prod(x[0], dyt))
+}
+
+#[test]
+fn gemm_matches_a_loop_and_ggml() {
+    let cases: [(&str, Vec<[i64; 4]>, Build); 4] = [
+        ("attention scores", vec![[64, 3, 40, 1], [64, 9, 40, 1]], scores),
+        ("lora B", vec![[8, 48, 1, 1], [8, 40, 1, 1]], lora_b),
+        ("lora A gradient", vec![[48, 40, 1, 1], [8, 40, 1, 1]], lora_a_grad),
+        ("input gradient", vec![[40, 56, 1, 1], [56, 48, 1, 1]], input_grad),
+    ];
+    for (name, shapes, build) in cases {
+        let (gemm, want) = run(&shapes, true, build);
+        let (stock, want_stock) = run(&shapes, false, build);
+        assert_eq!(want, want_stock, "{name}: same inputs both times");
+        let worst = |got: &[f32]| {
+            assert_eq!(got.len(), want.len());
+            got.iter()
+                .zip(&want)
+                .map(|(g, w)| (*g as f64 - w).abs())
+                .fold(0f64, f64::max)
+        };
+        let (wg, ws) = (worst(&gemm), worst(&stock));
+        println!("{name}: worst |Δ| vs the f64 loop: GEMM {wg:.2e}, ggml {ws:.2e}");
+        assert!(wg < 1e-4 && ws < 1e-4, "{name}: {wg:.2e} / {ws:.2e}");
+    }
+}
+
+/// Forward logits over a quantized base stay bit-identical to ggml's
+/// kernels (llama.cpp's logits): a quantized matmul rounds its input per
+/// block, and the GEMM's summation order flips enough of those roundings on
+/// real models to move logits by percents. Over F32 weights the GEMM runs
+/// and only float rounding differs.
+#[test]
+fn forward_over_a_quantized_base_keeps_ggml_kernels() {
+    let dir = tmpdir("gemm-forward");
+    for ty in [GgmlType::Q4_K, GgmlType::F32] {
+        let path = synth(&dir, "llama", ty);
+        let logits = |gemm: bool| {
+            let mut model = Model::load_with(&path, Backend::cpu(threads()), WeightLayout::Native).unwrap();
+            model.gemm_products = gemm;
+            let tokens = some_tokens(48, model.hparams.n_vocab, 6);
+            model
+                .logits(&mut model.sched(), &Batch::single(&tokens), &NoHooks)
+                .unwrap()
+        };
+        let (d, m) = compare(&logits(true), &logits(false));
+        println!("{ty} base: forward logits GEMM on vs off: max |Δ| {d:.2e} of {m:.2}");
+        if ty == GgmlType::F32 {
+            assert!(d > 0.0 && d < 1e-4 * m, "{d:.2e}");
+        } else {
+            assert_eq!(d, 0.0);
+        }
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
