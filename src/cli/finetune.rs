@@ -279,7 +279,7 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
     let (mut model, tok) = super::load_with(&a.model, backend, layout)?;
     let t_bytes = super::prepare_backward(&mut model, &a.backward)?;
     eprintln!(
-        "base: {} held as {:?}{} ({}), {} backward ({} more)",
+        "base: {} held as {:?}{} ({}), {} backward ({})",
         a.model.display(),
         layout,
         match model.weights_repacked() {
@@ -288,7 +288,10 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         },
         super::inspect::human_bytes(model.weights_bytes() as u64),
         a.backward,
-        super::inspect::human_bytes(t_bytes as u64)
+        match t_bytes {
+            0 if a.backward.starts_with("transposed") => "no copies: F32 weights are read transposed".to_string(),
+            n => format!("{} more", super::inspect::human_bytes(n as u64)),
+        }
     );
     let tok_opts = TokenizeOptions {
         train_on_prompt: a.train_on_prompt,
