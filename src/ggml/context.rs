@@ -654,7 +654,7 @@ impl<'a> Graph<'a> {
     }
 
     /// Runs every remaining F32 OUT_PROD, and the F32 MUL_MATs over 32 or
-    /// more tokens, as strided GEMMs in a custom op (see `out_prod.rs`): the
+    /// more tokens, as strided GEMMs in a custom op (see `gemm.rs`): the
     /// same products through a packed, register-blocked kernel instead of
     /// ggml's row-by-row ones. CPU backends only (a custom op
     /// runs on the CPU); call after the backward pass is built and
@@ -664,7 +664,7 @@ impl<'a> Graph<'a> {
             .filter(|&i| {
                 // SAFETY: i < n_nodes; nodes are valid tensors of this graph,
                 // whose sources are valid or null; the graph is not allocated.
-                unsafe { super::out_prod::rewrite(sys::ggml_graph_node(self.raw(), i as i32)) }
+                unsafe { super::gemm::rewrite(sys::ggml_graph_node(self.raw(), i as i32)) }
             })
             .count()
     }

@@ -6,8 +6,8 @@
 
 mod backend;
 mod context;
+mod gemm;
 pub mod llama;
-mod out_prod;
 mod types;
 
 pub use backend::{

@@ -1,6 +1,6 @@
-//! ggml's F32 OUT_PROD, and its F32 MUL_MAT where that is slow, run
-//! instead as a strided GEMM (matrixmultiply's packed, register-blocked
-//! kernels) in a ggml custom op on the CPU.
+//! The CPU's F32 products of a training step — ggml's OUT_PROD, and its
+//! MUL_MAT over enough tokens — run instead as a strided GEMM
+//! (matrixmultiply's packed, register-blocked kernels) in a ggml custom op.
 //!
 //! ggml's CPU OUT_PROD is a loop of axpys over the result's rows: every
 //! multiply-add loads and stores the result, and when the result's rows are
@@ -9,7 +9,8 @@
 //! ~100 for the forward's matmuls. The backward's attention products, LoRA
 //! gradients and LoRA input gradients are all OUT_PRODs, a quarter of a step.
 //! A GEMM reads both inputs through their strides, so transposed views (as
-//! ggml's backward feeds them) need no copies either.
+//! ggml's backward feeds them) need no copies either, and an F32 weight's
+//! input gradient `Wᵀ·dy` needs no transposed copy of W.
 
 use llama_cpp_sys_2 as sys;
 use std::ffi::{c_int, c_void};
