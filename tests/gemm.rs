@@ -1,7 +1,8 @@
 //! The GEMM that runs F32 products on the CPU (`Graph::gemm_products`)
 //! against a plain f64 loop and against ggml's own kernels, on the layouts
 //! training produces: permuted and transposed views, grouped-query
-//! broadcast, short sums (LoRA rank), few result columns; and forward
+//! broadcast, short sums (LoRA rank), few result columns, input gradients
+//! through quantized weights dequantized on the fly; and forward
 //! logits over a quantized base, which keep ggml's kernels.
 
 mod common;
@@ -17,12 +18,12 @@ type Build = for<'a> fn(&'a Context, &[Tensor<'a>]) -> Built<'a>;
 
 /// The product's result, on random inputs of `shapes`, with the GEMM on or
 /// off, and the f64 loop's result from the operands' logical values.
-fn run(shapes: &[[i64; 4]], gemm: bool, build: Build) -> (Vec<f32>, Vec<f64>) {
+fn run(inputs: &[(GgmlType, [i64; 4])], gemm: bool, build: Build) -> (Vec<f32>, Vec<f64>) {
     let backend = Backend::cpu(threads());
     let ctx = Context::new(64, 64, false);
-    let ins: Vec<Tensor> = shapes
+    let ins: Vec<Tensor> = inputs
         .iter()
-        .map(|ne| ctx.new_tensor(GgmlType::F32, ne).set_input())
+        .map(|(ty, ne)| ctx.new_tensor(*ty, ne).set_input())
         .collect();
     let (outer, a, b, out) = build(&ctx, &ins);
     out.set_output();
@@ -38,17 +39,29 @@ fn run(shapes: &[[i64; 4]], gemm: bool, build: Build) -> (Vec<f32>, Vec<f64>) {
     (out.read_f32(), reference(outer, a, b, out.ne()))
 }
 
+/// Random normal values (quantized where the input is).
 fn fill(ins: &[Tensor<'_>]) {
     let mut rng = Rng::new(5);
     for t in ins {
         let v: Vec<f32> = (0..t.n_elements()).map(|_| rng.normal()).collect();
-        t.write_f32(&v);
+        match t.ty() {
+            GgmlType::F32 => t.write_f32(&v),
+            ty => t.write_bytes(&ty.from_f32(&v, t.ne()[0] as usize)),
+        }
+    }
+}
+
+/// A tensor's logical values (a quantized one's dequantized).
+fn values(t: Tensor<'_>) -> Vec<f32> {
+    match t.ty() {
+        GgmlType::F32 => t.read_f32(),
+        ty => ty.to_f32(&t.read_bytes(), t.n_elements()),
     }
 }
 
 /// The product by definition, `a` broadcast over dims 2 and 3 (GQA).
 fn reference(outer: bool, a: Tensor<'_>, b: Tensor<'_>, ne: [i64; 4]) -> Vec<f64> {
-    let (av, bv, an, bn) = (a.read_f32(), b.read_f32(), a.ne(), b.ne());
+    let (av, bv, an, bn) = (values(a), values(b), a.ne(), b.ne());
     let at =
         |v: &[f32], n: [i64; 4], i: [i64; 4]| v[(i[0] + n[0] * (i[1] + n[1] * (i[2] + n[2] * i[3]))) as usize] as f64;
     let k = if outer { an[1] } else { an[0] };
@@ -103,11 +116,51 @@ fn input_grad<'a>(c: &'a Context, x: &[Tensor<'a>]) -> Built<'a> {
 
 #[test]
 fn gemm_matches_a_loop_and_ggml() {
-    let cases: [(&str, Vec<[i64; 4]>, Build); 4] = [
-        ("attention scores", vec![[64, 3, 40, 1], [64, 9, 40, 1]], scores),
-        ("lora B", vec![[8, 48, 1, 1], [8, 40, 1, 1]], lora_b),
-        ("lora A gradient", vec![[48, 40, 1, 1], [8, 40, 1, 1]], lora_a_grad),
-        ("input gradient", vec![[40, 56, 1, 1], [56, 48, 1, 1]], input_grad),
+    const F16: GgmlType = GgmlType::F16;
+    const F32: GgmlType = GgmlType::F32;
+    const Q4_1: GgmlType = GgmlType::Q4_1;
+    const Q4_K: GgmlType = GgmlType::Q4_K;
+    const Q8_0: GgmlType = GgmlType::Q8_0;
+    type Case = (&'static str, Vec<(GgmlType, [i64; 4])>, Build);
+    let cases: [Case; 8] = [
+        (
+            "attention scores",
+            vec![(F32, [64, 3, 40, 1]), (F32, [64, 9, 40, 1])],
+            scores,
+        ),
+        ("lora B", vec![(F32, [8, 48, 1, 1]), (F32, [8, 40, 1, 1])], lora_b),
+        (
+            "lora A gradient",
+            vec![(F32, [48, 40, 1, 1]), (F32, [8, 40, 1, 1])],
+            lora_a_grad,
+        ),
+        (
+            "input gradient",
+            vec![(F32, [40, 56, 1, 1]), (F32, [56, 48, 1, 1])],
+            input_grad,
+        ),
+        // Through quantized (and F16) weights, dequantized in bands of rows
+        // (300 rows: one full band of 256 and a partial one).
+        (
+            "input gradient, Q4_1 W",
+            vec![(Q4_1, [96, 300, 1, 1]), (F32, [300, 40, 1, 1])],
+            input_grad,
+        ),
+        (
+            "input gradient, Q4_K W",
+            vec![(Q4_K, [512, 40, 1, 1]), (F32, [40, 36, 1, 1])],
+            input_grad,
+        ),
+        (
+            "input gradient, Q8_0 W",
+            vec![(Q8_0, [64, 48, 1, 1]), (F32, [48, 40, 1, 1])],
+            input_grad,
+        ),
+        (
+            "input gradient, F16 W",
+            vec![(F16, [40, 56, 1, 1]), (F32, [56, 48, 1, 1])],
+            input_grad,
+        ),
     ];
     for (name, shapes, build) in cases {
         let (gemm, want) = run(&shapes, true, build);
@@ -122,6 +175,8 @@ fn gemm_matches_a_loop_and_ggml() {
         };
         let (wg, ws) = (worst(&gemm), worst(&stock));
         println!("{name}: worst |Δ| vs the f64 loop: GEMM {wg:.2e}, ggml {ws:.2e}");
+        // ggml's own OUT_PROD on a quantized W sums in another order; both
+        // stay at float rounding of sums of up to 300 terms.
         assert!(wg < 1e-4 && ws < 1e-4, "{name}: {wg:.2e} / {ws:.2e}");
     }
 }

@@ -216,9 +216,10 @@ fn exported_adapter_in_llama_cpp_matches_smollm2() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// On a quantized base, gradients through transposed copies (F16 by
-/// default, Q8_0 or Q4_0 on request) match ggml's stock OUT_PROD path (which
-/// dequantizes W exactly) within the rounding of the copies: F16 within
+/// On a quantized base, gradients through transposed copies (F16, Q8_0 or
+/// Q4_0) match ggml's stock OUT_PROD path (which dequantizes W exactly)
+/// within the rounding of the copies, and the default on the CPU (no
+/// copies: the GEMM dequantizes W) up to summation order: F16 within
 /// 5e-3, and an 8- or 4-bit copy within what storing the base itself in
 /// that type does to the gradients (F32 base vs the same weights in Q8_0 /
 /// Q4_0, measured here).
@@ -226,12 +227,18 @@ fn exported_adapter_in_llama_cpp_matches_smollm2() {
 fn transposed_backward_matches_stock_on_quantized_weights() {
     let dir = tmpdir("lora-transposed");
     let ex = example_all_loss(20, 320, 9);
-    let grads_with = |ty: GgmlType, transposed: Option<Option<GgmlType>>, repack: bool| {
+    // ggml's kernels throughout unless `gemm` (the default: on the CPU the
+    // GEMM dequantizes W in bands instead of reading a copy).
+    let grads_gemm = |ty: GgmlType, transposed: Option<Option<GgmlType>>, repack: bool, gemm: bool| {
         let path = synth(&dir, "qwen3", ty);
         let mut model = Model::load(&path, Backend::cpu(threads())).unwrap();
         model.repack = repack;
+        model.gemm_products = gemm;
         if let Some(t) = transposed {
-            model.prepare_transposed(t).unwrap();
+            let bytes = model.prepare_transposed(t).unwrap();
+            if gemm && !repack && t.is_none() {
+                assert_eq!(bytes, 0, "no copies with the dequantizing GEMM");
+            }
         }
         if model.transposed_repacked() {
             println!("{ty} base: transposed copies in the CPU's repacking buffer");
@@ -241,6 +248,7 @@ fn transposed_backward_matches_stock_on_quantized_weights() {
         let mut sched = model.sched();
         gguf_peft::train::loss_and_grads(&model, &lora, &mut sched, &[&ex]).unwrap()
     };
+    let grads_with = |ty, transposed, repack| grads_gemm(ty, transposed, repack, false);
     let grads = |ty: GgmlType, transposed: Option<Option<GgmlType>>| grads_with(ty, transposed, true);
     let rel = rel_diff;
     let exact = grads(GgmlType::F32, None).2;
@@ -263,6 +271,17 @@ fn transposed_backward_matches_stock_on_quantized_weights() {
             assert!(r > 0.0, "the rewrite must have happened");
             assert!(r <= bound, "{ty} {name}: {r:.2e}");
         }
+    }
+    // The default on the CPU for weights that stay in their plain layout
+    // (here: repacking off): no copies, the GEMM dequantizes W in bands of
+    // rows: ggml's stock values up to float summation order.
+    for ty in [GgmlType::Q4_K, GgmlType::Q8_0] {
+        let (l_stock, _, g_stock) = grads(ty, None);
+        let (l_g, _, g_g) = grads_gemm(ty, Some(None), false, true);
+        let r = rel(&g_g, &g_stock);
+        println!("{ty} base, dequantizing GEMM, no copies: loss {l_g} vs {l_stock}, gradients vs stock {r:.2e}");
+        assert!((l_g - l_stock).abs() <= 1e-5 * l_stock.abs());
+        assert!(r <= 1e-5, "{ty}: {r:.2e}");
     }
     // Q4_0 copies in the CPU's repacking buffer (where this CPU repacks
     // them) run other kernels on the same values: the same gradients up to

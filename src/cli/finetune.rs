@@ -289,7 +289,8 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         super::inspect::human_bytes(model.weights_bytes() as u64),
         a.backward,
         match t_bytes {
-            0 if a.backward.starts_with("transposed") => "no copies: F32 weights are read transposed".to_string(),
+            0 if a.backward.starts_with("transposed") =>
+                "no copies: Wᵀ is read from the weights themselves".to_string(),
             n => format!("{} more", super::inspect::human_bytes(n as u64)),
         }
     );

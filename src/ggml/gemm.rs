@@ -28,11 +28,16 @@ const _: () = assert!(std::mem::size_of::<CustomOpParams>() <= 16 * std::mem::si
 
 /// Which product a rewritten node computes (kept in its `userdata`).
 #[derive(Clone, Copy, PartialEq)]
+#[repr(usize)]
 enum Product {
     /// `dst[i0,i1] = Σ_k a[i0,k] · b[i1,k]` (OUT_PROD).
     Outer,
     /// `dst[i0,i1] = Σ_k a[k,i0] · b[k,i1]` (MUL_MAT).
     Inner,
+    /// OUT_PROD with a quantized (or F16, BF16) 2-D `a` (a frozen weight's
+    /// input gradient `Wᵀ·dy`): `a` dequantized in bands of rows into F32
+    /// scratch, so the backward needs no transposed copy of W.
+    DequantOuter,
 }
 
 /// Below this many result columns (tokens) a MUL_MAT stays ggml's: its
@@ -58,8 +63,24 @@ unsafe fn product(node: *const sys::ggml_tensor) -> Option<Product> {
             && (*a).type_ == sys::GGML_TYPE_F32
             && (*b).type_ == sys::GGML_TYPE_F32
             && (*node).nb[0] == 4;
+        // A quantized (or F16, BF16) weight the CPU reads in its plain
+        // layout (not moved to the repacking buffer, whose tensors carry
+        // `extra`).
+        let plain_quantized = !a.is_null()
+            && !b.is_null()
+            && (*node).type_ == sys::GGML_TYPE_F32
+            && (*b).type_ == sys::GGML_TYPE_F32
+            && (*node).nb[0] == 4
+            && (*a).extra.is_null()
+            && (*a).ne[2] == 1
+            && (*a).ne[3] == 1
+            && (*node).ne[2] == 1
+            && (*node).ne[3] == 1
+            && (*a).type_ != sys::GGML_TYPE_F32
+            && (*(sys::ggml_get_type_traits((*a).type_))).to_float.is_some();
         match (*node).op {
             sys::GGML_OP_OUT_PROD if f32s => Some(Product::Outer),
+            sys::GGML_OP_OUT_PROD if plain_quantized => Some(Product::DequantOuter),
             sys::GGML_OP_MUL_MAT if f32s && (*node).ne[1] >= MIN_COLUMNS => Some(Product::Inner),
             _ => None,
         }
@@ -82,7 +103,7 @@ pub(super) unsafe fn rewrite(node: *mut sys::ggml_tensor) -> bool {
         fun: Some(run),
         n_tasks: -1, // GGML_N_TASKS_MAX: every thread of the graph
         // Not a pointer: the product kind, read back by `run`.
-        userdata: (p == Product::Inner) as usize as *mut c_void,
+        userdata: p as usize as *mut c_void,
     };
     // SAFETY: node is valid; op_params (64 bytes) holds the 24-byte params
     // (asserted above), written unaligned as ggml memcpy's them back.
@@ -104,8 +125,12 @@ unsafe extern "C" fn run(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_int, use
         let (a, b) = (&*(*dst).src[0], &*(*dst).src[1]);
         let d = &*dst;
         let s = |nb: usize| (nb / 4) as isize;
+        let kind = userdata as usize;
+        if kind == Product::DequantOuter as usize {
+            return dequant_outer(a, b, d, ith as usize, nth as usize);
+        }
         // Strides of A (i0 × k) and B (k × i1) in C = A · B, and the sum's length.
-        let (k, a_i0, a_k, b_k, b_i1) = if userdata.is_null() {
+        let (k, a_i0, a_k, b_k, b_i1) = if kind == Product::Outer as usize {
             (a.ne[1] as usize, a.nb[0], a.nb[1], b.nb[1], b.nb[0])
         } else {
             (a.ne[0] as usize, a.nb[1], a.nb[0], b.nb[0], b.nb[1])
@@ -157,6 +182,63 @@ unsafe extern "C" fn run(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_int, use
                     s(d.nb[1]),
                 );
             }
+        }
+    }
+}
+
+/// Rows of a quantized `a` dequantized at a time (scratch: this many rows
+/// of one thread's share of the columns, ~300 KB for SmolLM2).
+const DEQUANT_ROWS: usize = 256;
+
+/// [`Product::DequantOuter`]: `dst[i0,i1] = Σ_k a[i0,k] · b[i1,k]` with a
+/// quantized 2-D `a` (`a[:,k]` is row k of the weight). Each thread takes a
+/// share of the quantization blocks along `i0` (the result's rows), so no
+/// thread dequantizes what another does, and accumulates bands of
+/// [`DEQUANT_ROWS`] rows of `a` into its rows of the result.
+///
+/// # Safety
+/// As for [`run`]: allocated tensors of a node made by [`rewrite`].
+unsafe fn dequant_outer(a: &sys::ggml_tensor, b: &sys::ggml_tensor, d: &sys::ggml_tensor, ith: usize, nth: usize) {
+    // SAFETY: the type was checked to have a to_float in `product`; every
+    // row range read lies within `a`'s rows (whole blocks), every write
+    // within this thread's rows of `dst`.
+    unsafe {
+        let to_float = (*sys::ggml_get_type_traits(a.type_))
+            .to_float
+            .expect("checked in product");
+        let blck = sys::ggml_blck_size(a.type_) as usize;
+        let blck_bytes = sys::ggml_type_size(a.type_);
+        let (k, n) = (a.ne[1] as usize, d.ne[1] as usize);
+        let blocks = a.ne[0] as usize / blck;
+        let (b0, b1) = (blocks * ith / nth, blocks * (ith + 1) / nth);
+        let (r0, m) = (b0 * blck, (b1 - b0) * blck);
+        if m == 0 {
+            return;
+        }
+        let mut scratch = vec![0f32; m * DEQUANT_ROWS.min(k)];
+        for k0 in (0..k).step_by(DEQUANT_ROWS) {
+            let kn = DEQUANT_ROWS.min(k - k0);
+            for kk in 0..kn {
+                let row = (a.data as *const u8).add((k0 + kk) * a.nb[1] + b0 * blck_bytes);
+                to_float(row as *const c_void, scratch.as_mut_ptr().add(kk * m), m as i64);
+            }
+            // C (rows i0 of this thread × all i1) += A (i0 × kk) · B (kk × i1).
+            matrixmultiply::sgemm(
+                m,
+                kn,
+                n,
+                1.0,
+                scratch.as_ptr(),
+                1,
+                m as isize,
+                (b.data as *const u8).add(k0 * b.nb[1]) as *const f32,
+                (b.nb[1] / 4) as isize,
+                (b.nb[0] / 4) as isize,
+                if k0 == 0 { 0.0 } else { 1.0 },
+                (d.data as *mut u8).add(r0 * 4) as *mut f32,
+                1,
+                (d.nb[1] / 4) as isize,
+            );
         }
     }
 }

@@ -69,6 +69,8 @@ pub struct Model {
     pub gemm_products: bool,
     /// Matrices [`Model::repack_weights`] moved into the repacking buffer.
     weights_repacked: usize,
+    /// Answers of [`Model::cpu_repacks`] per (type, row length, rows).
+    repack_probes: std::sync::Mutex<std::collections::HashMap<(GgmlType, i64, i64), bool>>,
     /// Last, so that the buffers above are freed before the device.
     backend: Arc<Backend>,
 }
@@ -175,6 +177,7 @@ impl Model {
             transposed_repacked: false,
             repack: true,
             gemm_products: true,
+            repack_probes: Default::default(),
             weights_repacked: 0,
         })
     }
@@ -211,10 +214,12 @@ impl Model {
     /// length. Returns the bytes they take; fails when the device has no
     /// room for them.
     ///
-    /// With the default type, matrices held in F32 on the CPU get no copy
-    /// when [`Model::gemm_products`] is on: the GEMM reads `Wᵀ` through W's
-    /// strides, faster than a matmul over an F16 copy (SmolLM2, F32 base:
-    /// train 106–124 → 138–141 tokens/s) and without the copy's memory.
+    /// With the default type on the CPU, when [`Model::gemm_products`] is
+    /// on, only matrices that [`Model::repack_weights`] will move get
+    /// copies: the GEMM reads `Wᵀ` through W's strides (F32 W: faster than a
+    /// matmul over an F16 copy, SmolLM2 train 106–124 → 138–141 tokens/s),
+    /// or dequantizes W in bands of rows (quantized, F16, BF16 W), without
+    /// the copy's memory.
     pub fn prepare_transposed(&mut self, ty: Option<GgmlType>) -> Result<usize, ComputeError> {
         if let Some(t) = &self.transposed {
             return Ok(t.size());
@@ -225,7 +230,7 @@ impl Model {
             .tensors()
             .iter()
             .filter(|t| t.ne()[1] > 1 && t.ne()[2] == 1 && t.ne()[3] == 1)
-            .filter(|t| !(strided_gemm && t.ty() == GgmlType::F32))
+            .filter(|t| !strided_gemm || self.will_repack(&t.name(), t.ty(), t.ne()))
             .map(|t| (t.name(), t.ne()))
             .collect();
         if mats.is_empty() {
@@ -279,25 +284,12 @@ impl Model {
         if !self.repack || !self.backend.is_cpu() || self.weights_repacked > 0 {
             return self.weights_repacked;
         }
-        let mats: Vec<(String, GgmlType, [i64; 4])> = self
+        let repackable: Vec<(String, GgmlType, [i64; 4])> = self
             .weights
             .tensors()
             .iter()
-            .filter(|t| t.ne()[1] > 1 && t.ne()[2] == 1 && t.ne()[3] == 1 && t.ty().is_quantized())
-            .filter(|t| t.name() != "token_embd.weight")
+            .filter(|t| self.will_repack(&t.name(), t.ty(), t.ne()))
             .map(|t| (t.name(), t.ty(), t.ne()))
-            .collect();
-        // One probe per (type, rows) shape: is it repacked on this CPU?
-        let mut ok = std::collections::HashMap::new();
-        let repackable: Vec<&(String, GgmlType, [i64; 4])> = mats
-            .iter()
-            .filter(|(_, ty, ne)| {
-                *ok.entry((*ty, ne[0], ne[1])).or_insert_with(|| {
-                    let ctx = Context::new(2, 0, false);
-                    ctx.new_tensor(*ty, &[ne[0], ne[1]]);
-                    self.backend.alloc_store_repacked(ctx).is_some()
-                })
-            })
             .collect();
         if repackable.is_empty() {
             return 0;
@@ -320,6 +312,29 @@ impl Model {
         self.weights.set_overlay(store);
         self.weights_repacked = repackable.len();
         self.weights_repacked
+    }
+
+    /// Whether this CPU's repacking buffer takes a matrix of this type and
+    /// shape (a probe allocation; ggml exposes no cheaper query).
+    fn cpu_repacks(&self, ty: GgmlType, ne: [i64; 4]) -> bool {
+        let mut cache = self.repack_probes.lock().unwrap_or_else(|e| e.into_inner());
+        *cache.entry((ty, ne[0], ne[1])).or_insert_with(|| {
+            let ctx = Context::new(2, 0, false);
+            ctx.new_tensor(ty, &[ne[0], ne[1]]);
+            self.backend.alloc_store_repacked(ctx).is_some()
+        })
+    }
+
+    /// Whether [`Model::repack_weights`] moves (or moved) this weight.
+    fn will_repack(&self, name: &str, ty: GgmlType, ne: [i64; 4]) -> bool {
+        self.repack
+            && self.backend.is_cpu()
+            && ty.is_quantized()
+            && name != "token_embd.weight"
+            && ne[1] > 1
+            && ne[2] == 1
+            && ne[3] == 1
+            && self.cpu_repacks(ty, ne)
     }
 
     /// How many matrices [`Model::repack_weights`] moved.
