@@ -97,8 +97,8 @@ fn scores<'a>(c: &'a Context, x: &[Tensor<'a>]) -> Built<'a> {
     (false, k, q, c.mul_mat(k, q))
 }
 
-/// A LoRA B product: sums of r = 8 terms.
-fn lora_b<'a>(c: &'a Context, x: &[Tensor<'a>]) -> Built<'a> {
+/// A plain product (a LoRA B product: sums of r = 8 terms; a weight's forward).
+fn plain<'a>(c: &'a Context, x: &[Tensor<'a>]) -> Built<'a> {
     (false, x[0], x[1], c.mul_mat(x[0], x[1]))
 }
 
@@ -122,13 +122,13 @@ fn gemm_matches_a_loop_and_ggml() {
     const Q4_K: GgmlType = GgmlType::Q4_K;
     const Q8_0: GgmlType = GgmlType::Q8_0;
     type Case = (&'static str, Vec<(GgmlType, [i64; 4])>, Build);
-    let cases: [Case; 8] = [
+    let cases: [Case; 9] = [
         (
             "attention scores",
             vec![(F32, [64, 3, 40, 1]), (F32, [64, 9, 40, 1])],
             scores,
         ),
-        ("lora B", vec![(F32, [8, 48, 1, 1]), (F32, [8, 40, 1, 1])], lora_b),
+        ("lora B", vec![(F32, [8, 48, 1, 1]), (F32, [8, 40, 1, 1])], plain),
         (
             "lora A gradient",
             vec![(F32, [48, 40, 1, 1]), (F32, [8, 40, 1, 1])],
@@ -161,6 +161,12 @@ fn gemm_matches_a_loop_and_ggml() {
             vec![(F16, [40, 56, 1, 1]), (F32, [56, 48, 1, 1])],
             input_grad,
         ),
+        // The forward through a Q4_1 weight (300 rows: bands of 256).
+        (
+            "forward, Q4_1 W",
+            vec![(Q4_1, [96, 300, 1, 1]), (F32, [96, 40, 1, 1])],
+            plain,
+        ),
     ];
     for (name, shapes, build) in cases {
         let (gemm, want) = run(&shapes, true, build);
@@ -175,9 +181,15 @@ fn gemm_matches_a_loop_and_ggml() {
         };
         let (wg, ws) = (worst(&gemm), worst(&stock));
         println!("{name}: worst |Δ| vs the f64 loop: GEMM {wg:.2e}, ggml {ws:.2e}");
-        // ggml's own OUT_PROD on a quantized W sums in another order; both
-        // stay at float rounding of sums of up to 300 terms.
-        assert!(wg < 1e-4 && ws < 1e-4, "{name}: {wg:.2e} / {ws:.2e}");
+        // Both at float rounding of sums of up to 300 terms, except ggml's
+        // forward through a quantized W, which rounds the activations to
+        // 8 bits per block first (the GEMM multiplies them exactly).
+        assert!(wg < 1e-4, "{name}: {wg:.2e}");
+        if name.starts_with("forward") {
+            assert!(ws > 100.0 * wg && ws < 1.0, "{name}: ggml {ws:.2e}");
+        } else {
+            assert!(ws < 1e-4, "{name}: ggml {ws:.2e}");
+        }
     }
 }
 

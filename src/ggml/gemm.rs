@@ -38,7 +38,22 @@ enum Product {
     /// input gradient `Wᵀ·dy`): `a` dequantized in bands of rows into F32
     /// scratch, so the backward needs no transposed copy of W.
     DequantOuter,
+    /// MUL_MAT with such an `a` over enough tokens, for the types whose
+    /// ggml kernels are slow (see [`DEQUANT_FORWARD`]): bands of W's rows
+    /// dequantized, then the GEMM.
+    DequantInner,
 }
+
+/// Weight types whose forward MUL_MAT runs faster dequantized into the GEMM
+/// than in ggml's own kernel on AVX2 (ggml quantizes the activations and
+/// runs integer dot products; its K-quant kernels are fast, these are not).
+const DEQUANT_FORWARD: [sys::ggml_type; 5] = [
+    sys::GGML_TYPE_Q4_0,
+    sys::GGML_TYPE_Q4_1,
+    sys::GGML_TYPE_Q5_0,
+    sys::GGML_TYPE_Q5_1,
+    sys::GGML_TYPE_Q8_0,
+];
 
 /// Below this many result columns (tokens) a MUL_MAT stays ggml's: its
 /// matrix-vector kernels read the weight once, where the GEMM would pack it.
@@ -82,6 +97,11 @@ unsafe fn product(node: *const sys::ggml_tensor) -> Option<Product> {
             sys::GGML_OP_OUT_PROD if f32s => Some(Product::Outer),
             sys::GGML_OP_OUT_PROD if plain_quantized => Some(Product::DequantOuter),
             sys::GGML_OP_MUL_MAT if f32s && (*node).ne[1] >= MIN_COLUMNS => Some(Product::Inner),
+            sys::GGML_OP_MUL_MAT
+                if plain_quantized && (*node).ne[1] >= MIN_COLUMNS && DEQUANT_FORWARD.contains(&(*a).type_) =>
+            {
+                Some(Product::DequantInner)
+            }
             _ => None,
         }
     }
@@ -128,6 +148,9 @@ unsafe extern "C" fn run(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_int, use
         let kind = userdata as usize;
         if kind == Product::DequantOuter as usize {
             return dequant_outer(a, b, d, ith as usize, nth as usize);
+        }
+        if kind == Product::DequantInner as usize {
+            return dequant_inner(a, b, d, ith as usize, nth as usize);
         }
         // Strides of A (i0 × k) and B (k × i1) in C = A · B, and the sum's length.
         let (k, a_i0, a_k, b_k, b_i1) = if kind == Product::Outer as usize {
@@ -236,6 +259,51 @@ unsafe fn dequant_outer(a: &sys::ggml_tensor, b: &sys::ggml_tensor, d: &sys::ggm
                 (b.nb[0] / 4) as isize,
                 if k0 == 0 { 0.0 } else { 1.0 },
                 (d.data as *mut u8).add(r0 * 4) as *mut f32,
+                1,
+                (d.nb[1] / 4) as isize,
+            );
+        }
+    }
+}
+
+/// [`Product::DequantInner`]: `dst[i0,i1] = Σ_k a[k,i0] · b[k,i1]` with a
+/// quantized 2-D `a` (row i0 of the weight holds `a[:,i0]`). Each thread
+/// takes a share of the weight's rows (the result's rows) and runs them in
+/// bands of [`DEQUANT_ROWS`].
+///
+/// # Safety
+/// As for [`run`]: allocated tensors of a node made by [`rewrite`].
+unsafe fn dequant_inner(a: &sys::ggml_tensor, b: &sys::ggml_tensor, d: &sys::ggml_tensor, ith: usize, nth: usize) {
+    // SAFETY: the type was checked to have a to_float in `product`; every
+    // row read is a whole row of `a`, every write one of this thread's rows
+    // of `dst`.
+    unsafe {
+        let to_float = (*sys::ggml_get_type_traits(a.type_))
+            .to_float
+            .expect("checked in product");
+        let (k, rows, n) = (a.ne[0] as usize, a.ne[1] as usize, d.ne[1] as usize);
+        let (r0, r1) = (rows * ith / nth, rows * (ith + 1) / nth);
+        let mut scratch = vec![0f32; k * DEQUANT_ROWS.min(r1 - r0)];
+        for q0 in (r0..r1).step_by(DEQUANT_ROWS) {
+            let qn = DEQUANT_ROWS.min(r1 - q0);
+            for q in 0..qn {
+                let row = (a.data as *const u8).add((q0 + q) * a.nb[1]);
+                to_float(row as *const c_void, scratch.as_mut_ptr().add(q * k), k as i64);
+            }
+            // C (rows q0.. × all i1) = A (rows × k, row-major) · B (k × i1).
+            matrixmultiply::sgemm(
+                qn,
+                k,
+                n,
+                1.0,
+                scratch.as_ptr(),
+                k as isize,
+                1,
+                b.data as *const f32,
+                (b.nb[0] / 4) as isize,
+                (b.nb[1] / 4) as isize,
+                0.0,
+                (d.data as *mut u8).add(q0 * 4) as *mut f32,
                 1,
                 (d.nb[1] / 4) as isize,
             );
