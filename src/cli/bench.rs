@@ -57,10 +57,10 @@ pub struct BenchArgs {
     /// How the frozen base is held: native (file types) or f32.
     #[arg(long, default_value = "native", value_parser = ["native", "f32"])]
     base_compute: String,
-    /// Input gradients through frozen weights: `transposed` (matmul with a
-    /// transposed F16 copy), `transposed-q8` (Q8_0 copy), `transposed-q4`
-    /// (Q4_0 copy) or ggml's `stock`
-    /// OUT_PROD.
+    /// Input gradients through frozen weights: `transposed` (on the CPU the
+    /// GEMM reads Wᵀ from the weights, F16 copies only for repacked ones;
+    /// F16 copies on a GPU), `transposed-q8` (Q8_0 copies), `transposed-q4`
+    /// (Q4_0 copies) or ggml's `stock` backward.
     #[arg(long, default_value = "transposed", value_parser = ["transposed", "transposed-q8", "transposed-q4", "stock"])]
     backward: String,
     /// Gradient checkpointing per block in the training step.

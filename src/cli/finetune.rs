@@ -162,17 +162,19 @@ pub struct FinetuneArgs {
     #[arg(long)]
     resume: Option<PathBuf>,
     /// How the frozen base is held while training: `native` (the file's
-    /// quant types), `f32` (dequantized once: exact values, faster on CPU,
-    /// 4 bytes per weight), `auto` (on the CPU f32 when that takes at most
-    /// 4 GiB; native on a GPU).
+    /// quant types), `f32` (dequantized once: exact values, 4 bytes per
+    /// weight, a faster forward on CPU), `auto` (on the CPU f32 when that
+    /// takes at most 4 GiB; native on a GPU).
     #[arg(long, default_value = "auto", value_parser = ["auto", "native", "f32"])]
     base_compute: String,
-    /// Input gradients through the frozen weights: `transposed` (matmul with
-    /// a transposed F16 copy of each weight, made once at load, 2 bytes per
-    /// weight), `transposed-q8` (Q8_0 copies: half the memory, noisier
-    /// gradients), `transposed-q4` (Q4_0 copies: a quarter, gradients as
-    /// noisy as a 4-bit base) or ggml's `stock` OUT_PROD (no extra memory,
-    /// several times slower on CPU).
+    /// Input gradients through the frozen weights: `transposed` (on the CPU
+    /// the GEMM reads Wᵀ from the weights themselves, dequantizing them in
+    /// bands; weights in the CPU's repacked layout, and every weight on a
+    /// GPU, get a transposed F16 copy made once at load, 2 bytes per
+    /// weight), `transposed-q8` (Q8_0 copies of every weight: half the
+    /// memory, noisier gradients), `transposed-q4` (Q4_0 copies: a quarter,
+    /// gradients as noisy as a 4-bit base) or ggml's `stock` backward and
+    /// kernels (no extra memory, several times slower on CPU).
     #[arg(long, default_value = "transposed", value_parser = ["transposed", "transposed-q8", "transposed-q4", "stock"])]
     backward: String,
     #[command(flatten)]
