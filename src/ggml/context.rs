@@ -653,10 +653,10 @@ impl<'a> Graph<'a> {
         n
     }
 
-    /// Runs every remaining F32 OUT_PROD, and the F32 MUL_MATs over 32 or
-    /// more tokens, as strided GEMMs in a custom op (see `gemm.rs`): the
-    /// same products through a packed, register-blocked kernel instead of
-    /// ggml's row-by-row ones. CPU backends only (a custom op
+    /// Runs the products ggml's CPU kernels are slow at — every remaining
+    /// F32 OUT_PROD, F32 MUL_MATs over 32 or more tokens, and products with
+    /// a plain-layout quantized weight (dequantized in bands) — as strided
+    /// GEMMs in a custom op (see `gemm.rs`). CPU backends only (a custom op
     /// runs on the CPU); call after the backward pass is built and
     /// rewritten, before allocating. Returns the number of nodes rewritten.
     pub fn gemm_products(&mut self) -> usize {

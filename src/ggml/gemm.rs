@@ -1,6 +1,8 @@
-//! The CPU's F32 products of a training step — ggml's OUT_PROD, and its
-//! MUL_MAT over enough tokens — run instead as a strided GEMM
-//! (matrixmultiply's packed, register-blocked kernels) in a ggml custom op.
+//! A training step's products on the CPU, run as a strided GEMM
+//! (matrixmultiply's packed, register-blocked kernels) in a ggml custom op
+//! wherever ggml's own kernels are slow: F32 OUT_PRODs, F32 MUL_MATs over
+//! enough tokens, and products with a frozen quantized weight, which is
+//! dequantized in bands of rows into F32 scratch.
 //!
 //! ggml's CPU OUT_PROD is a loop of axpys over the result's rows: every
 //! multiply-add loads and stores the result, and when the result's rows are
@@ -9,8 +11,8 @@
 //! ~100 for the forward's matmuls. The backward's attention products, LoRA
 //! gradients and LoRA input gradients are all OUT_PRODs, a quarter of a step.
 //! A GEMM reads both inputs through their strides, so transposed views (as
-//! ggml's backward feeds them) need no copies either, and an F32 weight's
-//! input gradient `Wᵀ·dy` needs no transposed copy of W.
+//! ggml's backward feeds them) need no copies either, and a weight's input
+//! gradient `Wᵀ·dy` needs no transposed copy of W.
 
 use llama_cpp_sys_2 as sys;
 use std::ffi::{c_int, c_void};
@@ -59,8 +61,10 @@ const DEQUANT_FORWARD: [sys::ggml_type; 5] = [
 /// matrix-vector kernels read the weight once, where the GEMM would pack it.
 const MIN_COLUMNS: i64 = 32;
 
-/// Which product the GEMM computes for `node`: every F32 OUT_PROD, and F32
-/// MUL_MATs over enough tokens. Measured on SmolLM2's training step (2
+/// Which product the GEMM computes for `node`: every F32 OUT_PROD, F32
+/// MUL_MATs over enough tokens, OUT_PRODs of a plain-layout quantized (or
+/// F16, BF16) 2-D weight, and MUL_MATs of one of [`DEQUANT_FORWARD`]'s types
+/// over enough tokens. Measured on SmolLM2's training step (2
 /// threads): ggml's F32 MUL_MAT runs 3–30 GFLOP/s where sums are short (a
 /// LoRA B product sums r = 8 terms, attention scores a head's 64) or inputs
 /// strided, and its llamafile sgemm ~75 GFLOP/s on the weight products,
@@ -107,8 +111,8 @@ unsafe fn product(node: *const sys::ggml_tensor) -> Option<Product> {
     }
 }
 
-/// Turns `node`, if it is an F32 OUT_PROD or a MUL_MAT the GEMM runs faster
-/// (see [`product`]), into a custom op that computes the same product with
+/// Turns `node`, if it is a product the GEMM runs faster (see
+/// [`product`]), into a custom op that computes the same product with
 /// [`run`]; sources, shape and type stay. Returns whether it did.
 ///
 /// # Safety

@@ -63,8 +63,9 @@ pub struct Model {
     /// Let [`Model::prepare_transposed`] and [`Model::repack_weights`] use
     /// the CPU's repacking buffer (default on).
     pub repack: bool,
-    /// On the CPU, run the F32 OUT_PRODs and F32 MUL_MATs of training
-    /// graphs (and of forward graphs over unquantized weights) as strided
+    /// On the CPU, run the F32 products of training graphs and their
+    /// products with quantized weights (dequantized in bands), and the F32
+    /// products of forward graphs over unquantized weights, as strided
     /// GEMMs (default on; off leaves ggml's kernels, e.g. to compare).
     pub gemm_products: bool,
     /// Matrices [`Model::repack_weights`] moved into the repacking buffer.
@@ -463,8 +464,9 @@ impl Model {
     }
 
     /// On the CPU (unless [`Model::gemm_products`] is off), runs the graph's
-    /// F32 products as GEMMs. Every graph of a training step gets the same
-    /// kernels, so recomputed blocks repeat the forward pass exactly.
+    /// slow products as GEMMs (`Graph::gemm_products`). Every graph of a
+    /// training step gets the same kernels, so recomputed blocks repeat the
+    /// forward pass exactly.
     pub(crate) fn gemm_products_in(&self, g: &mut Graph<'_>) {
         if self.gemm_products && self.backend.is_cpu() {
             g.gemm_products();

@@ -118,8 +118,8 @@ pub(crate) fn one_hot(targets: &[i32], n_vocab: usize) -> Vec<f32> {
 }
 
 /// Adds the backward pass and routes input gradients through the model's
-/// transposed weight copies, where it has them; on the CPU the F32
-/// products run as GEMMs.
+/// transposed weight copies, where it has them; on the CPU the products
+/// ggml is slow at run as GEMMs.
 pub(crate) fn build_backward<'a>(model: &'a Model, ctx: &'a Context, g: &mut crate::ggml::Graph<'a>) {
     g.build_backward(ctx);
     g.replace_weight_out_prods(|w| model.transposed_of(w));
