@@ -221,3 +221,41 @@ fn forward_over_a_quantized_base_keeps_ggml_kernels() {
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// `bench --json` on a quantized and an F32 base: sane figures; over
+/// quantized weights it also times the forward with the training step's
+/// kernels and takes the train / forward ratio against that one.
+#[test]
+fn bench_reports_the_forward_with_training_kernels() {
+    let dir = tmpdir("gemm-bench");
+    for (ty, quantized) in [(GgmlType::Q8_0, true), (GgmlType::F32, false)] {
+        let path = synth(&dir, "llama", ty);
+        let t = threads().to_string();
+        let args = [
+            "bench",
+            "--model",
+            path.to_str().unwrap(),
+            "--tokens",
+            "48",
+            "--steps",
+            "1",
+            "--json",
+            "-t",
+            &t,
+        ];
+        let (ok, out, err) = run_cli(&args);
+        assert!(ok, "{err}");
+        let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let num = |k: &str| j[k].as_f64().unwrap_or_else(|| panic!("{k} in {out}"));
+        for k in ["forward_tokens_per_s", "train_tokens_per_s", "train_over_forward"] {
+            assert!(num(k).is_finite() && num(k) > 0.0, "{k}: {out}");
+        }
+        let fwd = j["forward_training_kernels_tokens_per_s"].as_f64();
+        assert_eq!(fwd.is_some(), quantized, "{out}");
+        let ratio_to = fwd.unwrap_or(num("forward_tokens_per_s"));
+        let want = ratio_to / num("train_tokens_per_s");
+        assert!((num("train_over_forward") - want).abs() <= 1e-6 * want, "{out}");
+        println!("{ty}: {out}");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -463,6 +463,12 @@ impl Model {
         Ok(x.read_f32())
     }
 
+    /// Whether any weight is held quantized (then forward graphs keep
+    /// ggml's kernels, see [`Model::logits`]'s graph).
+    pub(crate) fn has_quantized_weights(&self) -> bool {
+        self.weights.tensors().iter().any(|t| t.ty().is_quantized())
+    }
+
     /// On the CPU (unless [`Model::gemm_products`] is off), runs the graph's
     /// slow products as GEMMs (`Graph::gemm_products`). Every graph of a
     /// training step gets the same kernels, so recomputed blocks repeat the
@@ -502,8 +508,7 @@ impl Model {
         // summation order flips enough of those roundings to move logits by
         // up to 3 % from llama.cpp's, which ggml's own kernels reproduce
         // exactly. (F32 weights: 6e-5, float rounding.)
-        let quantized = self.weights.tensors().iter().any(|t| t.ty().is_quantized());
-        if !quantized {
+        if !self.has_quantized_weights() {
             self.gemm_products_in(&mut g);
         }
         sched.alloc(&g)?;
