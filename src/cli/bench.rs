@@ -70,8 +70,10 @@ pub struct BenchArgs {
     /// (to measure what repacking gains).
     #[arg(long)]
     no_repack: bool,
-    /// Keep ggml's own kernels for the training graph's F32 products (F32
-    /// weights, attention, LoRA, their backward) instead of the strided GEMM.
+    /// Keep ggml's own kernels (and transposed copies) for the training
+    /// graph's products instead of the strided GEMM: F32 products (F32
+    /// weights, attention, LoRA, their backward) and the products with
+    /// quantized weights.
     #[arg(long)]
     no_gemm: bool,
     /// Print a JSON object instead of text.

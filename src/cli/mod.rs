@@ -400,9 +400,10 @@ fn eval_classes(
 }
 
 /// Makes the transposed weight copies `--backward` asks for; returns their
-/// bytes (0 for ggml's stock backward). Except with the stock backward (which
-/// reads the weights with OUT_PROD), matrices of types this CPU repacks then
-/// move into its repacking buffer.
+/// bytes (0 for ggml's stock backward). Except with the stock backward,
+/// matrices of types this CPU repacks then move into its repacking buffer;
+/// the stock backward is ggml's throughout (its OUT_PROD reads the weights
+/// in their plain layout, and ggml's kernels replace the GEMM).
 pub(crate) fn prepare_backward(model: &mut Model, backward: &str) -> Result<usize> {
     use crate::ggml::GgmlType;
     let bytes = match backward {
@@ -411,9 +412,8 @@ pub(crate) fn prepare_backward(model: &mut Model, backward: &str) -> Result<usiz
         "transposed-q4" => model.prepare_transposed(Some(GgmlType::Q4_0))?,
         _ => 0,
     };
-    // After the copies, which read the mapped originals that repacking
-    // then gives back.
-    // "stock" is ggml's own backward throughout: its OUT_PROD kernel too.
+    // Repacking after the copies, which read the mapped originals that
+    // repacking then gives back.
     if backward != "stock" {
         model.repack_weights();
     } else {

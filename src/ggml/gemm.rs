@@ -76,26 +76,23 @@ unsafe fn product(node: *const sys::ggml_tensor) -> Option<Product> {
     // SAFETY: the caller guarantees node and its non-null sources are valid.
     unsafe {
         let (a, b) = ((*node).src[0], (*node).src[1]);
-        let f32s = !a.is_null()
+        // F32 input b and result with contiguous rows, whatever a is.
+        let f32_out = !a.is_null()
             && !b.is_null()
             && (*node).type_ == sys::GGML_TYPE_F32
-            && (*a).type_ == sys::GGML_TYPE_F32
             && (*b).type_ == sys::GGML_TYPE_F32
             && (*node).nb[0] == 4;
-        // A quantized (or F16, BF16) weight the CPU reads in its plain
+        let f32s = f32_out && (*a).type_ == sys::GGML_TYPE_F32;
+        // A quantized (or F16, BF16) 2-D weight the CPU reads in its plain
         // layout (not moved to the repacking buffer, whose tensors carry
         // `extra`).
-        let plain_quantized = !a.is_null()
-            && !b.is_null()
-            && (*node).type_ == sys::GGML_TYPE_F32
-            && (*b).type_ == sys::GGML_TYPE_F32
-            && (*node).nb[0] == 4
+        let plain_quantized = f32_out
+            && (*a).type_ != sys::GGML_TYPE_F32
             && (*a).extra.is_null()
             && (*a).ne[2] == 1
             && (*a).ne[3] == 1
             && (*node).ne[2] == 1
             && (*node).ne[3] == 1
-            && (*a).type_ != sys::GGML_TYPE_F32
             && (*(sys::ggml_get_type_traits((*a).type_))).to_float.is_some();
         match (*node).op {
             sys::GGML_OP_OUT_PROD if f32s => Some(Product::Outer),
@@ -242,31 +239,32 @@ unsafe fn dequant_outer(a: &sys::ggml_tensor, b: &sys::ggml_tensor, d: &sys::ggm
         if m == 0 {
             return;
         }
-        let mut scratch = vec![0f32; m * DEQUANT_ROWS.min(k)];
-        for k0 in (0..k).step_by(DEQUANT_ROWS) {
-            let kn = DEQUANT_ROWS.min(k - k0);
-            for kk in 0..kn {
-                let row = (a.data as *const u8).add((k0 + kk) * a.nb[1] + b0 * blck_bytes);
-                to_float(row as *const c_void, scratch.as_mut_ptr().add(kk * m), m as i64);
+        with_scratch(m * DEQUANT_ROWS.min(k), |scratch| {
+            for k0 in (0..k).step_by(DEQUANT_ROWS) {
+                let kn = DEQUANT_ROWS.min(k - k0);
+                for kk in 0..kn {
+                    let row = (a.data as *const u8).add((k0 + kk) * a.nb[1] + b0 * blck_bytes);
+                    to_float(row as *const c_void, scratch.as_mut_ptr().add(kk * m), m as i64);
+                }
+                // C (rows i0 of this thread × all i1) += A (i0 × kk) · B (kk × i1).
+                matrixmultiply::sgemm(
+                    m,
+                    kn,
+                    n,
+                    1.0,
+                    scratch.as_ptr(),
+                    1,
+                    m as isize,
+                    (b.data as *const u8).add(k0 * b.nb[1]) as *const f32,
+                    (b.nb[1] / 4) as isize,
+                    (b.nb[0] / 4) as isize,
+                    if k0 == 0 { 0.0 } else { 1.0 },
+                    (d.data as *mut u8).add(r0 * 4) as *mut f32,
+                    1,
+                    (d.nb[1] / 4) as isize,
+                );
             }
-            // C (rows i0 of this thread × all i1) += A (i0 × kk) · B (kk × i1).
-            matrixmultiply::sgemm(
-                m,
-                kn,
-                n,
-                1.0,
-                scratch.as_ptr(),
-                1,
-                m as isize,
-                (b.data as *const u8).add(k0 * b.nb[1]) as *const f32,
-                (b.nb[1] / 4) as isize,
-                (b.nb[0] / 4) as isize,
-                if k0 == 0 { 0.0 } else { 1.0 },
-                (d.data as *mut u8).add(r0 * 4) as *mut f32,
-                1,
-                (d.nb[1] / 4) as isize,
-            );
-        }
+        });
     }
 }
 
@@ -287,30 +285,49 @@ unsafe fn dequant_inner(a: &sys::ggml_tensor, b: &sys::ggml_tensor, d: &sys::ggm
             .expect("checked in product");
         let (k, rows, n) = (a.ne[0] as usize, a.ne[1] as usize, d.ne[1] as usize);
         let (r0, r1) = (rows * ith / nth, rows * (ith + 1) / nth);
-        let mut scratch = vec![0f32; k * DEQUANT_ROWS.min(r1 - r0)];
-        for q0 in (r0..r1).step_by(DEQUANT_ROWS) {
-            let qn = DEQUANT_ROWS.min(r1 - q0);
-            for q in 0..qn {
-                let row = (a.data as *const u8).add((q0 + q) * a.nb[1]);
-                to_float(row as *const c_void, scratch.as_mut_ptr().add(q * k), k as i64);
+        with_scratch(k * DEQUANT_ROWS.min(r1 - r0), |scratch| {
+            for q0 in (r0..r1).step_by(DEQUANT_ROWS) {
+                let qn = DEQUANT_ROWS.min(r1 - q0);
+                for q in 0..qn {
+                    let row = (a.data as *const u8).add((q0 + q) * a.nb[1]);
+                    to_float(row as *const c_void, scratch.as_mut_ptr().add(q * k), k as i64);
+                }
+                // C (rows q0.. × all i1) = A (rows × k, row-major) · B (k × i1).
+                matrixmultiply::sgemm(
+                    qn,
+                    k,
+                    n,
+                    1.0,
+                    scratch.as_ptr(),
+                    k as isize,
+                    1,
+                    b.data as *const f32,
+                    (b.nb[0] / 4) as isize,
+                    (b.nb[1] / 4) as isize,
+                    0.0,
+                    (d.data as *mut u8).add(q0 * 4) as *mut f32,
+                    1,
+                    (d.nb[1] / 4) as isize,
+                );
             }
-            // C (rows q0.. × all i1) = A (rows × k, row-major) · B (k × i1).
-            matrixmultiply::sgemm(
-                qn,
-                k,
-                n,
-                1.0,
-                scratch.as_ptr(),
-                k as isize,
-                1,
-                b.data as *const f32,
-                (b.nb[0] / 4) as isize,
-                (b.nb[1] / 4) as isize,
-                0.0,
-                (d.data as *mut u8).add(q0 * 4) as *mut f32,
-                1,
-                (d.nb[1] / 4) as isize,
-            );
-        }
+        });
     }
+}
+
+thread_local! {
+    /// Each thread's dequantization buffer, kept between products so that
+    /// a training step does not allocate (and zero) one per product; ggml's
+    /// worker threads live as long as their backend.
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on this thread's scratch buffer of at least `len` floats.
+fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    SCRATCH.with(|s| {
+        let mut v = s.borrow_mut();
+        if v.len() < len {
+            v.resize(len, 0.0);
+        }
+        f(&mut v[..len])
+    })
 }
