@@ -259,3 +259,40 @@ fn bench_reports_the_forward_with_training_kernels() {
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// `bench --matmul-types` times the three input-gradient paths of one
+/// frozen weight per type (stock OUT_PROD, transposed F16 copy, GEMM over
+/// dequantized bands): one row per type, every time a number.
+#[test]
+fn bench_matmul_types_times_every_backward() {
+    let t = threads().to_string();
+    let args = [
+        "bench",
+        "--matmul-types",
+        "q4_1,q6_K,f16,f32",
+        "--matmul-n",
+        "256",
+        "--tokens",
+        "64",
+        "--steps",
+        "1",
+        "-t",
+        &t,
+    ];
+    let (ok, out, err) = run_cli(&args);
+    assert!(ok, "{err}");
+    for ty in ["q4_1", "q6_K", "f16", "f32"] {
+        let row: Vec<&str> = out
+            .lines()
+            .map(str::split_whitespace)
+            .map(Iterator::collect::<Vec<_>>)
+            .find(|r| r.first() == Some(&ty))
+            .unwrap_or_else(|| panic!("no {ty} row in {out}"));
+        // type, forward, fwd GEMM, stock, transposed, GEMM, speed-up.
+        assert_eq!(row.len(), 7, "{out}");
+        for v in &row[1..6] {
+            let x: f64 = v.parse().unwrap_or_else(|_| panic!("{v} in {out}"));
+            assert!(x.is_finite() && x >= 0.0, "{out}");
+        }
+    }
+}

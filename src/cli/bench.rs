@@ -23,8 +23,10 @@ pub struct BenchArgs {
     #[arg(short, long, required_unless_present = "matmul_types")]
     model: Option<PathBuf>,
     /// Instead of a model: time one frozen [N, N] weight matmul per type
-    /// (comma-separated, e.g. q4_0,q4_1,q4_K,q6_K,q8_0,f16,f32): forward,
-    /// ggml's stock input gradient and the transposed one.
+    /// (comma-separated, e.g. q4_0,q4_1,q4_K,q6_K,q8_0,f16,f32): forward
+    /// (ggml's and as a training step runs it), and the input gradient three
+    /// ways: ggml's stock OUT_PROD, over a transposed F16 copy, and the GEMM
+    /// over W dequantized in bands (speed-up: stock over the faster of the two).
     #[arg(long)]
     matmul_types: Option<String>,
     /// N for --matmul-types.
@@ -117,25 +119,25 @@ fn run_matmul(a: &BenchArgs, types: &str, threads: usize) -> Result<()> {
         r = a.steps
     );
     println!(
-        "{:>8} {:>10} {:>16} {:>16} {:>9}",
-        "type", "forward", "stock backward", "transposed bwd", "speed-up"
+        "{:>8} {:>8} {:>9} {:>15} {:>15} {:>9} {:>9}",
+        "type", "forward", "fwd GEMM", "stock backward", "transposed bwd", "GEMM bwd", "speed-up"
     );
     for name in types.split(',').map(str::trim) {
         let ty = GgmlType::from_name(name).ok_or_else(|| Error::Msg(format!("unknown ggml type '{name}'")))?;
         let m = super::bench_matmul::measure(ty, a.matmul_n, a.tokens, threads, a.steps)?;
+        let best = m.backward_transposed.min(m.backward_gemm).max(1e-9);
         let (stock, gain) = match m.backward_stock {
-            Some(s) => (
-                format!("{:.2}", s * 1e3),
-                format!("{:.1}×", s / m.backward_transposed.max(1e-9)),
-            ),
+            Some(s) => (format!("{:.2}", s * 1e3), format!("{:.1}×", s / best)),
             None => ("unsupported".into(), "-".into()),
         };
         println!(
-            "{:>8} {:>10.2} {:>16} {:>16.2} {:>9}",
+            "{:>8} {:>8.2} {:>9.2} {:>15} {:>15.2} {:>9.2} {:>9}",
             ty.name(),
             m.forward * 1e3,
+            m.forward_gemm * 1e3,
             stock,
             m.backward_transposed * 1e3,
+            m.backward_gemm * 1e3,
             gain
         );
     }

@@ -1,6 +1,7 @@
 //! `gguf-peft bench --matmul-types …`: the frozen-weight matmul alone, per
-//! quant type — forward, ggml's stock input gradient (OUT_PROD) and ours
-//! (matmul over a transposed F16 copy).
+//! quant type — forward, ggml's stock input gradient (OUT_PROD), the
+//! matmul over a transposed F16 copy (GPUs, repacked CPU weights) and the
+//! CPU's GEMM over W dequantized in bands (the CPU's default).
 
 use crate::ggml::{Backend, Context, GgmlType, Sched};
 use crate::rng::Rng;
@@ -9,9 +10,26 @@ use std::time::Instant;
 
 /// Times of one weight type (median seconds); `None` where ggml cannot run it.
 pub struct MatmulTimes {
+    /// ggml's forward kernel.
     pub forward: f64,
+    /// The forward as a CPU training step runs it (the GEMM for the types
+    /// it dequantizes, else ggml's kernel).
+    pub forward_gemm: f64,
     pub backward_stock: Option<f64>,
     pub backward_transposed: f64,
+    /// The input gradient on the GEMM over W dequantized in bands.
+    pub backward_gemm: f64,
+}
+
+/// Which graph is timed.
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    /// ggml's kernels (OUT_PROD for the input gradient).
+    Stock,
+    /// The input gradient over the transposed F16 copy.
+    Transposed,
+    /// Products rewritten for the CPU's GEMM.
+    Gemm,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -47,7 +65,7 @@ pub fn measure(ty: GgmlType, n: usize, tokens: usize, threads: usize, reps: usiz
     let xs: Vec<f32> = (0..n * tokens).map(|_| rng.normal()).collect();
     store.get("x").unwrap().write_f32(&xs);
     let mut sched = Sched::new(std::slice::from_ref(&backend), 64);
-    let run = |sched: &mut Sched, backward: bool, transposed: bool| -> Result<f64> {
+    let run = |sched: &mut Sched, backward: bool, mode: Mode| -> Result<f64> {
         let ctx = Context::new(64, 64, backward);
         let (w, x) = (store.get("w").unwrap(), store.get("x").unwrap().set_param());
         let loss = ctx.sum(ctx.mul_mat(w, x)).set_loss().set_output();
@@ -55,9 +73,12 @@ pub fn measure(ty: GgmlType, n: usize, tokens: usize, threads: usize, reps: usiz
         g.build_forward(loss);
         if backward {
             g.build_backward(&ctx);
-            if transposed {
+            if mode == Mode::Transposed {
                 g.replace_weight_out_prods(|t| t.same(w).then(|| store.get("w.T").unwrap()));
             }
+        }
+        if mode == Mode::Gemm {
+            g.gemm_products();
         }
         sched.alloc(&g)?;
         let mut times = Vec::new();
@@ -72,16 +93,20 @@ pub fn measure(ty: GgmlType, n: usize, tokens: usize, threads: usize, reps: usiz
         times.remove(0);
         Ok(median(times))
     };
-    let forward = run(&mut sched, false, false)?;
-    let stock = match run(&mut sched, true, false) {
+    let forward = run(&mut sched, false, Mode::Stock)?;
+    let forward_gemm = run(&mut sched, false, Mode::Gemm)?;
+    let stock = match run(&mut sched, true, Mode::Stock) {
         Ok(t) => Some((t - forward).max(0.0)),
         Err(Error::Compute(crate::ggml::ComputeError::Unsupported(_))) => None,
         Err(e) => return Err(e),
     };
-    let transposed = run(&mut sched, true, true)? - forward;
+    let transposed = run(&mut sched, true, Mode::Transposed)? - forward;
+    let gemm = run(&mut sched, true, Mode::Gemm)? - forward_gemm;
     Ok(MatmulTimes {
         forward,
+        forward_gemm,
         backward_stock: stock,
         backward_transposed: transposed.max(0.0),
+        backward_gemm: gemm.max(0.0),
     })
 }
