@@ -121,8 +121,9 @@ fn gemm_matches_a_loop_and_ggml() {
     const Q4_1: GgmlType = GgmlType::Q4_1;
     const Q4_K: GgmlType = GgmlType::Q4_K;
     const Q8_0: GgmlType = GgmlType::Q8_0;
+    const BF16: GgmlType = GgmlType::BF16;
     type Case = (&'static str, Vec<(GgmlType, [i64; 4])>, Build);
-    let cases: [Case; 9] = [
+    let cases: [Case; 11] = [
         (
             "attention scores",
             vec![(F32, [64, 3, 40, 1]), (F32, [64, 9, 40, 1])],
@@ -165,6 +166,16 @@ fn gemm_matches_a_loop_and_ggml() {
         (
             "forward, Q4_1 W",
             vec![(Q4_1, [96, 300, 1, 1]), (F32, [96, 40, 1, 1])],
+            plain,
+        ),
+        (
+            "forward, Q4_K W",
+            vec![(Q4_K, [512, 40, 1, 1]), (F32, [512, 36, 1, 1])],
+            plain,
+        ),
+        (
+            "forward, BF16 W",
+            vec![(BF16, [64, 40, 1, 1]), (F32, [64, 36, 1, 1])],
             plain,
         ),
     ];

@@ -60,16 +60,17 @@ pub struct BenchArgs {
     #[arg(long, default_value = "native", value_parser = ["native", "f32"])]
     base_compute: String,
     /// Input gradients through frozen weights: `transposed` (on the CPU the
-    /// GEMM reads Wᵀ from the weights, F16 copies only for repacked ones;
-    /// F16 copies on a GPU), `transposed-q8` (Q8_0 copies), `transposed-q4`
-    /// (Q4_0 copies) or ggml's `stock` backward.
+    /// GEMM reads Wᵀ from the weights, kept in their plain layout, no
+    /// copies; F16 copies on a GPU), `transposed-q8` (Q8_0 copies),
+    /// `transposed-q4` (Q4_0 copies) or ggml's `stock` backward.
     #[arg(long, default_value = "transposed", value_parser = ["transposed", "transposed-q8", "transposed-q4", "stock"])]
     backward: String,
     /// Gradient checkpointing per block in the training step.
     #[arg(long)]
     grad_checkpointing: bool,
     /// Keep weights and transposed copies out of the CPU's repacking buffer
-    /// (to measure what repacking gains).
+    /// (to measure what repacking gains; only `--no-gemm` and
+    /// `--backward transposed-q8/-q4` repack on the CPU).
     #[arg(long)]
     no_repack: bool,
     /// Keep ggml's own kernels (and transposed copies) for the training

@@ -169,8 +169,8 @@ pub struct FinetuneArgs {
     base_compute: String,
     /// Input gradients through the frozen weights: `transposed` (on the CPU
     /// the GEMM reads Wᵀ from the weights themselves, dequantizing them in
-    /// bands; weights in the CPU's repacked layout, and every weight on a
-    /// GPU, get a transposed F16 copy made once at load, 2 bytes per
+    /// bands, and the weights stay in their plain layout; on a GPU every
+    /// weight gets a transposed F16 copy made once at load, 2 bytes per
     /// weight), `transposed-q8` (Q8_0 copies of every weight: half the
     /// memory, noisier gradients), `transposed-q4` (Q4_0 copies: a quarter,
     /// gradients as noisy as a 4-bit base) or ggml's `stock` backward and

@@ -46,15 +46,22 @@ enum Product {
     DequantInner,
 }
 
-/// Weight types whose forward MUL_MAT runs faster dequantized into the GEMM
-/// than in ggml's own kernel on AVX2 (ggml quantizes the activations and
-/// runs integer dot products; its K-quant kernels are fast, these are not).
-const DEQUANT_FORWARD: [sys::ggml_type; 5] = [
+/// Weight types whose forward MUL_MAT runs on the GEMM, dequantized: ggml
+/// quantizes the activations to 8 bits and runs integer dot products, which
+/// for these types on AVX2 is slower (Q4_1: 2×, IQ4_NL 1.5×, BF16) or no
+/// faster (Q4_K, Q5_K) than dequantizing W exactly (`bench
+/// --matmul-types`, 256 tokens, 2 threads). Q6_K, F16 and Q2_K/Q3_K keep
+/// ggml's kernels, faster on those measurements.
+const DEQUANT_FORWARD: [sys::ggml_type; 9] = [
     sys::GGML_TYPE_Q4_0,
     sys::GGML_TYPE_Q4_1,
     sys::GGML_TYPE_Q5_0,
     sys::GGML_TYPE_Q5_1,
     sys::GGML_TYPE_Q8_0,
+    sys::GGML_TYPE_Q4_K,
+    sys::GGML_TYPE_Q5_K,
+    sys::GGML_TYPE_IQ4_NL,
+    sys::GGML_TYPE_BF16,
 ];
 
 /// Below this many result columns (tokens) a MUL_MAT stays ggml's: its
