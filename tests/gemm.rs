@@ -233,6 +233,30 @@ fn forward_over_a_quantized_base_keeps_ggml_kernels() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// `logits_as_trained` (a training run's eval loss) multiplies quantized
+/// weights exactly: over a Q4_1 / Q4_K base it gives the logits of the same
+/// file dequantized to F32 at load, up to float rounding, where `logits`
+/// (ggml's kernels, 8-bit activations, as llama.cpp) lands much further.
+#[test]
+fn logits_as_trained_match_the_dequantized_base() {
+    let dir = tmpdir("gemm-as-trained");
+    for ty in [GgmlType::Q4_1, GgmlType::Q4_K] {
+        let path = synth(&dir, "llama", ty);
+        let load = |layout| Model::load_with(&path, Backend::cpu(threads()), layout).unwrap();
+        let (native, exact) = (load(WeightLayout::Native), load(WeightLayout::F32));
+        let batch = Batch::single(&some_tokens(48, native.hparams.n_vocab, 6));
+        let want = exact.logits(&mut exact.sched(), &batch, &NoHooks).unwrap();
+        let trained = native.logits_as_trained(&mut native.sched(), &batch, &NoHooks).unwrap();
+        let kernels = native.logits(&mut native.sched(), &batch, &NoHooks).unwrap();
+        let (d, m) = compare(&trained, &want);
+        let (dk, _) = compare(&kernels, &want);
+        println!("{ty}: as trained vs dequantized {d:.2e} of {m:.2}; ggml's kernels {dk:.2e}");
+        assert!(d < 1e-4 * m, "{ty}: {d:.2e}");
+        assert!(dk > 20.0 * d, "{ty}: ggml's kernels {dk:.2e}, as trained {d:.2e}");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// `bench --json` on a quantized and an F32 base: sane figures; over
 /// quantized weights it also times the forward with the training step's
 /// kernels and takes the train / forward ratio against that one.

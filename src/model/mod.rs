@@ -422,7 +422,22 @@ impl Model {
     /// Runs the forward pass and returns the logits, one `n_vocab` row per
     /// output position of the batch.
     pub fn logits(&self, sched: &mut Sched, batch: &Batch, hooks: &dyn Hooks) -> Result<Vec<Vec<f32>>, ComputeError> {
-        self.run(sched, batch, hooks, None).map(|(l, _)| l)
+        self.run(sched, batch, hooks, None, false).map(|(l, _)| l)
+    }
+
+    /// Like [`Model::logits`] with the products a training step runs: on
+    /// the CPU the GEMM also over quantized weights (dequantized, exact F32
+    /// products) where [`Model::logits`] keeps ggml's kernels, which round
+    /// the activations to 8 bits as llama.cpp does. A training run's eval
+    /// loss, comparable with its training loss (and on SmolLM2 Q4_1 about
+    /// twice as fast).
+    pub fn logits_as_trained(
+        &self,
+        sched: &mut Sched,
+        batch: &Batch,
+        hooks: &dyn Hooks,
+    ) -> Result<Vec<Vec<f32>>, ComputeError> {
+        self.run(sched, batch, hooks, None, true).map(|(l, _)| l)
     }
 
     /// Like [`Model::logits`] for a batch that continues the sequence in
@@ -434,7 +449,7 @@ impl Model {
         hooks: &dyn Hooks,
         cache: &KvCache,
     ) -> Result<(Vec<Vec<f32>>, KvCache), ComputeError> {
-        self.run(sched, batch, hooks, Some(cache))
+        self.run(sched, batch, hooks, Some(cache), false)
             .map(|(l, c)| (l, c.expect("cache requested")))
     }
 
@@ -485,6 +500,7 @@ impl Model {
         batch: &Batch,
         hooks: &dyn Hooks,
         cache: Option<&KvCache>,
+        as_trained: bool,
     ) -> Result<(Vec<Vec<f32>>, Option<KvCache>), ComputeError> {
         let gs = graph_size(&self.hparams);
         let ctx = Context::new(gs * 2, gs, false);
@@ -508,7 +524,7 @@ impl Model {
         // summation order flips enough of those roundings to move logits by
         // up to 3 % from llama.cpp's, which ggml's own kernels reproduce
         // exactly. (F32 weights: 6e-5, float rounding.)
-        if !self.has_quantized_weights() {
+        if as_trained || !self.has_quantized_weights() {
             self.gemm_products_in(&mut g);
         }
         sched.alloc(&g)?;

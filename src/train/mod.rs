@@ -234,7 +234,8 @@ pub fn loss_and_grads_observed(
     Ok((l, n_out, grads))
 }
 
-/// Mean token NLL over the loss positions of `examples` (forward only).
+/// Mean token NLL over the loss positions of `examples` (forward only, with
+/// the training step's kernels: [`Model::logits_as_trained`]).
 pub fn eval_loss(model: &Model, method: &dyn Trainable, sched: &mut Sched, examples: &[Example]) -> Result<f32> {
     method.set_training(None);
     let (mut nll, mut n) = (0f64, 0usize);
@@ -244,7 +245,7 @@ pub fn eval_loss(model: &Model, method: &dyn Trainable, sched: &mut Sched, examp
         if targets.is_empty() {
             continue;
         }
-        let rows = model.logits(sched, &batch, method)?;
+        let rows = model.logits_as_trained(sched, &batch, method)?;
         check_targets(&targets, rows.first().map_or(0, |r| r.len()), method)?;
         for (row, &t) in rows.iter().zip(&targets) {
             nll -= crate::eval::log_prob(row, t as usize);
