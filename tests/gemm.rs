@@ -331,3 +331,38 @@ fn bench_matmul_types_times_every_backward() {
         }
     }
 }
+
+/// With the default backward the CPU trains on the weights as stored: no
+/// transposed copies and nothing moved to the repacking buffer, even for a
+/// type the CPU repacks (Q4_0 on AVX2); without the GEMM every matrix gets
+/// its F16 copy again.
+#[test]
+fn default_cpu_backward_keeps_no_copies() {
+    let dir = tmpdir("gemm-copies");
+    let path = synth(&dir, "llama", GgmlType::Q4_0);
+    let t = threads().to_string();
+    let bench = |extra: &[&str]| {
+        let mut args = vec![
+            "bench",
+            "--model",
+            path.to_str().unwrap(),
+            "--tokens",
+            "40",
+            "--steps",
+            "1",
+            "--json",
+            "-t",
+            &t,
+        ];
+        args.extend_from_slice(extra);
+        let (ok, out, err) = run_cli(&args);
+        assert!(ok, "{err}");
+        let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let n = |k: &str| j[k].as_u64().unwrap_or_else(|| panic!("{k} in {out}"));
+        (n("transposed_bytes"), n("weights_repacked"))
+    };
+    assert_eq!(bench(&[]), (0, 0));
+    let (bytes, _) = bench(&["--no-gemm"]);
+    assert!(bytes > 0, "--no-gemm: F16 copies expected");
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -279,7 +279,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             "forward_tokens_per_s": n / fm, "forward_s": {"median": fm, "min": fmin, "max": fmax},
             "train_tokens_per_s": n / tm, "train_step_s": {"median": tm, "min": tmin, "max": tmax},
             "train_over_forward": tm / ratio_fwd, "train_over_inference_forward": tm / fm,
-            "forward_training_kernels_tokens_per_s": (!fwd_trained.is_empty()).then(|| n / ratio_fwd), "grad_checkpointing": a.grad_checkpointing, "peak_rss_bytes": rss, "weights_bytes": weights,
+            "forward_training_kernels_tokens_per_s": (!fwd_trained.is_empty()).then(|| n / ratio_fwd), "grad_checkpointing": a.grad_checkpointing, "peak_rss_bytes": rss, "weights_bytes": weights, "transposed_bytes": t_bytes,
             "device": device, "transposed_repacked": model.transposed_repacked(), "weights_repacked": model.weights_repacked(), "train_nodes": n_nodes, "train_nodes_on_cpu_fallback": n_cpu,
         });
         println!("{}", serde_json::to_string_pretty(&j).expect("serialisable"));
