@@ -446,3 +446,41 @@ fn grad_checkpointing_run_matches_plain_run() {
     assert_eq!(plain, ckpt);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// The default (`auto`: the base in its Q4_1 / Q4_K types) trains on the
+/// same values as the base dequantized to F32 at load: the CPU's training
+/// products dequantize the weights exactly, so every step's loss, gradient
+/// norm and eval loss agree to float rounding — while ggml's stock kernels
+/// (8-bit activations) give a visibly different run.
+#[test]
+fn native_base_trains_like_the_dequantized_base() {
+    for ty in [GgmlType::Q4_1, GgmlType::Q4_K] {
+        let (dir, model, data, _) = tiny_run("ft-native-f32", "llama", ty);
+        let run = |name: &str, extra: &str| {
+            let out = dir.join(name);
+            let common = "--max-steps 4 -b 2 --lr 3e-3 --eval-fraction 0.25 --eval-every 2 ";
+            let (ok, err) = cli_owned(&finetune_args(&model, &data, &out, &(common.to_string() + extra)));
+            assert!(ok, "{err}");
+            losses(&read(&out.join("metrics.jsonl")).unwrap())
+        };
+        let (native, exact) = (run("auto", ""), run("f32", "--base-compute f32"));
+        let stock = run("stock", "--backward stock");
+        let worst = |a: &Curve, b: &Curve| {
+            assert_eq!(a.len(), b.len());
+            let d = |x: Option<f32>, y: Option<f32>| match (x, y) {
+                (Some(x), Some(y)) => ((x - y) / y.abs().max(1e-3)).abs(),
+                (None, None) => 0.0,
+                _ => f32::INFINITY,
+            };
+            a.iter()
+                .zip(b)
+                .map(|(x, y)| d(x.1, y.1).max(d(x.2, y.2)).max(d(x.3, y.3)))
+                .fold(0f32, f32::max)
+        };
+        let (dn, ds) = (worst(&native, &exact), worst(&stock, &exact));
+        println!("{ty}: native vs f32 base {dn:.2e}, ggml's stock kernels vs f32 base {ds:.2e}");
+        assert!(dn < 1e-4, "{ty}: {dn:.2e}");
+        assert!(ds > 10.0 * dn.max(1e-6), "{ty}: stock {ds:.2e}");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
