@@ -136,3 +136,29 @@ fn nested_arrays_are_refused_like_ggml() {
     assert!(!path.exists());
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Whole-tensor conversions run in chunks on rayon's threads: the bytes
+/// and values equal converting each row alone, for tensors spanning
+/// several chunks (and a last partial one), under 1 and 3 threads.
+#[test]
+fn chunked_conversions_equal_row_by_row() {
+    let mut rng = Rng::new(11);
+    let (rows, cols) = (301, 512);
+    let x: Vec<f32> = (0..rows * cols).map(|_| rng.normal()).collect();
+    for ty in ["q4_0", "q4_1", "q4_K", "q6_K", "q8_0", "iq4_nl", "f16", "bf16"] {
+        let ty = GgmlType::from_name(ty).unwrap();
+        let row_by_row: Vec<u8> = x.chunks(cols).flat_map(|r| ty.from_f32(r, cols)).collect();
+        let rb = ty.row_bytes(cols as u64).unwrap() as usize;
+        let back_rows: Vec<f32> = row_by_row.chunks(rb).flat_map(|r| ty.to_f32(r, cols)).collect();
+        for threads in [1, 3] {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            let (q, back) = pool.install(|| {
+                let q = ty.from_f32(&x, cols);
+                let back = ty.to_f32(&q, x.len());
+                (q, back)
+            });
+            assert!(q == row_by_row, "{ty}, {threads} threads: bytes differ");
+            assert!(back == back_rows, "{ty}, {threads} threads: values differ");
+        }
+    }
+}

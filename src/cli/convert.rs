@@ -71,9 +71,15 @@ pub struct ConvertArgs {
     /// Type of the 2-D weights (f32, f16, bf16, q8_0, q4_k, ...); 1-D tensors stay F32.
     #[arg(long = "type", default_value = "f16")]
     ty: String,
+    #[command(flatten)]
+    threads: super::ThreadsArgs,
 }
 
 pub fn convert(a: ConvertArgs) -> Result<()> {
+    a.threads.install(|| convert_on_pool(&a))?
+}
+
+fn convert_on_pool(a: &ConvertArgs) -> crate::Result<()> {
     let ty = crate::ggml::GgmlType::from_name(&a.ty)
         .ok_or_else(|| crate::Error::Msg(format!("--type: unknown ggml type '{}'", a.ty)))?;
     let rep = crate::convert::hf::convert(&a.dir, &a.out, ty)?;

@@ -25,9 +25,15 @@ pub struct MergeArgs {
     /// copied byte for byte.
     #[arg(long = "type", default_value = "keep")]
     ty: String,
+    #[command(flatten)]
+    threads: super::ThreadsArgs,
 }
 
 pub fn run(a: MergeArgs) -> Result<()> {
+    a.threads.install(|| merge_on_pool(&a))?
+}
+
+fn merge_on_pool(a: &MergeArgs) -> Result<()> {
     let ty = match a.ty.as_str() {
         "keep" => MergeType::Keep,
         t => {

@@ -97,6 +97,28 @@ impl ComputeArgs {
     }
 }
 
+/// `--threads` of the commands that run on the CPU without ggml's
+/// scheduler (merge, quantize, convert): their per-tensor conversions run
+/// on a rayon pool of this many threads.
+#[derive(Args, Debug)]
+pub struct ThreadsArgs {
+    /// CPU threads (default: number of physical cores).
+    #[arg(short = 't', long)]
+    threads: Option<usize>,
+}
+
+impl ThreadsArgs {
+    /// Runs `f` with rayon's parallel work on --threads threads.
+    pub fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> Result<R> {
+        let n = self.threads.unwrap_or_else(num_cpus::get_physical).max(1);
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build()
+            .map_err(|e| Error::Msg(format!("--threads {n}: cannot start the thread pool: {e}")))?;
+        Ok(pool.install(f))
+    }
+}
+
 #[derive(Args, Debug)]
 struct GenerateArgs {
     /// GGUF model file.

@@ -15,9 +15,15 @@ pub struct QuantizeArgs {
     /// q4_k, q6_k, iq4_nl, ...; types that need an importance matrix are refused).
     #[arg(long = "type")]
     ty: String,
+    #[command(flatten)]
+    threads: super::ThreadsArgs,
 }
 
 pub fn run(a: QuantizeArgs) -> Result<()> {
+    a.threads.install(|| quantize_on_pool(&a))?
+}
+
+fn quantize_on_pool(a: &QuantizeArgs) -> Result<()> {
     let ty = GgmlType::from_name(&a.ty).ok_or_else(|| Error::Msg(format!("--type: unknown ggml type '{}'", a.ty)))?;
     let rep = super::with_progress("quantize", |p| {
         crate::export::quantize::quantize(&a.input, &a.output, ty, p)

@@ -1,6 +1,7 @@
 //! ggml tensor types: sizes, names, quantize and dequantize.
 
 use llama_cpp_sys_2 as sys;
+use rayon::prelude::*;
 use std::ffi::CStr;
 
 /// A ggml tensor type (`enum ggml_type`), validated against this build of ggml.
@@ -135,9 +136,16 @@ impl GgmlType {
             return;
         }
         let f = self.traits().to_float.expect("type without to_float");
-        // SAFETY: `data` holds exactly out.len() elements of this type (asserted
-        // above) and `out` has room for them; to_float reads/writes only that.
-        unsafe { f(data.as_ptr() as *const _, out.as_mut_ptr(), out.len() as i64) }
+        // Chunks of whole blocks on rayon's threads (the commands' --threads).
+        let blck = self.block_size() as usize;
+        let per = CHUNK_ELEMENTS.div_ceil(blck) * blck;
+        let bytes = self.row_bytes(per as u64).expect("whole blocks") as usize;
+        out.par_chunks_mut(per).zip(data.par_chunks(bytes)).for_each(|(o, d)| {
+            // SAFETY: `d` holds exactly o.len() elements of this type (whole
+            // blocks: the sizes were asserted above, chunks split at block
+            // boundaries) and `o` has room for them.
+            unsafe { f(d.as_ptr() as *const _, o.as_mut_ptr(), o.len() as i64) }
+        });
     }
 
     /// Converts whole rows of f32 to this type (`src.len()` a multiple of
@@ -150,27 +158,36 @@ impl GgmlType {
         let nrows = src.len() / n_per_row;
         let row = self.row_bytes(n_per_row as u64).expect("whole blocks") as usize;
         let mut out = vec![0u8; row * nrows];
-        if nrows == 0 {
-            return out;
-        }
-        // SAFETY: `out` has room for nrows rows of this type; src holds nrows *
-        // n_per_row floats; no importance matrix is passed (types that need one
-        // are refused by can_quantize, and ggml asserts on them).
-        let written = unsafe {
-            sys::ggml_quantize_chunk(
-                self.0,
-                src.as_ptr(),
-                out.as_mut_ptr() as *mut _,
-                0,
-                nrows as i64,
-                n_per_row as i64,
-                std::ptr::null(),
-            )
-        };
-        assert_eq!(written, out.len());
+        // Chunks of whole rows on rayon's threads (the commands' --threads);
+        // rows quantize independently, so the bytes do not depend on them.
+        let rows_per = CHUNK_ELEMENTS.div_ceil(n_per_row);
+        out.par_chunks_mut(row * rows_per)
+            .zip(src.par_chunks(n_per_row * rows_per))
+            .for_each(|(o, x)| {
+                let n = (x.len() / n_per_row) as i64;
+                // SAFETY: `o` has room for the n rows of `x` in this type; no
+                // importance matrix is passed (types that need one are refused
+                // by can_quantize, and ggml asserts on them).
+                let written = unsafe {
+                    sys::ggml_quantize_chunk(
+                        self.0,
+                        x.as_ptr(),
+                        o.as_mut_ptr() as *mut _,
+                        0,
+                        n,
+                        n_per_row as i64,
+                        std::ptr::null(),
+                    )
+                };
+                assert_eq!(written, o.len());
+            });
         out
     }
 }
+
+/// Elements converted per task by [`GgmlType::to_f32_into`] and
+/// [`GgmlType::from_f32`] (whole blocks / rows of at least this many).
+const CHUNK_ELEMENTS: usize = 1 << 16;
 
 /// f32 values as little-endian bytes (the layout of F32 tensors).
 pub fn f32_bytes(v: &[f32]) -> Vec<u8> {
