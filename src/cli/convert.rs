@@ -76,10 +76,7 @@ pub struct ConvertArgs {
 }
 
 pub fn convert(a: ConvertArgs) -> Result<()> {
-    a.threads.install(|| convert_on_pool(&a))?
-}
-
-fn convert_on_pool(a: &ConvertArgs) -> crate::Result<()> {
+    a.threads.apply();
     let ty = crate::ggml::GgmlType::from_name(&a.ty)
         .ok_or_else(|| crate::Error::Msg(format!("--type: unknown ggml type '{}'", a.ty)))?;
     let rep = crate::convert::hf::convert(&a.dir, &a.out, ty)?;

@@ -30,10 +30,7 @@ pub struct MergeArgs {
 }
 
 pub fn run(a: MergeArgs) -> Result<()> {
-    a.threads.install(|| merge_on_pool(&a))?
-}
-
-fn merge_on_pool(a: &MergeArgs) -> Result<()> {
+    a.threads.apply();
     let ty = match a.ty.as_str() {
         "keep" => MergeType::Keep,
         t => {

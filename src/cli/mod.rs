@@ -108,15 +108,17 @@ pub struct ThreadsArgs {
 }
 
 impl ThreadsArgs {
-    /// Runs `f` with rayon's parallel work on --threads threads.
-    pub fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> Result<R> {
-        let n = self.threads.unwrap_or_else(num_cpus::get_physical).max(1);
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build()
-            .map_err(|e| Error::Msg(format!("--threads {n}: cannot start the thread pool: {e}")))?;
-        Ok(pool.install(f))
+    /// Sizes rayon's pool to --threads (default: physical cores).
+    pub fn apply(&self) {
+        set_rayon_threads(self.threads.unwrap_or_else(num_cpus::get_physical).max(1));
     }
+}
+
+/// Sizes rayon's global pool (tensor conversions, transposed copies) to a
+/// command's --threads. Once per process: a later call (the library used
+/// twice in one process) leaves the first size.
+fn set_rayon_threads(n: usize) {
+    let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
 }
 
 #[derive(Args, Debug)]
@@ -193,10 +195,23 @@ pub fn main() -> std::process::ExitCode {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Inspect(a) => inspect::run(a),
-        Command::Generate(a) => generate(a),
-        Command::Eval(a) => eval(a),
-        Command::Finetune(a) => finetune::run(*a),
-        Command::Bench(a) => bench::run(a),
+        // --threads for ggml's threads and rayon's (load-time conversions) alike.
+        Command::Generate(a) => {
+            set_rayon_threads(a.compute.threads());
+            generate(a)
+        }
+        Command::Eval(a) => {
+            set_rayon_threads(a.compute.threads());
+            eval(a)
+        }
+        Command::Finetune(a) => {
+            set_rayon_threads(a.threads());
+            finetune::run(*a)
+        }
+        Command::Bench(a) => {
+            set_rayon_threads(a.threads());
+            bench::run(a)
+        }
         Command::Merge(a) => merge::run(a),
         Command::Quantize(a) => quantize::run(a),
         Command::Export(a) => convert::export(a),

@@ -20,10 +20,7 @@ pub struct QuantizeArgs {
 }
 
 pub fn run(a: QuantizeArgs) -> Result<()> {
-    a.threads.install(|| quantize_on_pool(&a))?
-}
-
-fn quantize_on_pool(a: &QuantizeArgs) -> Result<()> {
+    a.threads.apply();
     let ty = GgmlType::from_name(&a.ty).ok_or_else(|| Error::Msg(format!("--type: unknown ggml type '{}'", a.ty)))?;
     let rep = super::with_progress("quantize", |p| {
         crate::export::quantize::quantize(&a.input, &a.output, ty, p)
