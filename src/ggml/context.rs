@@ -656,15 +656,23 @@ impl<'a> Graph<'a> {
     /// Runs the products ggml's CPU kernels are slow at — every remaining
     /// F32 OUT_PROD, F32 MUL_MATs over 32 or more tokens, and products with
     /// a plain-layout quantized weight (dequantized in bands) — as strided
-    /// GEMMs in a custom op (see `gemm.rs`). CPU backends only (a custom op
-    /// runs on the CPU); call after the backward pass is built and
-    /// rewritten, before allocating. Returns the number of nodes rewritten.
+    /// GEMMs in a custom op (see `gemm.rs`), and on AVX2 CPUs SILU_BACK
+    /// vectorized (`elementwise.rs`). CPU backends only (a custom op runs
+    /// on the CPU); call after the backward pass is built and rewritten,
+    /// before allocating. Returns the number of nodes rewritten.
     pub fn gemm_products(&mut self) -> usize {
         (0..self.n_nodes())
             .filter(|&i| {
                 // SAFETY: i < n_nodes; nodes are valid tensors of this graph,
                 // whose sources are valid or null; the graph is not allocated.
-                unsafe { super::gemm::rewrite(sys::ggml_graph_node(self.raw(), i as i32)) }
+                unsafe {
+                    let node = sys::ggml_graph_node(self.raw(), i as i32);
+                    #[cfg(target_arch = "x86_64")]
+                    if super::elementwise::rewrite(node) {
+                        return true;
+                    }
+                    super::gemm::rewrite(node)
+                }
             })
             .count()
     }

@@ -20,10 +20,10 @@ use std::ffi::{c_int, c_void};
 /// The layout of ggml's `ggml_custom_op_params` (ggml-impl.h), which
 /// `GGML_OP_CUSTOM` nodes keep in their `op_params`.
 #[repr(C)]
-struct CustomOpParams {
-    fun: sys::ggml_custom_op_t,
-    n_tasks: c_int,
-    userdata: *mut c_void,
+pub(super) struct CustomOpParams {
+    pub(super) fun: sys::ggml_custom_op_t,
+    pub(super) n_tasks: c_int,
+    pub(super) userdata: *mut c_void,
 }
 
 const _: () = assert!(std::mem::size_of::<CustomOpParams>() <= 16 * std::mem::size_of::<i32>());

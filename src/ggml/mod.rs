@@ -6,6 +6,8 @@
 
 mod backend;
 mod context;
+#[cfg(target_arch = "x86_64")]
+mod elementwise;
 mod gemm;
 pub mod llama;
 mod types;

@@ -1,0 +1,120 @@
+//! Element-wise ops of a training step that ggml's CPU backend runs in
+//! scalar code, vectorized with AVX2/FMA in a ggml custom op.
+//!
+//! SILU_BACK (the gradient through the SwiGLU gate) calls `expf` once per
+//! element: on SmolLM2 its 30 nodes of 1536 × 256 took 0.047 s of a 1.9 s
+//! step (ggml's forward SILU, vectorized, 0.006 s).
+
+use super::gemm::CustomOpParams;
+use llama_cpp_sys_2 as sys;
+use std::arch::x86_64::*;
+use std::ffi::{c_int, c_void};
+
+/// Turns an F32 SILU_BACK node with contiguous rows into the vectorized
+/// custom op, where the CPU has AVX2 and FMA. Returns whether it did.
+///
+/// # Safety
+/// `node` must be a valid node (sources valid or null) of a graph that is
+/// not yet allocated.
+pub(super) unsafe fn rewrite(node: *mut sys::ggml_tensor) -> bool {
+    // SAFETY: the caller guarantees node and its non-null sources are valid.
+    unsafe {
+        let (dy, x) = ((*node).src[0], (*node).src[1]);
+        let f32_rows = |t: *const sys::ggml_tensor| {
+            !t.is_null() && (*t).type_ == sys::GGML_TYPE_F32 && (*t).nb[0] == 4 && sys::ggml_is_contiguous_1(t)
+        };
+        let simd = std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
+        let fits = (*node).op == sys::GGML_OP_SILU_BACK && f32_rows(node) && f32_rows(dy) && f32_rows(x);
+        if !(fits && simd) {
+            return false;
+        }
+        let params = CustomOpParams {
+            fun: Some(silu_back),
+            n_tasks: -1,
+            userdata: std::ptr::null_mut(),
+        };
+        (*node).op = sys::GGML_OP_CUSTOM;
+        (*node).op_params = [0; 16];
+        std::ptr::write_unaligned((*node).op_params.as_mut_ptr() as *mut CustomOpParams, params);
+        true
+    }
+}
+
+/// `dst = dy · s · (1 + x · (1 − s))` with `s = σ(x)`, this thread's rows
+/// (ggml's SILU_BACK: `src[0]` = dy, `src[1]` = x).
+unsafe extern "C" fn silu_back(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_int, _: *mut c_void) {
+    // SAFETY: ggml calls this for a node made by `rewrite`, allocated, with
+    // F32 sources of its shape whose rows are contiguous; each thread
+    // writes its own rows.
+    unsafe {
+        let (d, dy, x) = (&*dst, &*(*dst).src[0], &*(*dst).src[1]);
+        let n = d.ne[0] as usize;
+        let rows = (d.ne[1] * d.ne[2] * d.ne[3]) as usize;
+        let (r0, r1) = (
+            rows * ith as usize / nth as usize,
+            rows * (ith as usize + 1) / nth as usize,
+        );
+        let row = |t: &sys::ggml_tensor, r: usize| {
+            let (i1, i2, i3) = (
+                r % t.ne[1] as usize,
+                r / t.ne[1] as usize % t.ne[2] as usize,
+                r / (t.ne[1] * t.ne[2]) as usize,
+            );
+            (t.data as *mut u8).add(i1 * t.nb[1] + i2 * t.nb[2] + i3 * t.nb[3]) as *mut f32
+        };
+        for r in r0..r1 {
+            silu_back_row(n, row(d, r), row(x, r), row(dy, r));
+        }
+    }
+}
+
+/// One row of [`silu_back`].
+///
+/// # Safety
+/// Each pointer addresses `n` floats; the CPU has AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn silu_back_row(n: usize, dx: *mut f32, x: *const f32, dy: *const f32) {
+    // SAFETY: every access lies within the n floats of each row.
+    unsafe {
+        let one = _mm256_set1_ps(1.0);
+        let mut i = 0;
+        while i + 8 <= n {
+            let xv = _mm256_loadu_ps(x.add(i));
+            let s = _mm256_div_ps(one, _mm256_add_ps(one, exp(_mm256_sub_ps(_mm256_setzero_ps(), xv))));
+            let t = _mm256_fmadd_ps(xv, _mm256_sub_ps(one, s), one);
+            _mm256_storeu_ps(
+                dx.add(i),
+                _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(dy.add(i)), s), t),
+            );
+            i += 8;
+        }
+        for i in i..n {
+            let (xi, s) = (*x.add(i), 1.0 / (1.0 + (-*x.add(i)).exp()));
+            *dx.add(i) = *dy.add(i) * s * (1.0 + xi * (1.0 - s));
+        }
+    }
+}
+
+/// `eˣ` per lane to within ~2 ulp: x = n·ln2 + r with |r| ≤ ln2/2, a
+/// degree-7 Taylor polynomial for eʳ (truncation 5e-9), scaled by 2ⁿ;
+/// inputs clamped to where 2ⁿ stays a normal float (e⁻⁸⁷·³ … e⁸⁸).
+#[target_feature(enable = "avx2,fma")]
+fn exp(x: __m256) -> __m256 {
+    let x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.336_54)), _mm256_set1_ps(88.0));
+    let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
+        x,
+        _mm256_set1_ps(std::f32::consts::LOG2_E),
+    ));
+    // ln 2 split in two so that n · LN2_HI is exact.
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_145_75), x);
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428_606_8e-6), r);
+    let mut p = _mm256_set1_ps(1.0 / 5040.0);
+    for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+    }
+    let scale = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(
+        _mm256_cvtps_epi32(n),
+        _mm256_set1_epi32(127),
+    )));
+    _mm256_mul_ps(p, scale)
+}
