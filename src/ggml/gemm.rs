@@ -20,10 +20,10 @@ use std::ffi::{c_int, c_void};
 /// The layout of ggml's `ggml_custom_op_params` (ggml-impl.h), which
 /// `GGML_OP_CUSTOM` nodes keep in their `op_params`.
 #[repr(C)]
-pub(super) struct CustomOpParams {
-    pub(super) fun: sys::ggml_custom_op_t,
-    pub(super) n_tasks: c_int,
-    pub(super) userdata: *mut c_void,
+struct CustomOpParams {
+    fun: sys::ggml_custom_op_t,
+    n_tasks: c_int,
+    userdata: *mut c_void,
 }
 
 const _: () = assert!(std::mem::size_of::<CustomOpParams>() <= 16 * std::mem::size_of::<i32>());
@@ -127,11 +127,22 @@ pub(super) unsafe fn rewrite(node: *mut sys::ggml_tensor) -> bool {
     let Some(p) = (unsafe { product(node) }) else {
         return false;
     };
+    // Not a pointer: the product kind, read back by `run`.
+    // SAFETY: forwarded from the caller.
+    unsafe { make_custom(node, run, p as usize as *mut c_void) };
+    true
+}
+
+/// Turns `node` into a `GGML_OP_CUSTOM` node running `fun` on every thread
+/// of the graph, with `userdata`; sources, shape and type stay.
+///
+/// # Safety
+/// `node` must be a valid node of a graph that is not yet allocated.
+pub(super) unsafe fn make_custom(node: *mut sys::ggml_tensor, fun: CustomOp, userdata: *mut c_void) {
     let params = CustomOpParams {
-        fun: Some(run),
+        fun: Some(fun),
         n_tasks: -1, // GGML_N_TASKS_MAX: every thread of the graph
-        // Not a pointer: the product kind, read back by `run`.
-        userdata: p as usize as *mut c_void,
+        userdata,
     };
     // SAFETY: node is valid; op_params (64 bytes) holds the 24-byte params
     // (asserted above), written unaligned as ggml memcpy's them back.
@@ -140,8 +151,10 @@ pub(super) unsafe fn rewrite(node: *mut sys::ggml_tensor) -> bool {
         (*node).op_params = [0; 16];
         std::ptr::write_unaligned((*node).op_params.as_mut_ptr() as *mut CustomOpParams, params);
     }
-    true
 }
+
+/// A custom op's kernel: (dst, thread index, thread count, userdata).
+pub(super) type CustomOp = unsafe extern "C" fn(*mut sys::ggml_tensor, c_int, c_int, *mut c_void);
 
 /// The node's product (`a` broadcast over dims 2 and 3, as ggml does for
 /// grouped-query attention) for this thread's share of the result.
