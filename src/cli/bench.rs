@@ -145,13 +145,6 @@ fn run_matmul(a: &BenchArgs, types: &str, threads: usize) -> Result<()> {
     Ok(())
 }
 
-impl BenchArgs {
-    /// --threads (default: physical cores).
-    pub(crate) fn threads(&self) -> usize {
-        self.compute.threads()
-    }
-}
-
 pub fn run(a: BenchArgs) -> Result<()> {
     let threads = a.compute.threads();
     if let Some(types) = &a.matmul_types {

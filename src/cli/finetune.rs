@@ -254,13 +254,6 @@ fn method_config(a: &FinetuneArgs, n_embd: usize) -> Result<MethodConfig> {
     })
 }
 
-impl FinetuneArgs {
-    /// --threads (default: physical cores).
-    pub(crate) fn threads(&self) -> usize {
-        self.compute.threads()
-    }
-}
-
 pub fn run(a: FinetuneArgs) -> Result<()> {
     let records = read_records(&a.data)?;
     let classes = crate::data::label_set(&records);

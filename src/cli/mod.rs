@@ -76,9 +76,8 @@ impl AdapterArgs {
 /// Options every compute command takes.
 #[derive(Args, Debug, Clone)]
 pub struct ComputeArgs {
-    /// CPU threads (default: number of physical cores).
-    #[arg(short = 't', long)]
-    threads: Option<usize>,
+    #[command(flatten)]
+    threads: ThreadsArgs,
     /// Compute device: `auto` (the first GPU of this build, else the CPU),
     /// `cpu`, or a ggml device name such as CUDA0, Vulkan0, Metal. On a
     /// GPU, ops it cannot run go to the CPU with --threads threads.
@@ -88,19 +87,21 @@ pub struct ComputeArgs {
 
 impl ComputeArgs {
     fn threads(&self) -> usize {
-        self.threads.unwrap_or_else(num_cpus::get_physical).max(1)
+        self.threads.get()
     }
 
-    /// The backend for --device and --threads.
+    /// The backend for --device and --threads (rayon's pool, for load-time
+    /// conversions and transposed copies, gets as many threads).
     fn backend(&self) -> Result<std::sync::Arc<Backend>> {
+        self.threads.apply();
         Ok(Backend::open(&self.device, self.threads())?)
     }
 }
 
-/// `--threads` of the commands that run on the CPU without ggml's
-/// scheduler (merge, quantize, convert): their per-tensor conversions run
-/// on a rayon pool of this many threads.
-#[derive(Args, Debug)]
+/// `--threads`, on every command that computes: ggml's threads (with
+/// [`ComputeArgs`]) and rayon's (tensor conversions of merge, quantize,
+/// convert, load-time copies).
+#[derive(Args, Debug, Clone)]
 pub struct ThreadsArgs {
     /// CPU threads (default: number of physical cores).
     #[arg(short = 't', long)]
@@ -108,17 +109,16 @@ pub struct ThreadsArgs {
 }
 
 impl ThreadsArgs {
-    /// Sizes rayon's pool to --threads (default: physical cores).
-    pub fn apply(&self) {
-        set_rayon_threads(self.threads.unwrap_or_else(num_cpus::get_physical).max(1));
+    /// --threads (default: physical cores).
+    fn get(&self) -> usize {
+        self.threads.unwrap_or_else(num_cpus::get_physical).max(1)
     }
-}
 
-/// Sizes rayon's global pool (tensor conversions, transposed copies) to a
-/// command's --threads. Once per process: a later call (the library used
-/// twice in one process) leaves the first size.
-fn set_rayon_threads(n: usize) {
-    let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+    /// Sizes rayon's global pool to --threads. Once per process: a later
+    /// call (the library used twice in one process) leaves the first size.
+    pub fn apply(&self) {
+        let _ = rayon::ThreadPoolBuilder::new().num_threads(self.get()).build_global();
+    }
 }
 
 #[derive(Args, Debug)]
@@ -195,23 +195,10 @@ pub fn main() -> std::process::ExitCode {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Inspect(a) => inspect::run(a),
-        // --threads for ggml's threads and rayon's (load-time conversions) alike.
-        Command::Generate(a) => {
-            set_rayon_threads(a.compute.threads());
-            generate(a)
-        }
-        Command::Eval(a) => {
-            set_rayon_threads(a.compute.threads());
-            eval(a)
-        }
-        Command::Finetune(a) => {
-            set_rayon_threads(a.threads());
-            finetune::run(*a)
-        }
-        Command::Bench(a) => {
-            set_rayon_threads(a.threads());
-            bench::run(a)
-        }
+        Command::Generate(a) => generate(a),
+        Command::Eval(a) => eval(a),
+        Command::Finetune(a) => finetune::run(*a),
+        Command::Bench(a) => bench::run(a),
         Command::Merge(a) => merge::run(a),
         Command::Quantize(a) => quantize::run(a),
         Command::Export(a) => convert::export(a),
