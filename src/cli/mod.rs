@@ -424,22 +424,14 @@ fn eval_classes(
 }
 
 /// Makes the transposed weight copies `--backward` asks for; returns their
-/// bytes (0 for ggml's stock backward). With `transposed-q8` / `-q4`,
-/// matrices of types this CPU repacks then move into its repacking buffer;
-/// the stock backward is ggml's throughout (its OUT_PROD reads the weights
-/// in their plain layout, and ggml's kernels replace the GEMM).
-///
-/// With the default `transposed` on the CPU the weights stay in their plain
-/// layout, where the GEMM reads them for both products (exact F32
-/// products, no copies): repacked weights would need transposed F16 copies
-/// (2 bytes per weight) for their input gradients, and measured no faster
-/// (SmolLM2 Q4_0, 2 threads: repacked 118–140 tokens/s at 838 MiB, plain
-/// 128–132 at 633 MiB).
+/// bytes (0 for ggml's stock backward). Then matrices of types this CPU
+/// repacks move into its repacking buffer, unless the copies left the
+/// weights plain for the CPU's GEMM (`transposed`, see
+/// [`Model::prepare_transposed`]); the stock backward is ggml's throughout
+/// (its OUT_PROD reads the weights in their plain layout, and ggml's
+/// kernels replace the GEMM).
 pub(crate) fn prepare_backward(model: &mut Model, backward: &str) -> Result<usize> {
     use crate::ggml::GgmlType;
-    if backward == "transposed" && model.gemm_products && model.backend().is_cpu() {
-        model.repack = false;
-    }
     let bytes = match backward {
         "transposed" => model.prepare_transposed(None)?,
         "transposed-q8" => model.prepare_transposed(Some(GgmlType::Q8_0))?,

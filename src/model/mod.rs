@@ -216,16 +216,23 @@ impl Model {
     /// room for them.
     ///
     /// With the default type on the CPU, when [`Model::gemm_products`] is
-    /// on, only matrices that [`Model::repack_weights`] will move get
-    /// copies: the GEMM reads `Wᵀ` through W's strides (F32 W: faster than a
-    /// matmul over an F16 copy, SmolLM2 train 106–124 → 138–141 tokens/s),
-    /// or dequantizes W in bands of rows (quantized, F16, BF16 W), without
-    /// the copy's memory.
+    /// on, no copies are made: the GEMM reads `Wᵀ` through W's strides (F32
+    /// W: faster than a matmul over an F16 copy, SmolLM2 train 106–124 →
+    /// 138–141 tokens/s) or dequantizes W in bands of rows (quantized, F16,
+    /// BF16 W). The weights then stay out of the repacking buffer
+    /// ([`Model::repack`] turns off), whose layout the GEMM cannot read:
+    /// repacked weights would need F16 copies and measured no faster
+    /// (SmolLM2 Q4_0, 2 threads: 118–140 tokens/s at 838 MiB repacked,
+    /// 128–132 at 633 MiB plain). Matrices repacked before this call still
+    /// get their copies.
     pub fn prepare_transposed(&mut self, ty: Option<GgmlType>) -> Result<usize, ComputeError> {
         if let Some(t) = &self.transposed {
             return Ok(t.size());
         }
         let strided_gemm = ty.is_none() && self.gemm_products && self.backend.is_cpu();
+        if strided_gemm && self.weights_repacked == 0 {
+            self.repack = false;
+        }
         let mats: Vec<(String, [i64; 4])> = self
             .weights
             .tensors()
