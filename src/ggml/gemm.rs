@@ -14,6 +14,7 @@
 //! ggml's backward feeds them) need no copies either, and a weight's input
 //! gradient `Wᵀ·dy` needs no transposed copy of W.
 
+use super::dequant::Dequantizer;
 use llama_cpp_sys_2 as sys;
 use std::ffi::{c_int, c_void};
 
@@ -247,9 +248,7 @@ unsafe fn dequant_outer(a: &sys::ggml_tensor, b: &sys::ggml_tensor, d: &sys::ggm
     // row range read lies within `a`'s rows (whole blocks), every write
     // within this thread's rows of `dst`.
     unsafe {
-        let to_float = (*sys::ggml_get_type_traits(a.type_))
-            .to_float
-            .expect("checked in product");
+        let deq = Dequantizer::new(a.type_).expect("checked in product");
         let blck = sys::ggml_blck_size(a.type_) as usize;
         let blck_bytes = sys::ggml_type_size(a.type_);
         let (k, n) = (a.ne[1] as usize, d.ne[1] as usize);
@@ -264,7 +263,7 @@ unsafe fn dequant_outer(a: &sys::ggml_tensor, b: &sys::ggml_tensor, d: &sys::ggm
                 let kn = DEQUANT_ROWS.min(k - k0);
                 for kk in 0..kn {
                     let row = (a.data as *const u8).add((k0 + kk) * a.nb[1] + b0 * blck_bytes);
-                    to_float(row as *const c_void, scratch.as_mut_ptr().add(kk * m), m as i64);
+                    deq.row(row, scratch.as_mut_ptr().add(kk * m), m);
                 }
                 // C (rows i0 of this thread × all i1) += A (i0 × kk) · B (kk × i1).
                 matrixmultiply::sgemm(
@@ -300,9 +299,7 @@ unsafe fn dequant_inner(a: &sys::ggml_tensor, b: &sys::ggml_tensor, d: &sys::ggm
     // row read is a whole row of `a`, every write one of this thread's rows
     // of `dst`.
     unsafe {
-        let to_float = (*sys::ggml_get_type_traits(a.type_))
-            .to_float
-            .expect("checked in product");
+        let deq = Dequantizer::new(a.type_).expect("checked in product");
         let (k, rows, n) = (a.ne[0] as usize, a.ne[1] as usize, d.ne[1] as usize);
         let (r0, r1) = (rows * ith / nth, rows * (ith + 1) / nth);
         with_scratch(k * DEQUANT_ROWS.min(r1 - r0), |scratch| {
@@ -310,7 +307,7 @@ unsafe fn dequant_inner(a: &sys::ggml_tensor, b: &sys::ggml_tensor, d: &sys::ggm
                 let qn = DEQUANT_ROWS.min(r1 - q0);
                 for q in 0..qn {
                     let row = (a.data as *const u8).add((q0 + q) * a.nb[1]);
-                    to_float(row as *const c_void, scratch.as_mut_ptr().add(q * k), k as i64);
+                    deq.row(row, scratch.as_mut_ptr().add(q * k), k);
                 }
                 // C (rows q0.. × all i1) = A (rows × k, row-major) · B (k × i1).
                 matrixmultiply::sgemm(

@@ -6,6 +6,7 @@
 
 mod backend;
 mod context;
+mod dequant;
 #[cfg(target_arch = "x86_64")]
 mod elementwise;
 mod gemm;

@@ -135,7 +135,7 @@ impl GgmlType {
             }
             return;
         }
-        let f = self.traits().to_float.expect("type without to_float");
+        let f = super::dequant::Dequantizer::new(self.0).expect("type without to_float");
         // Chunks of whole blocks on rayon's threads (the commands' --threads).
         let blck = self.block_size() as usize;
         let per = CHUNK_ELEMENTS.div_ceil(blck) * blck;
@@ -144,7 +144,7 @@ impl GgmlType {
             // SAFETY: `d` holds exactly o.len() elements of this type (whole
             // blocks: the sizes were asserted above, chunks split at block
             // boundaries) and `o` has room for them.
-            unsafe { f(d.as_ptr() as *const _, o.as_mut_ptr(), o.len() as i64) }
+            unsafe { f.row(d.as_ptr(), o.as_mut_ptr(), o.len()) }
         });
     }
 
