@@ -421,3 +421,66 @@ fn vectorized_silu_back_matches_exact_gradient() {
     println!("SILU_BACK vs exact: vectorized {wf:.2e}, ggml {ws:.2e}");
     assert!(wf < 1e-5 && ws < 1e-5, "vectorized {wf:.2e}, ggml {ws:.2e}");
 }
+
+/// The loss (ggml's CROSS_ENTROPY_LOSS, scalar `expf` per logit)
+/// vectorized on AVX2 CPUs: equal to an f64 evaluation of
+/// `−mean Σ t · log softmax(x)` and to ggml's kernel to float rounding,
+/// with soft targets, a scalar tail, and logits far below the row's max; the
+/// gradient (ggml's CROSS_ENTROPY_LOSS_BACK, not rewritten) is unchanged.
+#[test]
+fn vectorized_cross_entropy_matches_f64() {
+    let (n, rows) = (1003usize, 5usize);
+    let mut rng = Rng::new(11);
+    let mut xv: Vec<f32> = (0..n * rows).map(|_| rng.normal() * 4.0).collect();
+    xv[..4].copy_from_slice(&[-300.0, 40.0, -1e4, 0.0]);
+    let mut tv: Vec<f32> = (0..n * rows).map(|_| rng.f32().powi(8)).collect();
+    for r in tv.chunks_mut(n) {
+        let s: f32 = r.iter().sum();
+        r.iter_mut().for_each(|t| *t /= s);
+    }
+    let run = |fast: bool| {
+        let backend = Backend::cpu(threads());
+        let ctx = Context::new(64, 64, true);
+        let x = ctx
+            .new_tensor(GgmlType::F32, &[n as i64, rows as i64])
+            .set_input()
+            .set_param();
+        let t = ctx.new_tensor(GgmlType::F32, &[n as i64, rows as i64]).set_input();
+        let loss = ctx.cross_entropy_loss(x, t).set_loss().set_output();
+        let mut gr = ctx.new_graph(64, true);
+        gr.build_forward(loss);
+        gr.build_backward(&ctx);
+        if fast {
+            assert_eq!(gr.gemm_products(), 1, "CROSS_ENTROPY_LOSS rewritten");
+        }
+        let mut sched = Sched::new(std::slice::from_ref(&backend), 64);
+        sched.alloc(&gr).unwrap();
+        x.write_f32(&xv);
+        t.write_f32(&tv);
+        gr.reset();
+        sched.compute(&gr).unwrap();
+        (loss.read_f32()[0], gr.grad(x).unwrap().read_f32())
+    };
+    let exact: f64 = xv
+        .chunks(n)
+        .zip(tv.chunks(n))
+        .map(|(x, t)| {
+            let max = x.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+            let lse = x.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln() + max;
+            x.iter().zip(t).map(|(&x, &t)| t as f64 * (x as f64 - lse)).sum::<f64>()
+        })
+        .sum::<f64>()
+        / -(rows as f64);
+    let ((fast, gf), (stock, gs)) = (run(true), run(false));
+    let rel = |v: f32| (v as f64 - exact).abs() / exact.abs();
+    println!(
+        "loss {exact}: vectorized {fast} ({:.1e}), ggml {stock} ({:.1e})",
+        rel(fast),
+        rel(stock)
+    );
+    assert!(
+        rel(fast) < 1e-6 && rel(stock) < 1e-5,
+        "vectorized {fast}, ggml {stock}, f64 {exact}"
+    );
+    assert_eq!(gf, gs, "the gradient is ggml's either way");
+}

@@ -130,19 +130,20 @@ pub(super) unsafe fn rewrite(node: *mut sys::ggml_tensor) -> bool {
     };
     // Not a pointer: the product kind, read back by `run`.
     // SAFETY: forwarded from the caller.
-    unsafe { make_custom(node, run, p as usize as *mut c_void) };
+    unsafe { make_custom(node, run, -1, p as usize as *mut c_void) };
     true
 }
 
-/// Turns `node` into a `GGML_OP_CUSTOM` node running `fun` on every thread
-/// of the graph, with `userdata`; sources, shape and type stay.
+/// Turns `node` into a `GGML_OP_CUSTOM` node running `fun` with `userdata`
+/// on `n_tasks` threads (-1: every thread of the graph); sources, shape
+/// and type stay.
 ///
 /// # Safety
 /// `node` must be a valid node of a graph that is not yet allocated.
-pub(super) unsafe fn make_custom(node: *mut sys::ggml_tensor, fun: CustomOp, userdata: *mut c_void) {
+pub(super) unsafe fn make_custom(node: *mut sys::ggml_tensor, fun: CustomOp, n_tasks: c_int, userdata: *mut c_void) {
     let params = CustomOpParams {
         fun: Some(fun),
-        n_tasks: -1, // GGML_N_TASKS_MAX: every thread of the graph
+        n_tasks,
         userdata,
     };
     // SAFETY: node is valid; op_params (64 bytes) holds the 24-byte params
