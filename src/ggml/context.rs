@@ -426,6 +426,29 @@ impl<'a> Tensor<'a> {
         unsafe { sys::ggml_backend_tensor_set(self.raw(), data.as_ptr() as *const _, 0, data.len()) }
     }
 
+    /// Sets every byte of the tensor (allocated, contiguous) to zero.
+    pub fn write_zeros(self) {
+        assert!(self.is_allocated(), "tensor '{}' is not allocated", self.name());
+        // SAFETY: the tensor is allocated in a backend buffer; the range is
+        // its whole data.
+        unsafe { sys::ggml_backend_tensor_memset(self.raw(), 0, 0, self.n_bytes()) }
+    }
+
+    /// Copies f32 values into an F32 tensor (allocated, contiguous) from
+    /// element `at` on.
+    pub fn write_f32_at(self, at: usize, data: &[f32]) {
+        assert_eq!(self.ty(), GgmlType::F32);
+        assert!(self.is_allocated(), "tensor '{}' is not allocated", self.name());
+        assert!(
+            at + data.len() <= self.n_elements(),
+            "range of tensor '{}'",
+            self.name()
+        );
+        let bytes: &[u8] = bytemuck_f32(data);
+        // SAFETY: allocated, and the byte range lies within the tensor's data.
+        unsafe { sys::ggml_backend_tensor_set(self.raw(), bytes.as_ptr() as *const _, at * 4, bytes.len()) }
+    }
+
     /// Copies f32 values into an F32 tensor.
     pub fn write_f32(self, data: &[f32]) {
         assert_eq!(self.ty(), GgmlType::F32);

@@ -137,7 +137,7 @@ pub fn loss_and_grads_recompute(
         let g = run_stage(model, method, sched, &ctx, &f, l, &params, &mut grads, || {
             h_in.write_f32(&hs[n_layer]);
             let tgt = &targets[ci * HEAD_CHUNK..ci * HEAD_CHUNK + chunk.len()];
-            labels.write_f32(&super::one_hot(tgt, n_vocab));
+            super::write_one_hot(labels, tgt, n_vocab);
         })?;
         let up = g.grad(h_in).expect("hidden state gradient").read_f32();
         upstream.iter_mut().zip(up).for_each(|(a, b)| *a += b);
