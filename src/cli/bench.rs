@@ -345,7 +345,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if a.profile {
         let total: f64 = profile.iter().map(|p| p.1).sum();
         println!("\none training step by op ({total:.3} s):");
-        for (op, t, n) in profile.iter().take(15) {
+        for (op, t, n) in profile.iter().take(if a.profile_shapes { 60 } else { 15 }) {
             println!("  {op:24} {t:8.3} s {:5.1}%  ({n} nodes)", 100.0 * t / total);
         }
     }
