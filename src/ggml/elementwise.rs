@@ -11,9 +11,9 @@ use llama_cpp_sys_2 as sys;
 use std::arch::x86_64::*;
 use std::ffi::{c_int, c_void};
 
-/// Turns an F32 SILU_BACK or CROSS_ENTROPY_LOSS node with contiguous rows
-/// into its vectorized custom op, where the CPU has AVX2 and FMA. Returns
-/// whether it did.
+/// Turns an F32 SILU_BACK, CROSS_ENTROPY_LOSS or SOFT_MAX node with
+/// contiguous rows into its vectorized custom op, where the CPU has AVX2,
+/// FMA and F16C. Returns whether it did.
 ///
 /// # Safety
 /// `node` must be a valid node (sources valid or null) of a graph that is
@@ -25,20 +25,154 @@ pub(super) unsafe fn rewrite(node: *mut sys::ggml_tensor) -> bool {
         let f32_rows = |t: *const sys::ggml_tensor| {
             !t.is_null() && (*t).type_ == sys::GGML_TYPE_F32 && (*t).nb[0] == 4 && sys::ggml_is_contiguous_1(t)
         };
-        let simd = std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
-        if !(simd && f32_rows(node) && f32_rows(a) && f32_rows(b)) {
+        let simd = std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c");
+        if !(simd && f32_rows(node) && f32_rows(a)) {
             return false;
         }
         match (*node).op {
-            sys::GGML_OP_SILU_BACK => make_custom(node, silu_back, -1, std::ptr::null_mut()),
+            sys::GGML_OP_SILU_BACK if f32_rows(b) => make_custom(node, silu_back, -1, std::ptr::null_mut()),
             // One thread: the op has no scratch to combine per-thread sums
             // in, and vectorized it takes a few ms for a 49152-word vocabulary.
-            sys::GGML_OP_CROSS_ENTROPY_LOSS if sys::ggml_are_same_shape(a, b) => {
+            sys::GGML_OP_CROSS_ENTROPY_LOSS if f32_rows(b) && sys::ggml_are_same_shape(a, b) => {
                 make_custom(node, cross_entropy_loss, 1, std::ptr::null_mut())
+            }
+            sys::GGML_OP_SOFT_MAX if plain_soft_max(node) && sys::ggml_are_same_shape(a, node) => {
+                // The scale rides in userdata (a custom op's params replace
+                // the node's op_params): its bits, not a pointer.
+                let scale = (*node).op_params[0] as u32 as usize;
+                make_custom(node, soft_max, -1, scale as *mut c_void)
             }
             _ => return false,
         }
         true
+    }
+}
+
+/// A SOFT_MAX the vectorized op computes: no ALiBi (`max_bias` 0), no
+/// attention sinks, and an F32 or F16 mask (if any) with contiguous rows.
+///
+/// # Safety
+/// As for [`rewrite`]; `node` is an F32 node with contiguous rows.
+unsafe fn plain_soft_max(node: *const sys::ggml_tensor) -> bool {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        let max_bias = f32::from_bits((*node).op_params[1] as u32);
+        let mask = (*node).src[1];
+        let mask_ok = mask.is_null()
+            || (((*mask).type_ == sys::GGML_TYPE_F32 && (*mask).nb[0] == 4)
+                || ((*mask).type_ == sys::GGML_TYPE_F16 && (*mask).nb[0] == 2));
+        max_bias == 0.0 && (*node).src[2].is_null() && mask_ok
+    }
+}
+
+/// ggml's SOFT_MAX (`src[0]` = x, `src[1]` = optional mask broadcast over
+/// dims 2 and 3; the scale's bits in `userdata`): `softmax(x · scale +
+/// mask)` per row, this thread's rows. ggml's CPU kernel makes five passes per row with
+/// the mask added in a scalar loop: 0.045 s of a SmolLM2 step (attention
+/// scores, 30 × 9 × 256 rows of 256).
+unsafe extern "C" fn soft_max(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_int, userdata: *mut c_void) {
+    // SAFETY: ggml calls this for a node made by `rewrite` (checked by
+    // `plain_soft_max`), allocated; rows of x and dst are contiguous and of
+    // the same shape, mask rows hold at least ne[0] values; each thread
+    // writes its own rows.
+    unsafe {
+        let (d, x, mask) = (&*dst, &*(*dst).src[0], (*dst).src[1]);
+        let scale = f32::from_bits(userdata as usize as u32);
+        let n = d.ne[0] as usize;
+        let rows = (d.ne[1] * d.ne[2] * d.ne[3]) as usize;
+        let (r0, r1) = (
+            rows * ith as usize / nth as usize,
+            rows * (ith as usize + 1) / nth as usize,
+        );
+        let mut w = vec![0f32; n];
+        for r in r0..r1 {
+            let (i1, i2, i3) = (
+                r % d.ne[1] as usize,
+                r / d.ne[1] as usize % d.ne[2] as usize,
+                r / (d.ne[1] * d.ne[2]) as usize,
+            );
+            let xr = (x.data as *const u8).add(i1 * x.nb[1] + i2 * x.nb[2] + i3 * x.nb[3]) as *const f32;
+            let dr = (d.data as *mut u8).add(i1 * d.nb[1] + i2 * d.nb[2] + i3 * d.nb[3]) as *mut f32;
+            let m = (!mask.is_null()).then(|| {
+                let m = &*mask;
+                let (j2, j3) = (i2 % m.ne[2] as usize, i3 % m.ne[3] as usize);
+                let p = (m.data as *const u8).add(i1 * m.nb[1] + j2 * m.nb[2] + j3 * m.nb[3]);
+                (p, m.type_ == sys::GGML_TYPE_F16)
+            });
+            soft_max_row(n, xr, scale, m, w.as_mut_ptr(), dr);
+        }
+    }
+}
+
+/// One row of [`soft_max`]: `w = x · scale + mask` (into scratch `w`), then
+/// `y = exp(w − max w) / Σ`.
+///
+/// # Safety
+/// `x`, `w` and `y` address `n` floats, the mask (F16 if its flag is set)
+/// `n` values; the CPU has AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn soft_max_row(n: usize, x: *const f32, scale: f32, mask: Option<(*const u8, bool)>, w: *mut f32, y: *mut f32) {
+    // SAFETY: every access lies within the n values of each row.
+    unsafe {
+        let mask_at = |i: usize| match mask {
+            None => 0.0,
+            Some((p, true)) => half::f16::from_bits((p as *const u16).add(i).read_unaligned()).to_f32(),
+            Some((p, false)) => *(p as *const f32).add(i),
+        };
+        let (sv, mut mv) = (_mm256_set1_ps(scale), _mm256_set1_ps(f32::NEG_INFINITY));
+        let mut i = 0;
+        while i + 8 <= n {
+            let mut v = _mm256_mul_ps(_mm256_loadu_ps(x.add(i)), sv);
+            match mask {
+                None => {}
+                Some((p, true)) => {
+                    v = _mm256_add_ps(v, _mm256_cvtph_ps(_mm_loadu_si128(p.add(2 * i) as *const __m128i)))
+                }
+                Some((p, false)) => v = _mm256_add_ps(v, _mm256_loadu_ps((p as *const f32).add(i))),
+            }
+            _mm256_storeu_ps(w.add(i), v);
+            mv = _mm256_max_ps(mv, v);
+            i += 8;
+        }
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), mv);
+        let mut max = lanes.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        for j in i..n {
+            *w.add(j) = *x.add(j) * scale + mask_at(j);
+            max = max.max(*w.add(j));
+        }
+        // exp(w − max), exactly 0 where that underflows (masked positions:
+        // −∞), summed in f64 lanes.
+        let (m, floor) = (_mm256_set1_ps(max), _mm256_set1_ps(-87.336_54));
+        let mut sum = _mm256_setzero_pd();
+        let mut i = 0;
+        while i + 8 <= n {
+            let t = _mm256_sub_ps(_mm256_loadu_ps(w.add(i)), m);
+            let e = _mm256_and_ps(exp(t), _mm256_cmp_ps::<_CMP_GE_OQ>(t, floor));
+            _mm256_storeu_ps(y.add(i), e);
+            sum = _mm256_add_pd(sum, _mm256_cvtps_pd(_mm256_castps256_ps128(e)));
+            sum = _mm256_add_pd(sum, _mm256_cvtps_pd(_mm256_extractf128_ps(e, 1)));
+            i += 8;
+        }
+        let mut s4 = [0f64; 4];
+        _mm256_storeu_pd(s4.as_mut_ptr(), sum);
+        let mut total: f64 = s4.iter().sum();
+        for j in i..n {
+            let e = (*w.add(j) - max).exp();
+            *y.add(j) = e;
+            total += e as f64;
+        }
+        let inv = _mm256_set1_ps((1.0 / total) as f32);
+        let mut i = 0;
+        while i + 8 <= n {
+            _mm256_storeu_ps(y.add(i), _mm256_mul_ps(_mm256_loadu_ps(y.add(i)), inv));
+            i += 8;
+        }
+        for j in i..n {
+            *y.add(j) *= (1.0 / total) as f32;
+        }
     }
 }
 
