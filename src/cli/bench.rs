@@ -127,26 +127,25 @@ fn run_matmul(a: &BenchArgs, types: &str, threads: usize) -> Result<()> {
         let ty = GgmlType::from_name(name).ok_or_else(|| Error::Msg(format!("unknown ggml type '{name}'")))?;
         let m = super::bench_matmul::measure(ty, a.matmul_n, a.tokens, threads, a.steps)?;
         // A backward is its graph's time less the forward's, measured
-        // apart: where the machine's noise makes that difference vanish it
-        // shows as "-" and is left out of the speed-up.
-        let ms = |t: f64| if t > 0.0 { format!("{:.2}", t * 1e3) } else { "-".into() };
+        // apart: where the machine's noise makes that difference vanish
+        // (0.00) it stays out of the speed-up.
         let best = [m.backward_transposed, m.backward_gemm]
             .into_iter()
             .filter(|t| *t > 0.0)
             .reduce(f64::min);
         let (stock, gain) = match (m.backward_stock, best) {
-            (Some(s), Some(b)) if s > 0.0 => (ms(s), format!("{:.1}×", s / b)),
-            (Some(s), _) => (ms(s), "-".into()),
+            (Some(s), Some(b)) => (format!("{:.2}", s * 1e3), format!("{:.1}×", s / b)),
+            (Some(s), None) => (format!("{:.2}", s * 1e3), "-".into()),
             (None, _) => ("unsupported".into(), "-".into()),
         };
         println!(
-            "{:>8} {:>8.2} {:>9.2} {:>15} {:>15} {:>9} {:>9}",
+            "{:>8} {:>8.2} {:>9.2} {:>15} {:>15.2} {:>9.2} {:>9}",
             ty.name(),
             m.forward * 1e3,
             m.forward_gemm * 1e3,
             stock,
-            ms(m.backward_transposed),
-            ms(m.backward_gemm),
+            m.backward_transposed * 1e3,
+            m.backward_gemm * 1e3,
             gain
         );
     }
