@@ -123,17 +123,41 @@ fn gemm_matches_a_loop_and_ggml() {
     const Q8_0: GgmlType = GgmlType::Q8_0;
     const BF16: GgmlType = GgmlType::BF16;
     type Case = (&'static str, Vec<(GgmlType, [i64; 4])>, Build);
-    let cases: [Case; 11] = [
+    let cases: [Case; 16] = [
         (
             "attention scores",
             vec![(F32, [64, 3, 40, 1]), (F32, [64, 9, 40, 1])],
             scores,
         ),
+        // LoRA's products (one dimension the rank; odd sizes for the
+        // vector loops' tails): forward A and B, the gradients of A and B,
+        // and both parts of the input gradient.
+        ("lora A", vec![(F32, [45, 8, 1, 1]), (F32, [45, 41, 1, 1])], plain),
         ("lora B", vec![(F32, [8, 48, 1, 1]), (F32, [8, 40, 1, 1])], plain),
         (
+            "lora B, rank 3",
+            vec![(F32, [3, 77, 1, 1]), (F32, [3, 40, 1, 1])],
+            plain,
+        ),
+        (
             "lora A gradient",
-            vec![(F32, [48, 40, 1, 1]), (F32, [8, 40, 1, 1])],
+            vec![(F32, [45, 40, 1, 1]), (F32, [8, 40, 1, 1])],
             lora_a_grad,
+        ),
+        (
+            "lora B gradient",
+            vec![(F32, [8, 41, 1, 1]), (F32, [45, 41, 1, 1])],
+            lora_a_grad,
+        ),
+        (
+            "lora input gradient through A",
+            vec![(F32, [45, 8, 1, 1]), (F32, [8, 41, 1, 1])],
+            input_grad,
+        ),
+        (
+            "lora input gradient through B",
+            vec![(F32, [5, 45, 1, 1]), (F32, [45, 41, 1, 1])],
+            input_grad,
         ),
         (
             "input gradient",

@@ -211,6 +211,25 @@ unsafe extern "C" fn run(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_int, use
                     (b.data as *const u8).add(i2 as usize * b.nb[2] + i3 as usize * b.nb[3] + c0 * b_i1) as *const f32;
                 let pc = (d.data as *mut u8).add(i2 as usize * d.nb[2] + i3 as usize * d.nb[3] + r0 * 4 + c0 * d.nb[1])
                     as *mut f32;
+                #[cfg(target_arch = "x86_64")]
+                {
+                    use super::gemm_small::{try_product, Strided};
+                    let (sa, sb) = (
+                        Strided {
+                            p: pa,
+                            rs: s(a_i0),
+                            cs: s(a_k),
+                        },
+                        Strided {
+                            p: pb,
+                            rs: s(b_k),
+                            cs: s(b_i1),
+                        },
+                    );
+                    if try_product(r1 - r0, k, c1 - c0, sa, sb, pc, s(d.nb[1])) {
+                        continue;
+                    }
+                }
                 matrixmultiply::sgemm(
                     r1 - r0,
                     k,
@@ -339,8 +358,9 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Runs `f` on this thread's scratch buffer of at least `len` floats.
-fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+/// Runs `f` on this thread's scratch buffer of at least `len` floats (not
+/// re-entrant: `f` must not ask for scratch itself).
+pub(super) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     SCRATCH.with(|s| {
         let mut v = s.borrow_mut();
         if v.len() < len {

@@ -10,6 +10,8 @@ mod dequant;
 #[cfg(target_arch = "x86_64")]
 mod elementwise;
 mod gemm;
+#[cfg(target_arch = "x86_64")]
+mod gemm_small;
 pub mod llama;
 mod types;
 

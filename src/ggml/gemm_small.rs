@@ -1,0 +1,125 @@
+//! Products with few result rows (LoRA's rank) and long sums: dot products
+//! of the small operand's rows, packed, with the other operand's columns
+//! read in place.
+//!
+//! A packed GEMM copies both operands into panels first; for LoRA A's
+//! forward (`A·x`, 8 × 576 by 576 × 256 tokens) and B's part of the input
+//! gradient (`Bᵀ·dy`) that copy of the large operand costs as much as the
+//! arithmetic: on SmolLM2's training step these products took 0.066 s
+//! through matrixmultiply, 0.045 s here. LoRA's other products (rank-long
+//! sums, rank-wide results) measured no faster with direct loops of the
+//! same kind, so they stay on the GEMM.
+//!
+//! A product is `C[i,j] = Σ_p A[i,p]·B[p,j]` with C's rows contiguous
+//! (`C[i,j]` at `c + i + j·csc`), A and B given by element strides.
+
+use super::gemm::with_scratch;
+use std::arch::x86_64::*;
+
+/// The most result rows handled here.
+const SMALL: usize = 16;
+
+/// A strided matrix: `x[r, c]` at `p + r·rs + c·cs` (elements).
+#[derive(Clone, Copy)]
+pub(super) struct Strided {
+    pub p: *const f32,
+    pub rs: isize,
+    pub cs: isize,
+}
+
+impl Strided {
+    /// SAFETY: (r, c) must lie within the matrix.
+    #[inline(always)]
+    unsafe fn at(self, r: usize, c: usize) -> f32 {
+        // SAFETY: forwarded from the caller.
+        unsafe { *self.p.offset(r as isize * self.rs + c as isize * self.cs) }
+    }
+}
+
+/// Computes `C = A·B` (`A` m×k, `B` k×n) if m is at most [`SMALL`], k
+/// longer and B's columns contiguous; returns whether it did.
+///
+/// # Safety
+/// Every element the strides address must be valid, C (`m × n`, column `j`
+/// at `c + j·csc`) writable and not overlapping A or B.
+pub(super) unsafe fn try_product(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: Strided,
+    b: Strided,
+    c: *mut f32,
+    csc: isize,
+) -> bool {
+    let fits = m <= SMALL && k > SMALL && b.rs == 1;
+    if !(fits && std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")) {
+        return false;
+    }
+    // SAFETY: forwarded from the caller; the CPU has AVX2 and FMA.
+    unsafe { small_m_dots(m, k, n, a, b, c, csc) };
+    true
+}
+
+/// Horizontal sum of 8 lanes.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn hsum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+}
+
+/// C's entries as dot products of A's rows (packed,
+/// padded to groups of 4 with zero rows) with B's columns read in place, 4
+/// rows × 2 columns at a time.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn small_m_dots(m: usize, k: usize, n: usize, a: Strided, b: Strided, c: *mut f32, csc: isize) {
+    let m4 = m.div_ceil(4) * 4;
+    with_scratch(m4 * k, |ap| {
+        for i in 0..m4 {
+            for p in 0..k {
+                // SAFETY: (i, p) lies within A for i < m.
+                ap[i * k + p] = if i < m { unsafe { a.at(i, p) } } else { 0.0 };
+            }
+        }
+        let k8 = k / 8 * 8;
+        let mut j = 0;
+        while j < n {
+            // Two columns (the last one twice where n is odd).
+            let cols = [j, (j + 1).min(n - 1)];
+            // SAFETY: columns j, j+1 of B hold k contiguous floats.
+            let bc = cols.map(|jj| unsafe { b.p.offset(jj as isize * b.cs) });
+            for i0 in (0..m4).step_by(4) {
+                let mut acc = [[_mm256_setzero_ps(); 2]; 4];
+                let mut p = 0;
+                while p < k8 {
+                    // SAFETY: p + 8 ≤ k within both columns and the rows.
+                    let bv = bc.map(|x| unsafe { _mm256_loadu_ps(x.add(p)) });
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        // SAFETY: packed row i0 + r < m4 holds k floats.
+                        let av = unsafe { _mm256_loadu_ps(ap.as_ptr().add((i0 + r) * k + p)) };
+                        acc[0] = _mm256_fmadd_ps(av, bv[0], acc[0]);
+                        acc[1] = _mm256_fmadd_ps(av, bv[1], acc[1]);
+                    }
+                    p += 8;
+                }
+                for (r, acc) in acc.iter().enumerate() {
+                    let i = i0 + r;
+                    if i >= m {
+                        break;
+                    }
+                    for (q, &jj) in cols.iter().enumerate() {
+                        let mut s = hsum(acc[q]);
+                        for p in k8..k {
+                            // SAFETY: p < k.
+                            s = ap[i * k + p].mul_add(unsafe { *bc[q].add(p) }, s);
+                        }
+                        // SAFETY: (i, jj) lies within C.
+                        unsafe { *c.offset(i as isize + jj as isize * csc) = s };
+                    }
+                }
+            }
+            j += 2;
+        }
+    })
+}
