@@ -592,3 +592,43 @@ fn vectorized_soft_max_matches_f64() {
         assert!(gdiff < 1e-4, "gradient {gdiff:e} off ggml's");
     }
 }
+
+/// LoRA's scale, `s · B·(A·x)`, folded into the GEMM that computes `B·(A·x)`
+/// (one node and one pass fewer): the same bits as the separate SCALE node,
+/// which stays where the product's result has another use.
+#[test]
+fn lora_scale_folds_into_the_gemm() {
+    let mut rng = Rng::new(17);
+    let mut vals = |n: usize| (0..n).map(|_| rng.normal()).collect::<Vec<f32>>();
+    let (av, bv, xv) = (vals(48 * 8), vals(8 * 40), vals(48 * 36));
+    let run = |fold: bool| {
+        let backend = Backend::cpu(threads());
+        let ctx = Context::new(16, 16, false);
+        let a = ctx.new_tensor(GgmlType::F32, &[48, 8]).set_input();
+        let b = ctx.new_tensor(GgmlType::F32, &[8, 40]).set_input();
+        let x = ctx.new_tensor(GgmlType::F32, &[48, 36]).set_input();
+        let bax = ctx.mul_mat(b, ctx.mul_mat(a, x));
+        if !fold {
+            bax.set_output();
+        }
+        let y = ctx.scale(bax, 0.37).set_output();
+        let mut gr = ctx.new_graph(16, false);
+        gr.build_forward(y);
+        let rewritten = gr.gemm_products();
+        let mut sched = Sched::new(std::slice::from_ref(&backend), 16);
+        sched.alloc(&gr).unwrap();
+        a.write_f32(&av);
+        b.write_f32(&bv);
+        x.write_f32(&xv);
+        sched.compute(&gr).unwrap();
+        (rewritten, y.read_f32())
+    };
+    let ((n_fold, y_fold), (n_kept, y_kept)) = (run(true), run(false));
+    assert_eq!(
+        (n_fold, n_kept),
+        (3, 2),
+        "both products on the GEMM, the SCALE folded once"
+    );
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&y_fold), bits(&y_kept));
+}

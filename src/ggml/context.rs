@@ -680,16 +680,21 @@ impl<'a> Graph<'a> {
     /// F32 OUT_PROD, F32 MUL_MATs over 32 or more tokens, and products with
     /// a plain-layout quantized weight (dequantized in bands) — as strided
     /// GEMMs in a custom op (see `gemm.rs`), and on AVX2 CPUs SILU_BACK
-    /// vectorized (`elementwise.rs`). CPU backends only (a custom op runs
+    /// vectorized (`elementwise.rs`); a SCALE of a GEMM's result (LoRA's
+    /// scale) is folded into the GEMM. CPU backends only (a custom op runs
     /// on the CPU); call after the backward pass is built and rewritten,
     /// before allocating. Returns the number of nodes rewritten.
     pub fn gemm_products(&mut self) -> usize {
-        (0..self.n_nodes())
-            .filter(|&i| {
-                // SAFETY: i < n_nodes; nodes are valid tensors of this graph,
-                // whose sources are valid or null; the graph is not allocated.
+        // SAFETY: i < n_nodes; nodes are valid tensors of this graph, whose
+        // sources are valid or null; the graph is not allocated.
+        let nodes: Vec<*mut sys::ggml_tensor> = (0..self.n_nodes())
+            .map(|i| unsafe { sys::ggml_graph_node(self.raw(), i as i32) })
+            .collect();
+        let rewritten = nodes
+            .iter()
+            .filter(|&&node| {
+                // SAFETY: as above.
                 unsafe {
-                    let node = sys::ggml_graph_node(self.raw(), i as i32);
                     #[cfg(target_arch = "x86_64")]
                     if super::elementwise::rewrite(node) {
                         return true;
@@ -697,7 +702,27 @@ impl<'a> Graph<'a> {
                     super::gemm::rewrite(node)
                 }
             })
-            .count()
+            .count();
+        #[cfg(target_pointer_width = "64")]
+        {
+            let mut consumers = std::collections::HashMap::new();
+            for &node in &nodes {
+                // SAFETY: as above; sources are valid or null.
+                for &src in unsafe { &(*node).src } {
+                    if !src.is_null() {
+                        *consumers.entry(src as *const sys::ggml_tensor).or_insert(0usize) += 1;
+                    }
+                }
+            }
+            // SAFETY: as above, after the rewrites.
+            rewritten
+                + nodes
+                    .iter()
+                    .filter(|&&n| unsafe { super::gemm::fold_scale(n, &consumers) })
+                    .count()
+        }
+        #[cfg(not(target_pointer_width = "64"))]
+        rewritten
     }
 
     /// Zeroes gradients and sets the loss gradient to 1 (after allocation).

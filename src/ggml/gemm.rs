@@ -134,6 +134,81 @@ pub(super) unsafe fn rewrite(node: *mut sys::ggml_tensor) -> bool {
     true
 }
 
+/// Set in a GEMM node's userdata when the product is scaled: the scale's
+/// bits are then in its upper 32 bits (64-bit targets only).
+const SCALED: usize = 1 << 8;
+
+/// The product kind and scale of a GEMM node's userdata.
+fn unpack(userdata: *mut c_void) -> (usize, f32) {
+    let u = userdata as usize;
+    #[cfg(target_pointer_width = "64")]
+    if u & SCALED != 0 {
+        return (u & 0xFF, f32::from_bits((u >> 32) as u32));
+    }
+    (u & 0xFF, 1.0)
+}
+
+/// Folds a SCALE of a GEMM node's result (LoRA's `s · B·(A·x)`) into the
+/// GEMM, which then computes `s · (a·b)`, and turns the SCALE into a view
+/// of it (no memory, no pass). Bit for bit the same values (the GEMM rounds
+/// its sums, then multiplies once, as SCALE does), one pass over the result
+/// fewer. Only where the SCALE is the GEMM's only consumer (`consumers`:
+/// how many nodes read each tensor).
+///
+/// # Safety
+/// `node` must be a valid node (sources valid or null) of a graph that is
+/// not yet allocated, after [`rewrite`] ran on its nodes.
+#[cfg(target_pointer_width = "64")]
+pub(super) unsafe fn fold_scale(
+    node: *mut sys::ggml_tensor,
+    consumers: &std::collections::HashMap<*const sys::ggml_tensor, usize>,
+) -> bool {
+    // SAFETY: forwarded from the caller; op_params of a CUSTOM node hold
+    // its CustomOpParams (written by make_custom).
+    unsafe {
+        let gemm = (*node).src[0];
+        if (*node).op != sys::GGML_OP_SCALE || gemm.is_null() || (*gemm).op != sys::GGML_OP_CUSTOM {
+            return false;
+        }
+        let params = std::ptr::read_unaligned((*gemm).op_params.as_ptr() as *const CustomOpParams);
+        let is_gemm = params.fun.map(|f| f as usize) == Some(run as CustomOp as usize);
+        let (kind, _) = unpack(params.userdata);
+        let plain = params.userdata as usize & SCALED == 0
+            && (kind == Product::Inner as usize || kind == Product::Outer as usize);
+        let (scale, bias) = (
+            f32::from_bits((*node).op_params[0] as u32),
+            f32::from_bits((*node).op_params[1] as u32),
+        );
+        let flags = sys::GGML_TENSOR_FLAG_INPUT
+            | sys::GGML_TENSOR_FLAG_OUTPUT
+            | sys::GGML_TENSOR_FLAG_PARAM
+            | sys::GGML_TENSOR_FLAG_LOSS;
+        let fits = is_gemm
+            && plain
+            && bias == 0.0
+            && consumers.get(&(gemm as *const _)) == Some(&1)
+            && (*gemm).flags as u32 & flags == 0
+            && (*node).view_src.is_null()
+            && (*node).type_ == (*gemm).type_
+            && (*node).ne == (*gemm).ne
+            && (*node).nb == (*gemm).nb;
+        if !fits {
+            return false;
+        }
+        let userdata = kind | SCALED | ((scale.to_bits() as usize) << 32);
+        make_custom(gemm, run, -1, userdata as *mut c_void);
+        // A view at offset 0 with the same shape and strides: its readers
+        // read the GEMM's result; ggml skips view nodes.
+        (*node).op = sys::GGML_OP_VIEW;
+        (*node).op_params = [0; 16];
+        (*node).src.iter_mut().for_each(|s| *s = std::ptr::null_mut());
+        (*node).src[0] = gemm;
+        (*node).view_src = gemm;
+        (*node).view_offs = 0;
+        true
+    }
+}
+
 /// Turns `node` into a `GGML_OP_CUSTOM` node running `fun` with `userdata`
 /// on `n_tasks` threads (-1: every thread of the graph); sources, shape
 /// and type stay.
@@ -168,7 +243,7 @@ unsafe extern "C" fn run(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_int, use
         let (a, b) = (&*(*dst).src[0], &*(*dst).src[1]);
         let d = &*dst;
         let s = |nb: usize| (nb / 4) as isize;
-        let kind = userdata as usize;
+        let (kind, alpha) = unpack(userdata);
         if kind == Product::DequantOuter as usize {
             return dequant_outer(a, b, d, ith as usize, nth as usize);
         }
@@ -226,7 +301,7 @@ unsafe extern "C" fn run(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_int, use
                             cs: s(b_i1),
                         },
                     );
-                    if try_product(r1 - r0, k, c1 - c0, sa, sb, pc, s(d.nb[1])) {
+                    if try_product(alpha, r1 - r0, k, c1 - c0, sa, sb, pc, s(d.nb[1])) {
                         continue;
                     }
                 }
@@ -234,7 +309,7 @@ unsafe extern "C" fn run(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_int, use
                     r1 - r0,
                     k,
                     c1 - c0,
-                    1.0,
+                    alpha,
                     pa,
                     s(a_i0),
                     s(a_k),

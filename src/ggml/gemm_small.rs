@@ -36,13 +36,16 @@ impl Strided {
     }
 }
 
-/// Computes `C = A·B` (`A` m×k, `B` k×n) if m is at most [`SMALL`], k
-/// longer and B's columns contiguous; returns whether it did.
+/// Computes `C = alpha·(A·B)` (`A` m×k, `B` k×n; the sums rounded, then
+/// scaled) if m is at most [`SMALL`], k longer and B's columns contiguous;
+/// returns whether it did.
 ///
 /// # Safety
 /// Every element the strides address must be valid, C (`m × n`, column `j`
 /// at `c + j·csc`) writable and not overlapping A or B.
+#[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn try_product(
+    alpha: f32,
     m: usize,
     k: usize,
     n: usize,
@@ -56,7 +59,7 @@ pub(super) unsafe fn try_product(
         return false;
     }
     // SAFETY: forwarded from the caller; the CPU has AVX2 and FMA.
-    unsafe { small_m_dots(m, k, n, a, b, c, csc) };
+    unsafe { small_m_dots(alpha, m, k, n, a, b, c, csc) };
     true
 }
 
@@ -73,7 +76,8 @@ fn hsum(v: __m256) -> f32 {
 /// padded to groups of 4 with zero rows) with B's columns read in place, 4
 /// rows × 2 columns at a time.
 #[target_feature(enable = "avx2,fma")]
-unsafe fn small_m_dots(m: usize, k: usize, n: usize, a: Strided, b: Strided, c: *mut f32, csc: isize) {
+#[allow(clippy::too_many_arguments)]
+unsafe fn small_m_dots(alpha: f32, m: usize, k: usize, n: usize, a: Strided, b: Strided, c: *mut f32, csc: isize) {
     let m4 = m.div_ceil(4) * 4;
     with_scratch(m4 * k, |ap| {
         for i in 0..m4 {
@@ -115,7 +119,7 @@ unsafe fn small_m_dots(m: usize, k: usize, n: usize, a: Strided, b: Strided, c: 
                             s = ap[i * k + p].mul_add(unsafe { *bc[q].add(p) }, s);
                         }
                         // SAFETY: (i, jj) lies within C.
-                        unsafe { *c.offset(i as isize + jj as isize * csc) = s };
+                        unsafe { *c.offset(i as isize + jj as isize * csc) = s * alpha };
                     }
                 }
             }
