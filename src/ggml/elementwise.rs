@@ -88,13 +88,8 @@ unsafe extern "C" fn soft_max(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_int
         );
         let mut w = vec![0f32; n];
         for r in r0..r1 {
-            let (i1, i2, i3) = (
-                r % d.ne[1] as usize,
-                r / d.ne[1] as usize % d.ne[2] as usize,
-                r / (d.ne[1] * d.ne[2]) as usize,
-            );
-            let xr = (x.data as *const u8).add(i1 * x.nb[1] + i2 * x.nb[2] + i3 * x.nb[3]) as *const f32;
-            let dr = (d.data as *mut u8).add(i1 * d.nb[1] + i2 * d.nb[2] + i3 * d.nb[3]) as *mut f32;
+            let (i1, i2, i3) = row_index(d, r);
+            let (xr, dr) = (row(x, r), row(d, r));
             let m = (!mask.is_null()).then(|| {
                 let m = &*mask;
                 let (j2, j3) = (i2 % m.ne[2] as usize, i3 % m.ne[3] as usize);
@@ -176,6 +171,22 @@ unsafe fn soft_max_row(n: usize, x: *const f32, scale: f32, mask: Option<(*const
     }
 }
 
+/// The (i1, i2, i3) of row `r` of `t` (rows counted over dims 1–3).
+fn row_index(t: &sys::ggml_tensor, r: usize) -> (usize, usize, usize) {
+    let (n1, n2) = (t.ne[1] as usize, t.ne[2] as usize);
+    (r % n1, r / n1 % n2, r / (n1 * n2))
+}
+
+/// The first value of row `r` of `t`.
+///
+/// # Safety
+/// `t` must be allocated and `r` one of its rows.
+unsafe fn row(t: &sys::ggml_tensor, r: usize) -> *mut f32 {
+    let (i1, i2, i3) = row_index(t, r);
+    // SAFETY: the row lies within t's data, as the caller guarantees.
+    unsafe { (t.data as *mut u8).add(i1 * t.nb[1] + i2 * t.nb[2] + i3 * t.nb[3]) as *mut f32 }
+}
+
 /// ggml's CROSS_ENTROPY_LOSS (`src[0]` = logits, `src[1]` = target
 /// probabilities, one row per position): `−(1/rows) Σ_rows Σ_i t_i ·
 /// log softmax(x)_i`. ggml's CPU kernel calls `expf` once per logit: 0.06 s
@@ -188,14 +199,6 @@ unsafe extern "C" fn cross_entropy_loss(dst: *mut sys::ggml_tensor, _: c_int, _:
         let (x, t) = (&*(*dst).src[0], &*(*dst).src[1]);
         let n = x.ne[0] as usize;
         let rows = (x.ne[1] * x.ne[2] * x.ne[3]) as usize;
-        let row = |t: &sys::ggml_tensor, r: usize| {
-            let (i1, i2, i3) = (
-                r % t.ne[1] as usize,
-                r / t.ne[1] as usize % t.ne[2] as usize,
-                r / (t.ne[1] * t.ne[2]) as usize,
-            );
-            (t.data as *const u8).add(i1 * t.nb[1] + i2 * t.nb[2] + i3 * t.nb[3]) as *const f32
-        };
         let sum: f64 = (0..rows).map(|r| cross_entropy_row(n, row(x, r), row(t, r))).sum();
         *((*dst).data as *mut f32) = (-sum / rows as f64) as f32;
     }
@@ -267,14 +270,6 @@ unsafe extern "C" fn silu_back(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_in
             rows * ith as usize / nth as usize,
             rows * (ith as usize + 1) / nth as usize,
         );
-        let row = |t: &sys::ggml_tensor, r: usize| {
-            let (i1, i2, i3) = (
-                r % t.ne[1] as usize,
-                r / t.ne[1] as usize % t.ne[2] as usize,
-                r / (t.ne[1] * t.ne[2]) as usize,
-            );
-            (t.data as *mut u8).add(i1 * t.nb[1] + i2 * t.nb[2] + i3 * t.nb[3]) as *mut f32
-        };
         for r in r0..r1 {
             silu_back_row(n, row(d, r), row(x, r), row(dy, r));
         }
