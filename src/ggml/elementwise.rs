@@ -33,10 +33,8 @@ pub(super) unsafe fn rewrite(node: *mut sys::ggml_tensor) -> bool {
         }
         match (*node).op {
             sys::GGML_OP_SILU_BACK if f32_rows(b) => make_custom(node, silu_back, -1, std::ptr::null_mut()),
-            // One thread: the op has no scratch to combine per-thread sums
-            // in, and vectorized it takes a few ms for a 49152-word vocabulary.
             sys::GGML_OP_CROSS_ENTROPY_LOSS if f32_rows(b) && sys::ggml_are_same_shape(a, b) => {
-                make_custom(node, cross_entropy_loss, 1, std::ptr::null_mut())
+                make_custom(node, cross_entropy_loss, -1, std::ptr::null_mut())
             }
             sys::GGML_OP_SOFT_MAX if plain_soft_max(node) && sys::ggml_are_same_shape(a, node) => {
                 // The scale rides in userdata (a custom op's params replace
@@ -191,16 +189,40 @@ unsafe fn row(t: &sys::ggml_tensor, r: usize) -> *mut f32 {
 /// probabilities, one row per position): `−(1/rows) Σ_rows Σ_i t_i ·
 /// log softmax(x)_i`. ggml's CPU kernel calls `expf` once per logit: 0.06 s
 /// of a SmolLM2 step (49152 × 255 logits).
-unsafe extern "C" fn cross_entropy_loss(dst: *mut sys::ggml_tensor, _: c_int, _: c_int, _: *mut c_void) {
-    // SAFETY: ggml calls this on one thread for a node made by `rewrite`,
-    // allocated, whose two F32 sources have the same shape and contiguous
-    // rows; the result is one float.
+unsafe extern "C" fn cross_entropy_loss(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_int, _: *mut c_void) {
+    // SAFETY: ggml calls this on every thread for a node made by
+    // `rewrite`, allocated, whose two F32 sources have the same shape and
+    // contiguous rows; the result is one float, written once.
     unsafe {
         let (x, t) = (&*(*dst).src[0], &*(*dst).src[1]);
         let n = x.ne[0] as usize;
         let rows = (x.ne[1] * x.ne[2] * x.ne[3]) as usize;
-        let sum: f64 = (0..rows).map(|r| cross_entropy_row(n, row(x, r), row(t, r))).sum();
-        *((*dst).data as *mut f32) = (-sum / rows as f64) as f32;
+        let (ith, nth) = (ith as usize, nth as usize);
+        let (r0, r1) = (rows * ith / nth, rows * (ith + 1) / nth);
+        let part: f64 = (r0..r1).map(|r| cross_entropy_row(n, row(x, r), row(t, r))).sum();
+        if let Some(sum) = combine(dst as usize, ith, nth, part) {
+            *((*dst).data as *mut f32) = (-sum / rows as f64) as f32;
+        }
+    }
+}
+
+/// Per-thread partial sums of the nodes being computed, by node address: a
+/// custom op has no barrier or scratch of its own, so the last thread of a
+/// node to arrive adds the parts (in thread order, so the result does not
+/// depend on which thread that is) and gets the total.
+fn combine(node: usize, ith: usize, nth: usize, part: f64) -> Option<f64> {
+    type Parts = std::collections::HashMap<usize, Vec<Option<f64>>>;
+    static PARTS: std::sync::Mutex<Option<Parts>> = std::sync::Mutex::new(None);
+    let mut guard = PARTS.lock().unwrap_or_else(|e| e.into_inner());
+    let parts = guard.get_or_insert_with(Default::default);
+    let v = parts.entry(node).or_insert_with(|| vec![None; nth]);
+    v[ith] = Some(part);
+    if v.iter().all(Option::is_some) {
+        let total = v.iter().flatten().sum();
+        parts.remove(&node);
+        Some(total)
+    } else {
+        None
     }
 }
 
