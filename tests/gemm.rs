@@ -632,3 +632,65 @@ fn lora_scale_folds_into_the_gemm() {
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     assert_eq!(bits(&y_fold), bits(&y_kept));
 }
+
+/// A sum of a product and a LoRA-short one — `W·x + s·B·(A·x)` forward,
+/// `Wᵀ·dy + A·d` in an input gradient — computed as one node from the short
+/// product's operands: the same bits as the separate nodes, which stay
+/// where a product's result has another use.
+#[test]
+fn sums_with_a_short_product_fold_into_one_node() {
+    let mut rng = Rng::new(19);
+    let mut vals = |n: usize| (0..n).map(|_| rng.normal()).collect::<Vec<f32>>();
+    let (wv, av, bv, xv, dv) = (vals(48 * 45), vals(48 * 8), vals(8 * 45), vals(48 * 36), vals(8 * 36));
+    let dyv: Vec<f32> = xv.iter().take(45 * 36).map(|v| v * 0.5).collect();
+    let run = |fold: bool, forward: bool| {
+        let backend = Backend::cpu(threads());
+        let ctx = Context::new(16, 16, false);
+        let w = ctx.new_tensor(GgmlType::F32, &[48, 45]).set_input();
+        let a = ctx.new_tensor(GgmlType::F32, &[48, 8]).set_input();
+        let b = ctx.new_tensor(GgmlType::F32, &[8, 45]).set_input();
+        let x = ctx.new_tensor(GgmlType::F32, &[48, 36]).set_input();
+        let d = ctx.new_tensor(GgmlType::F32, &[8, 36]).set_input();
+        let dy = ctx.new_tensor(GgmlType::F32, &[45, 36]).set_input();
+        let (first, sum) = if forward {
+            let wx = ctx.mul_mat(w, x);
+            (wx, ctx.add(wx, ctx.scale(ctx.mul_mat(b, ctx.mul_mat(a, x)), 0.37)))
+        } else {
+            let wdy = ctx.out_prod(w, ctx.transpose(dy));
+            (wdy, ctx.add(wdy, ctx.out_prod(a, ctx.transpose(d))))
+        };
+        if !fold {
+            first.set_output();
+        }
+        // The sum read by a later node (a graph's outputs are never folded).
+        let y = ctx.scale(sum, 2.0).set_output();
+        let mut gr = ctx.new_graph(16, false);
+        gr.build_forward(y);
+        let rewritten = gr.gemm_products();
+        let mut sched = Sched::new(std::slice::from_ref(&backend), 16);
+        sched.alloc(&gr).unwrap();
+        // Inputs the graph does not use are not allocated.
+        for (t, v) in [(w, &wv), (a, &av), (b, &bv), (x, &xv), (d, &dv), (dy, &dyv)] {
+            if t.is_allocated() {
+                t.write_f32(v);
+            }
+        }
+        sched.compute(&gr).unwrap();
+        (rewritten, y.read_f32())
+    };
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    for (forward, nodes) in [(true, 5), (false, 3)] {
+        let ((n_fold, y_fold), (n_kept, y_kept)) = (run(true, forward), run(false, forward));
+        assert_eq!(
+            (n_fold, n_kept),
+            (nodes, nodes - 1),
+            "forward {forward}: the ADD folded once"
+        );
+        let diff = y_fold
+            .iter()
+            .zip(&y_kept)
+            .filter(|(a, b)| a.to_bits() != b.to_bits())
+            .count();
+        assert_eq!(bits(&y_fold), bits(&y_kept), "forward {forward}: {diff} values differ");
+    }
+}

@@ -138,14 +138,140 @@ pub(super) unsafe fn rewrite(node: *mut sys::ggml_tensor) -> bool {
 /// bits are then in its upper 32 bits (64-bit targets only).
 const SCALED: usize = 1 << 8;
 
-/// The product kind and scale of a GEMM node's userdata.
-fn unpack(userdata: *mut c_void) -> (usize, f32) {
+/// Set in a GEMM node's userdata when its result is `src[2]` plus the
+/// (scaled) product: a folded ADD (see [`fold_add`]).
+const PLUS: usize = 1 << 9;
+
+/// The product kind, scale and whether `src[2]` is added, from a GEMM
+/// node's userdata.
+fn unpack(userdata: *mut c_void) -> (usize, f32, bool) {
     let u = userdata as usize;
-    #[cfg(target_pointer_width = "64")]
-    if u & SCALED != 0 {
-        return (u & 0xFF, f32::from_bits((u >> 32) as u32));
+    let alpha = if cfg!(target_pointer_width = "64") && u & SCALED != 0 {
+        f32::from_bits((u as u64 >> 32) as u32)
+    } else {
+        1.0
+    };
+    (u & 0xFF, alpha, u & PLUS != 0)
+}
+
+/// The GEMM node behind `t` (itself, or the node a view made by
+/// [`fold_scale`] shows) with its userdata, if it is one of ours.
+///
+/// # Safety
+/// `t` must be a valid node or null.
+#[cfg(all(target_pointer_width = "64", target_arch = "x86_64"))]
+unsafe fn gemm_behind(t: *mut sys::ggml_tensor) -> Option<(*mut sys::ggml_tensor, usize)> {
+    // SAFETY: forwarded from the caller; op_params of a CUSTOM node hold
+    // its CustomOpParams (written by make_custom).
+    unsafe {
+        let t = if !t.is_null() && (*t).op == sys::GGML_OP_VIEW {
+            (*t).view_src
+        } else {
+            t
+        };
+        if t.is_null() || (*t).op != sys::GGML_OP_CUSTOM {
+            return None;
+        }
+        let params = std::ptr::read_unaligned((*t).op_params.as_ptr() as *const CustomOpParams);
+        let is_gemm = params.fun.map(|f| f as usize) == Some(run as CustomOp as usize);
+        is_gemm.then_some((t, params.userdata as usize))
     }
-    (u & 0xFF, 1.0)
+}
+
+/// Whether a fold must leave `t` alone: read or written from outside the
+/// graph.
+///
+/// # Safety
+/// `t` must be a valid tensor.
+unsafe fn external(t: *const sys::ggml_tensor) -> bool {
+    let flags = sys::GGML_TENSOR_FLAG_INPUT
+        | sys::GGML_TENSOR_FLAG_OUTPUT
+        | sys::GGML_TENSOR_FLAG_PARAM
+        | sys::GGML_TENSOR_FLAG_LOSS;
+    // SAFETY: forwarded from the caller.
+    unsafe { (*t).flags as u32 & flags != 0 }
+}
+
+/// Folds `ADD(p, q)` where q is a product with a sum of at most 16 terms
+/// (LoRA's rank) — `W·x + s·B·(A·x)` in the forward, `Wᵀ·dy + A·d` in the
+/// input gradient — into one node: the ADD computes `p + q` itself, from
+/// q's operands, by loops that take each sum in the packed GEMM's order
+/// and round scale and add separately (bit for bit the separate nodes'
+/// values), while q's node (and a scale's view of it) become views of p
+/// that nothing computes. Two passes over the result instead of four, and
+/// no memory for q. Only where p and q (and the view) are read by the ADD
+/// alone; `order` gives each node's position.
+///
+/// # Safety
+/// As for [`fold_scale`], after it ran on the graph's nodes.
+#[cfg(all(target_pointer_width = "64", target_arch = "x86_64"))]
+pub(super) unsafe fn fold_add(
+    node: *mut sys::ggml_tensor,
+    consumers: &std::collections::HashMap<*const sys::ggml_tensor, usize>,
+    order: &std::collections::HashMap<*const sys::ggml_tensor, usize>,
+) -> bool {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        let simd = std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
+        if !simd || (*node).op != sys::GGML_OP_ADD || !(*node).view_src.is_null() || external(node) {
+            return false;
+        }
+        let (x, y) = ((*node).src[0], (*node).src[1]);
+        // p: any node before q; q: a short product, possibly behind a view.
+        let short = |t: *mut sys::ggml_tensor| {
+            let (g, u) = gemm_behind(t)?;
+            let (kind, _, plus) = unpack(u as *mut c_void);
+            let a = (*g).src[0];
+            let k = if kind == Product::Outer as usize {
+                (*a).ne[1]
+            } else {
+                (*a).ne[0]
+            };
+            let plain = (kind == Product::Inner as usize || kind == Product::Outer as usize) && !plus;
+            (plain && k <= 16 && (*g).ne[2] * (*g).ne[3] == 1).then_some((g, u))
+        };
+        let ((q_src, q, uq), p) = match (short(y), short(x)) {
+            (Some((g, u)), _) => ((y, g, u), x),
+            (None, Some((g, u))) => ((x, g, u), y),
+            _ => return false,
+        };
+        let only = |t: *mut sys::ggml_tensor| consumers.get(&(t as *const _)) == Some(&1) && !external(t);
+        let same = |t: *mut sys::ggml_tensor| {
+            (*t).type_ == sys::GGML_TYPE_F32 && (*t).ne == (*node).ne && (*t).nb == (*node).nb
+        };
+        let before = matches!((order.get(&(p as *const _)), order.get(&(q as *const _))), (Some(a), Some(b)) if a < b);
+        let fits = before
+            && only(p)
+            && only(q)
+            && (q_src == q || only(q_src))
+            && (*p).view_src.is_null()
+            && (*q).view_src.is_null()
+            && same(p)
+            && same(q)
+            && same(node);
+        if !fits {
+            return false;
+        }
+        // The ADD computes p + q from q's operands; q's view (if any)
+        // stays a source only to keep its bookkeeping in ggml's allocator.
+        let (a, b) = ((*q).src[0], (*q).src[1]);
+        make_custom(node, run, -1, (uq | PLUS) as *mut c_void);
+        (*node).src.iter_mut().for_each(|s| *s = std::ptr::null_mut());
+        for (i, t) in [a, b, p, q_src].into_iter().enumerate() {
+            (*node).src[i] = t;
+        }
+        // q and its view: views of p (allocated before them) that ggml
+        // skips; their memory is p's, nothing writes it.
+        for v in [q, q_src] {
+            (*v).op = sys::GGML_OP_VIEW;
+            (*v).op_params = [0; 16];
+            (*v).view_src = p;
+            (*v).view_offs = 0;
+        }
+        (*q).src.iter_mut().for_each(|s| *s = std::ptr::null_mut());
+        (*q).src[0] = p;
+        true
+    }
 }
 
 /// Folds a SCALE of a GEMM node's result (LoRA's `s · B·(A·x)`) into the
@@ -172,22 +298,18 @@ pub(super) unsafe fn fold_scale(
         }
         let params = std::ptr::read_unaligned((*gemm).op_params.as_ptr() as *const CustomOpParams);
         let is_gemm = params.fun.map(|f| f as usize) == Some(run as CustomOp as usize);
-        let (kind, _) = unpack(params.userdata);
-        let plain = params.userdata as usize & SCALED == 0
+        let (kind, _, _) = unpack(params.userdata);
+        let plain = params.userdata as usize & (SCALED | PLUS) == 0
             && (kind == Product::Inner as usize || kind == Product::Outer as usize);
         let (scale, bias) = (
             f32::from_bits((*node).op_params[0] as u32),
             f32::from_bits((*node).op_params[1] as u32),
         );
-        let flags = sys::GGML_TENSOR_FLAG_INPUT
-            | sys::GGML_TENSOR_FLAG_OUTPUT
-            | sys::GGML_TENSOR_FLAG_PARAM
-            | sys::GGML_TENSOR_FLAG_LOSS;
         let fits = is_gemm
             && plain
             && bias == 0.0
             && consumers.get(&(gemm as *const _)) == Some(&1)
-            && (*gemm).flags as u32 & flags == 0
+            && !external(gemm)
             && (*node).view_src.is_null()
             && (*node).type_ == (*gemm).type_
             && (*node).ne == (*gemm).ne
@@ -243,7 +365,7 @@ unsafe extern "C" fn run(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_int, use
         let (a, b) = (&*(*dst).src[0], &*(*dst).src[1]);
         let d = &*dst;
         let s = |nb: usize| (nb / 4) as isize;
-        let (kind, alpha) = unpack(userdata);
+        let (kind, alpha, plus) = unpack(userdata);
         if kind == Product::DequantOuter as usize {
             return dequant_outer(a, b, d, ith as usize, nth as usize);
         }
@@ -301,7 +423,19 @@ unsafe extern "C" fn run(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_int, use
                             cs: s(b_i1),
                         },
                     );
-                    if try_product(alpha, r1 - r0, k, c1 - c0, sa, sb, pc, s(d.nb[1])) {
+                    let cs = s(d.nb[1]);
+                    let done = if plus {
+                        // src[2] is laid out as dst (checked by fold_add).
+                        let pd = ((*(*dst).src[2]).data as *const u8)
+                            .offset((pc as *const u8).offset_from(d.data as *const u8))
+                            as *const f32;
+                        let ran = super::gemm_small::try_add_product(alpha, r1 - r0, k, c1 - c0, sa, sb, pd, pc, cs);
+                        assert!(ran, "fold_add only folds sums of at most 16 terms, on AVX2/FMA");
+                        true
+                    } else {
+                        try_product(alpha, r1 - r0, k, c1 - c0, sa, sb, pc, cs)
+                    };
+                    if done {
                         continue;
                     }
                 }

@@ -127,3 +127,89 @@ unsafe fn small_m_dots(alpha: f32, m: usize, k: usize, n: usize, a: Strided, b: 
         }
     })
 }
+
+/// `C = D + alpha·(A·B)` (D laid out as C) for a sum of at most [`SMALL`]
+/// terms (`k`), each entry's sum taken in order with fused multiply-adds
+/// from zero (as the packed GEMM's kernel does), then scaled and added to
+/// D's entry: the values of a separate product, SCALE and ADD, bit for bit.
+/// Returns whether it ran (k small, AVX2 and FMA present).
+///
+/// # Safety
+/// As for [`try_product`]; D (`m × n`, column `j` at `d + j·csc`) readable.
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn try_add_product(
+    alpha: f32,
+    m: usize,
+    k: usize,
+    n: usize,
+    a: Strided,
+    b: Strided,
+    d: *const f32,
+    c: *mut f32,
+    csc: isize,
+) -> bool {
+    if !(k <= SMALL && std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")) {
+        return false;
+    }
+    // SAFETY: forwarded from the caller; the CPU has AVX2 and FMA.
+    unsafe { add_small_k(alpha, m, k, n, a, b, d, c, csc) };
+    true
+}
+
+/// [`try_add_product`]'s loops: A packed column by column (k × m), blocks
+/// of 256 rows (in L1) against every column of C.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn add_small_k(
+    alpha: f32,
+    m: usize,
+    k: usize,
+    n: usize,
+    a: Strided,
+    b: Strided,
+    d: *const f32,
+    c: *mut f32,
+    csc: isize,
+) {
+    with_scratch(k * m, |ap| {
+        for p in 0..k {
+            for i in 0..m {
+                // SAFETY: (i, p) lies within A.
+                ap[p * m + i] = unsafe { a.at(i, p) };
+            }
+        }
+        let av = _mm256_set1_ps(alpha);
+        for i0 in (0..m).step_by(256) {
+            let i1 = (i0 + 256).min(m);
+            for j in 0..n {
+                let mut bj = [0f32; SMALL];
+                for (p, v) in bj.iter_mut().enumerate().take(k) {
+                    // SAFETY: (p, j) lies within B.
+                    *v = unsafe { b.at(p, j) };
+                }
+                // SAFETY: column j of C and of D hold m floats.
+                let (cj, dj) = unsafe { (c.offset(j as isize * csc), d.offset(j as isize * csc)) };
+                let mut i = i0;
+                while i + 8 <= i1 {
+                    let mut acc = _mm256_setzero_ps();
+                    for (p, &w) in bj.iter().enumerate().take(k) {
+                        // SAFETY: rows i..i+8 of packed column p.
+                        let x = unsafe { _mm256_loadu_ps(ap.as_ptr().add(p * m + i)) };
+                        acc = _mm256_fmadd_ps(x, _mm256_set1_ps(w), acc);
+                    }
+                    // SAFETY: rows i..i+8 of column j of D and C.
+                    unsafe {
+                        let base = _mm256_loadu_ps(dj.add(i));
+                        _mm256_storeu_ps(cj.add(i), _mm256_add_ps(base, _mm256_mul_ps(av, acc)));
+                    }
+                    i += 8;
+                }
+                for i in i..i1 {
+                    let s = (0..k).fold(0f32, |s, p| ap[p * m + i].mul_add(bj[p], s));
+                    // SAFETY: row i of column j of D and C.
+                    unsafe { *cj.add(i) = *dj.add(i) + alpha * s };
+                }
+            }
+        }
+    })
+}
