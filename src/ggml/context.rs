@@ -679,12 +679,11 @@ impl<'a> Graph<'a> {
     /// Runs the products ggml's CPU kernels are slow at — every remaining
     /// F32 OUT_PROD, F32 MUL_MATs over 32 or more tokens, and products with
     /// a plain-layout quantized weight (dequantized in bands) — as strided
-    /// GEMMs in a custom op (see `gemm.rs`), and on AVX2 CPUs SILU_BACK
-    /// vectorized (`elementwise.rs`); a SCALE of a GEMM's result (LoRA's
-    /// scale) is folded into the GEMM, and an ADD of a product and a
-    /// rank-short one (LoRA's) is computed as one node. CPU backends only (a custom op runs
-    /// on the CPU); call after the backward pass is built and rewritten,
-    /// before allocating. Returns the number of nodes rewritten.
+    /// GEMMs in a custom op (see `gemm.rs`), with LoRA's scales and adds
+    /// folded into them; on AVX2 CPUs SILU_BACK, softmax and cross-entropy
+    /// run vectorized (`elementwise.rs`). CPU backends only (a custom op
+    /// runs on the CPU); call after the backward pass is built and
+    /// rewritten, before allocating. Returns the number of nodes rewritten.
     pub fn gemm_products(&mut self) -> usize {
         // SAFETY: i < n_nodes; nodes are valid tensors of this graph, whose
         // sources are valid or null; the graph is not allocated.
@@ -704,31 +703,8 @@ impl<'a> Graph<'a> {
                 }
             })
             .count();
-        #[cfg(target_pointer_width = "64")]
-        {
-            let consumers = count_consumers(&nodes);
-            // SAFETY: as above, after the rewrites.
-            let scales = nodes
-                .iter()
-                .filter(|&&n| unsafe { super::gemm::fold_scale(n, &consumers) })
-                .count();
-            #[cfg(target_arch = "x86_64")]
-            let adds = {
-                // Sources changed: count again.
-                let consumers = count_consumers(&nodes);
-                let order = nodes.iter().enumerate().map(|(i, &n)| (n as *const _, i)).collect();
-                // SAFETY: as above, after the scale folds.
-                nodes
-                    .iter()
-                    .filter(|&&n| unsafe { super::gemm::fold_add(n, &consumers, &order) })
-                    .count()
-            };
-            #[cfg(not(target_arch = "x86_64"))]
-            let adds = 0;
-            rewritten + scales + adds
-        }
-        #[cfg(not(target_pointer_width = "64"))]
-        rewritten
+        // SAFETY: as above, after the rewrites.
+        rewritten + unsafe { super::gemm::fold(&nodes) }
     }
 
     /// Zeroes gradients and sets the loss gradient to 1 (after allocation).
@@ -736,19 +712,4 @@ impl<'a> Graph<'a> {
         // SAFETY: valid, allocated graph with grads.
         unsafe { sys::ggml_graph_reset(self.raw()) }
     }
-}
-
-/// How many of `nodes` read each tensor (as a source).
-#[cfg(target_pointer_width = "64")]
-fn count_consumers(nodes: &[*mut sys::ggml_tensor]) -> std::collections::HashMap<*const sys::ggml_tensor, usize> {
-    let mut consumers = std::collections::HashMap::new();
-    for &node in nodes {
-        // SAFETY: callers pass valid nodes, whose sources are valid or null.
-        for &src in unsafe { &(*node).src } {
-            if !src.is_null() {
-                *consumers.entry(src as *const sys::ggml_tensor).or_insert(0usize) += 1;
-            }
-        }
-    }
-    consumers
 }

@@ -80,12 +80,8 @@ unsafe extern "C" fn soft_max(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_int
         let scale = f32::from_bits(userdata as usize as u32);
         let n = d.ne[0] as usize;
         let rows = (d.ne[1] * d.ne[2] * d.ne[3]) as usize;
-        let (r0, r1) = (
-            rows * ith as usize / nth as usize,
-            rows * (ith as usize + 1) / nth as usize,
-        );
         let mut w = vec![0f32; n];
-        for r in r0..r1 {
+        for r in share(rows, ith, nth) {
             let (i1, i2, i3) = row_index(d, r);
             let (xr, dr) = (row(x, r), row(d, r));
             let m = (!mask.is_null()).then(|| {
@@ -129,9 +125,7 @@ unsafe fn soft_max_row(n: usize, x: *const f32, scale: f32, mask: Option<(*const
             mv = _mm256_max_ps(mv, v);
             i += 8;
         }
-        let mut lanes = [0f32; 8];
-        _mm256_storeu_ps(lanes.as_mut_ptr(), mv);
-        let mut max = lanes.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut max = hmax(mv);
         for j in i..n {
             *w.add(j) = *x.add(j) * scale + mask_at(j);
             max = max.max(*w.add(j));
@@ -169,6 +163,21 @@ unsafe fn soft_max_row(n: usize, x: *const f32, scale: f32, mask: Option<(*const
     }
 }
 
+/// Thread `ith` of `nth`'s share of `rows` rows.
+fn share(rows: usize, ith: c_int, nth: c_int) -> std::ops::Range<usize> {
+    let (ith, nth) = (ith as usize, nth as usize);
+    rows * ith / nth..rows * (ith + 1) / nth
+}
+
+/// The largest of 8 lanes.
+#[target_feature(enable = "avx2,fma")]
+fn hmax(v: __m256) -> f32 {
+    let mut lanes = [0f32; 8];
+    // SAFETY: lanes holds 8 floats.
+    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), v) };
+    lanes.into_iter().fold(f32::NEG_INFINITY, f32::max)
+}
+
 /// The (i1, i2, i3) of row `r` of `t` (rows counted over dims 1–3).
 fn row_index(t: &sys::ggml_tensor, r: usize) -> (usize, usize, usize) {
     let (n1, n2) = (t.ne[1] as usize, t.ne[2] as usize);
@@ -197,10 +206,10 @@ unsafe extern "C" fn cross_entropy_loss(dst: *mut sys::ggml_tensor, ith: c_int, 
         let (x, t) = (&*(*dst).src[0], &*(*dst).src[1]);
         let n = x.ne[0] as usize;
         let rows = (x.ne[1] * x.ne[2] * x.ne[3]) as usize;
-        let (ith, nth) = (ith as usize, nth as usize);
-        let (r0, r1) = (rows * ith / nth, rows * (ith + 1) / nth);
-        let part: f64 = (r0..r1).map(|r| cross_entropy_row(n, row(x, r), row(t, r))).sum();
-        if let Some(sum) = combine(dst as usize, ith, nth, part) {
+        let part: f64 = share(rows, ith, nth)
+            .map(|r| cross_entropy_row(n, row(x, r), row(t, r)))
+            .sum();
+        if let Some(sum) = combine(dst as usize, ith as usize, nth as usize, part) {
             *((*dst).data as *mut f32) = (-sum / rows as f64) as f32;
         }
     }
@@ -240,9 +249,7 @@ unsafe fn cross_entropy_row(n: usize, x: *const f32, t: *const f32) -> f64 {
             mv = _mm256_max_ps(mv, _mm256_loadu_ps(x.add(i)));
             i += 8;
         }
-        let mut lanes = [0f32; 8];
-        _mm256_storeu_ps(lanes.as_mut_ptr(), mv);
-        let max = (i..n).map(|i| *x.add(i)).chain(lanes).fold(f32::NEG_INFINITY, f32::max);
+        let max = (i..n).map(|i| *x.add(i)).fold(hmax(mv), f32::max);
         let m = _mm256_set1_ps(max);
         // Σ exp(x − max), Σ t·(x − max) and Σ t, in f64 lanes.
         let (mut se, mut stx, mut st) = (_mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd());
@@ -288,11 +295,7 @@ unsafe extern "C" fn silu_back(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_in
         let (d, dy, x) = (&*dst, &*(*dst).src[0], &*(*dst).src[1]);
         let n = d.ne[0] as usize;
         let rows = (d.ne[1] * d.ne[2] * d.ne[3]) as usize;
-        let (r0, r1) = (
-            rows * ith as usize / nth as usize,
-            rows * (ith as usize + 1) / nth as usize,
-        );
-        for r in r0..r1 {
+        for r in share(rows, ith, nth) {
             silu_back_row(n, row(d, r), row(x, r), row(dy, r));
         }
     }

@@ -154,27 +154,59 @@ fn unpack(userdata: *mut c_void) -> (usize, f32, bool) {
     (u & 0xFF, alpha, u & PLUS != 0)
 }
 
+/// The userdata of `t` if it is one of our GEMM nodes.
+///
+/// # Safety
+/// `t` must be a valid node or null.
+#[cfg(target_pointer_width = "64")]
+unsafe fn gemm_userdata(t: *const sys::ggml_tensor) -> Option<usize> {
+    // SAFETY: forwarded from the caller; op_params of a CUSTOM node hold
+    // its CustomOpParams (written by make_custom).
+    unsafe {
+        if t.is_null() || (*t).op != sys::GGML_OP_CUSTOM {
+            return None;
+        }
+        let params = std::ptr::read_unaligned((*t).op_params.as_ptr() as *const CustomOpParams);
+        let is_gemm = params.fun.map(|f| f as usize) == Some(run as CustomOp as usize);
+        is_gemm.then_some(params.userdata as usize)
+    }
+}
+
 /// The GEMM node behind `t` (itself, or the node a view made by
-/// [`fold_scale`] shows) with its userdata, if it is one of ours.
+/// [`fold_scale`] shows) with its userdata.
 ///
 /// # Safety
 /// `t` must be a valid node or null.
 #[cfg(all(target_pointer_width = "64", target_arch = "x86_64"))]
 unsafe fn gemm_behind(t: *mut sys::ggml_tensor) -> Option<(*mut sys::ggml_tensor, usize)> {
-    // SAFETY: forwarded from the caller; op_params of a CUSTOM node hold
-    // its CustomOpParams (written by make_custom).
+    // SAFETY: forwarded from the caller.
     unsafe {
         let t = if !t.is_null() && (*t).op == sys::GGML_OP_VIEW {
             (*t).view_src
         } else {
             t
         };
-        if t.is_null() || (*t).op != sys::GGML_OP_CUSTOM {
-            return None;
-        }
-        let params = std::ptr::read_unaligned((*t).op_params.as_ptr() as *const CustomOpParams);
-        let is_gemm = params.fun.map(|f| f as usize) == Some(run as CustomOp as usize);
-        is_gemm.then_some((t, params.userdata as usize))
+        gemm_userdata(t).map(|u| (t, u))
+    }
+}
+
+/// Turns `node` into a view of all of `of` (same shape and strides, offset
+/// 0), which ggml does not compute; `src` becomes its only source (what it
+/// must come after).
+///
+/// # Safety
+/// `node` and `of` must be valid nodes of a graph that is not yet
+/// allocated, with the same type, shape and strides.
+#[cfg(target_pointer_width = "64")]
+unsafe fn make_view(node: *mut sys::ggml_tensor, src: *mut sys::ggml_tensor, of: *mut sys::ggml_tensor) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        (*node).op = sys::GGML_OP_VIEW;
+        (*node).op_params = [0; 16];
+        (*node).src.iter_mut().for_each(|s| *s = std::ptr::null_mut());
+        (*node).src[0] = src;
+        (*node).view_src = of;
+        (*node).view_offs = 0;
     }
 }
 
@@ -205,7 +237,7 @@ unsafe fn external(t: *const sys::ggml_tensor) -> bool {
 /// # Safety
 /// As for [`fold_scale`], after it ran on the graph's nodes.
 #[cfg(all(target_pointer_width = "64", target_arch = "x86_64"))]
-pub(super) unsafe fn fold_add(
+unsafe fn fold_add(
     node: *mut sys::ggml_tensor,
     consumers: &std::collections::HashMap<*const sys::ggml_tensor, usize>,
     order: &std::collections::HashMap<*const sys::ggml_tensor, usize>,
@@ -262,14 +294,10 @@ pub(super) unsafe fn fold_add(
         }
         // q and its view: views of p (allocated before them) that ggml
         // skips; their memory is p's, nothing writes it.
-        for v in [q, q_src] {
-            (*v).op = sys::GGML_OP_VIEW;
-            (*v).op_params = [0; 16];
-            (*v).view_src = p;
-            (*v).view_offs = 0;
+        make_view(q, p, p);
+        if q_src != q {
+            make_view(q_src, q, p);
         }
-        (*q).src.iter_mut().for_each(|s| *s = std::ptr::null_mut());
-        (*q).src[0] = p;
         true
     }
 }
@@ -285,7 +313,7 @@ pub(super) unsafe fn fold_add(
 /// `node` must be a valid node (sources valid or null) of a graph that is
 /// not yet allocated, after [`rewrite`] ran on its nodes.
 #[cfg(target_pointer_width = "64")]
-pub(super) unsafe fn fold_scale(
+unsafe fn fold_scale(
     node: *mut sys::ggml_tensor,
     consumers: &std::collections::HashMap<*const sys::ggml_tensor, usize>,
 ) -> bool {
@@ -293,20 +321,20 @@ pub(super) unsafe fn fold_scale(
     // its CustomOpParams (written by make_custom).
     unsafe {
         let gemm = (*node).src[0];
-        if (*node).op != sys::GGML_OP_SCALE || gemm.is_null() || (*gemm).op != sys::GGML_OP_CUSTOM {
+        if (*node).op != sys::GGML_OP_SCALE {
             return false;
         }
-        let params = std::ptr::read_unaligned((*gemm).op_params.as_ptr() as *const CustomOpParams);
-        let is_gemm = params.fun.map(|f| f as usize) == Some(run as CustomOp as usize);
-        let (kind, _, _) = unpack(params.userdata);
-        let plain = params.userdata as usize & (SCALED | PLUS) == 0
-            && (kind == Product::Inner as usize || kind == Product::Outer as usize);
+        let Some(userdata) = gemm_userdata(gemm) else {
+            return false;
+        };
+        let kind = userdata & 0xFF;
+        let plain =
+            userdata & (SCALED | PLUS) == 0 && (kind == Product::Inner as usize || kind == Product::Outer as usize);
         let (scale, bias) = (
             f32::from_bits((*node).op_params[0] as u32),
             f32::from_bits((*node).op_params[1] as u32),
         );
-        let fits = is_gemm
-            && plain
+        let fits = plain
             && bias == 0.0
             && consumers.get(&(gemm as *const _)) == Some(&1)
             && !external(gemm)
@@ -319,16 +347,56 @@ pub(super) unsafe fn fold_scale(
         }
         let userdata = kind | SCALED | ((scale.to_bits() as usize) << 32);
         make_custom(gemm, run, -1, userdata as *mut c_void);
-        // A view at offset 0 with the same shape and strides: its readers
-        // read the GEMM's result; ggml skips view nodes.
-        (*node).op = sys::GGML_OP_VIEW;
-        (*node).op_params = [0; 16];
-        (*node).src.iter_mut().for_each(|s| *s = std::ptr::null_mut());
-        (*node).src[0] = gemm;
-        (*node).view_src = gemm;
-        (*node).view_offs = 0;
+        // Its readers read the GEMM's result.
+        make_view(node, gemm, gemm);
         true
     }
+}
+
+/// Folds LoRA's scales and adds into the GEMM nodes among `nodes` (a
+/// graph's, in order; see [`fold_scale`] and [`fold_add`]); returns how
+/// many nodes it folded.
+///
+/// # Safety
+/// `nodes` must be the valid nodes of a graph that is not yet allocated,
+/// after [`rewrite`] ran on them.
+pub(super) unsafe fn fold(nodes: &[*mut sys::ggml_tensor]) -> usize {
+    #[cfg(target_pointer_width = "64")]
+    {
+        // SAFETY (both passes): forwarded from the caller.
+        let consumers = count_consumers(nodes);
+        let scales = nodes.iter().filter(|&&n| unsafe { fold_scale(n, &consumers) }).count();
+        #[cfg(target_arch = "x86_64")]
+        let adds = {
+            // Sources changed: count again.
+            let consumers = count_consumers(nodes);
+            let order = nodes.iter().enumerate().map(|(i, &n)| (n as *const _, i)).collect();
+            nodes
+                .iter()
+                .filter(|&&n| unsafe { fold_add(n, &consumers, &order) })
+                .count()
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let adds = 0;
+        scales + adds
+    }
+    #[cfg(not(target_pointer_width = "64"))]
+    0
+}
+
+/// How many of `nodes` read each tensor (as a source).
+#[cfg(target_pointer_width = "64")]
+fn count_consumers(nodes: &[*mut sys::ggml_tensor]) -> std::collections::HashMap<*const sys::ggml_tensor, usize> {
+    let mut consumers = std::collections::HashMap::new();
+    for &node in nodes {
+        // SAFETY: callers pass valid nodes, whose sources are valid or null.
+        for &src in unsafe { &(*node).src } {
+            if !src.is_null() {
+                *consumers.entry(src as *const sys::ggml_tensor).or_insert(0usize) += 1;
+            }
+        }
+    }
+    consumers
 }
 
 /// Turns `node` into a `GGML_OP_CUSTOM` node running `fun` with `userdata`
@@ -429,8 +497,9 @@ unsafe extern "C" fn run(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_int, use
                         let pd = ((*(*dst).src[2]).data as *const u8)
                             .offset((pc as *const u8).offset_from(d.data as *const u8))
                             as *const f32;
-                        let ran = super::gemm_small::try_add_product(alpha, r1 - r0, k, c1 - c0, sa, sb, pd, pc, cs);
-                        assert!(ran, "fold_add only folds sums of at most 16 terms, on AVX2/FMA");
+                        // fold_add marks only sums of at most 16 terms, on
+                        // CPUs with AVX2 and FMA.
+                        super::gemm_small::add_small_k(alpha, r1 - r0, k, c1 - c0, sa, sb, pd, pc, cs);
                         true
                     } else {
                         try_product(alpha, r1 - r0, k, c1 - c0, sa, sb, pc, cs)

@@ -128,39 +128,19 @@ unsafe fn small_m_dots(alpha: f32, m: usize, k: usize, n: usize, a: Strided, b: 
     })
 }
 
-/// `C = D + alpha·(A·B)` (D laid out as C) for a sum of at most [`SMALL`]
-/// terms (`k`), each entry's sum taken in order with fused multiply-adds
-/// from zero (as the packed GEMM's kernel does), then scaled and added to
-/// D's entry: the values of a separate product, SCALE and ADD, bit for bit.
-/// Returns whether it ran (k small, AVX2 and FMA present).
+/// `C = D + alpha·(A·B)` (D laid out as C) for a sum of `k` ≤ 16 terms,
+/// each entry's sum taken in order with fused multiply-adds from zero (as
+/// the packed GEMM's kernel does), then scaled and added to D's entry: the
+/// values of a separate product, SCALE and ADD, bit for bit. A is packed
+/// column by column (k × m); blocks of 256 rows (in L1) go against every
+/// column of C.
 ///
 /// # Safety
-/// As for [`try_product`]; D (`m × n`, column `j` at `d + j·csc`) readable.
-#[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn try_add_product(
-    alpha: f32,
-    m: usize,
-    k: usize,
-    n: usize,
-    a: Strided,
-    b: Strided,
-    d: *const f32,
-    c: *mut f32,
-    csc: isize,
-) -> bool {
-    if !(k <= SMALL && std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")) {
-        return false;
-    }
-    // SAFETY: forwarded from the caller; the CPU has AVX2 and FMA.
-    unsafe { add_small_k(alpha, m, k, n, a, b, d, c, csc) };
-    true
-}
-
-/// [`try_add_product`]'s loops: A packed column by column (k × m), blocks
-/// of 256 rows (in L1) against every column of C.
+/// As for [`try_product`], with `k` ≤ 16 and a CPU with AVX2 and FMA; D
+/// (`m × n`, column `j` at `d + j·csc`) readable.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn add_small_k(
+pub(super) unsafe fn add_small_k(
     alpha: f32,
     m: usize,
     k: usize,
