@@ -159,33 +159,53 @@ pub(super) unsafe fn add_small_k(
             }
         }
         let av = _mm256_set1_ps(alpha);
+        // One entry of C from its 8-row accumulator and D.
+        let finish = |acc: __m256, cj: *mut f32, dj: *const f32| {
+            // SAFETY: callers pass 8 rows within column j of D and C.
+            unsafe { _mm256_storeu_ps(cj, _mm256_add_ps(_mm256_loadu_ps(dj), _mm256_mul_ps(av, acc))) }
+        };
         for i0 in (0..m).step_by(256) {
             let i1 = (i0 + 256).min(m);
             for j in 0..n {
-                let mut bj = [0f32; SMALL];
+                let mut bj = [_mm256_setzero_ps(); SMALL];
                 for (p, v) in bj.iter_mut().enumerate().take(k) {
                     // SAFETY: (p, j) lies within B.
-                    *v = unsafe { b.at(p, j) };
+                    *v = _mm256_set1_ps(unsafe { b.at(p, j) });
                 }
                 // SAFETY: column j of C and of D hold m floats.
                 let (cj, dj) = unsafe { (c.offset(j as isize * csc), d.offset(j as isize * csc)) };
                 let mut i = i0;
+                // Four independent sums of 8 rows at a time (one would wait
+                // on each multiply-add's latency); each entry's sum still
+                // runs over p in order.
+                while i + 32 <= i1 {
+                    let mut acc = [_mm256_setzero_ps(); 4];
+                    for (p, &w) in bj.iter().enumerate().take(k) {
+                        // SAFETY: rows i..i+32 of packed column p.
+                        let col = unsafe { ap.as_ptr().add(p * m + i) };
+                        for (q, acc) in acc.iter_mut().enumerate() {
+                            *acc = _mm256_fmadd_ps(unsafe { _mm256_loadu_ps(col.add(8 * q)) }, w, *acc);
+                        }
+                    }
+                    for (q, &acc) in acc.iter().enumerate() {
+                        // SAFETY: pointer arithmetic within column j.
+                        finish(acc, unsafe { cj.add(i + 8 * q) }, unsafe { dj.add(i + 8 * q) });
+                    }
+                    i += 32;
+                }
                 while i + 8 <= i1 {
                     let mut acc = _mm256_setzero_ps();
                     for (p, &w) in bj.iter().enumerate().take(k) {
                         // SAFETY: rows i..i+8 of packed column p.
-                        let x = unsafe { _mm256_loadu_ps(ap.as_ptr().add(p * m + i)) };
-                        acc = _mm256_fmadd_ps(x, _mm256_set1_ps(w), acc);
+                        acc = _mm256_fmadd_ps(unsafe { _mm256_loadu_ps(ap.as_ptr().add(p * m + i)) }, w, acc);
                     }
-                    // SAFETY: rows i..i+8 of column j of D and C.
-                    unsafe {
-                        let base = _mm256_loadu_ps(dj.add(i));
-                        _mm256_storeu_ps(cj.add(i), _mm256_add_ps(base, _mm256_mul_ps(av, acc)));
-                    }
+                    // SAFETY: pointer arithmetic within column j.
+                    finish(acc, unsafe { cj.add(i) }, unsafe { dj.add(i) });
                     i += 8;
                 }
                 for i in i..i1 {
-                    let s = (0..k).fold(0f32, |s, p| ap[p * m + i].mul_add(bj[p], s));
+                    // SAFETY: (p, j) lies within B.
+                    let s = (0..k).fold(0f32, |s, p| ap[p * m + i].mul_add(unsafe { b.at(p, j) }, s));
                     // SAFETY: row i of column j of D and C.
                     unsafe { *cj.add(i) = *dj.add(i) + alpha * s };
                 }
