@@ -498,12 +498,17 @@ impl<'a> Tensor<'a> {
     /// strided view (e.g. a gradient that ggml left as a permuted view).
     pub fn read_f32(self) -> Vec<f32> {
         assert_eq!(self.ty(), GgmlType::F32);
+        if self.is_contiguous() {
+            assert!(self.is_allocated(), "tensor '{}' is not allocated", self.name());
+            let mut out = vec![0f32; self.n_elements()];
+            // SAFETY: the tensor is allocated and contiguous, so its bytes
+            // are exactly out's n_elements floats.
+            unsafe { sys::ggml_backend_tensor_get(self.raw(), out.as_mut_ptr() as *mut _, 0, out.len() * 4) };
+            return out;
+        }
         // For a view, n_bytes spans from its first to its last element.
         let bytes = self.read_bytes();
         let at = |off: usize| f32::from_le_bytes(bytes[off..off + 4].try_into().unwrap());
-        if self.is_contiguous() {
-            return (0..self.n_elements()).map(|i| at(4 * i)).collect();
-        }
         let (ne, nb) = (self.ne(), self.nb());
         let mut out = Vec::with_capacity(self.n_elements());
         for i3 in 0..ne[3] as usize {
