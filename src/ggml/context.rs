@@ -391,6 +391,17 @@ impl<'a> Tensor<'a> {
         self
     }
 
+    /// Declares this attention mask (`[n_kv, n_queries]`, -inf where hidden)
+    /// causal up to `off`: it hides key `j` from query `i` wherever
+    /// `j > i + off`. The CPU GEMM of a training step then skips the
+    /// attention products' terms and entries that only hidden keys reach
+    /// (about half of them). The values must keep that promise.
+    pub fn set_causal_offset(self, off: usize) -> Self {
+        // SAFETY: a valid tensor; see `gemm::set_causal_offset`.
+        unsafe { super::gemm::set_causal_offset(self.raw(), off) };
+        self
+    }
+
     /// Marks the tensor as a graph output (never overwritten during compute).
     pub fn set_output(self) -> Self {
         // SAFETY: flag update on a valid tensor.

@@ -142,6 +142,80 @@ const SCALED: usize = 1 << 8;
 /// (scaled) product: a folded ADD (see [`fold_add`]).
 const PLUS: usize = 1 << 9;
 
+/// Set in a GEMM node's userdata when it is one of an attention's products
+/// under a causal mask (see [`mark_causal`]): its [`Causal`] pattern in
+/// bits 11–12; the mask's offset and the number of queries in the upper 32
+/// bits (16 each, in place of a scale).
+const CAUSAL: usize = 1 << 10;
+
+/// What an attention product under a causal mask may skip. Queries are the
+/// columns of the softmax's rows modulo `n_queries` (grouped-query
+/// attention stacks a KV head's query heads as columns); key `j` is hidden
+/// from query `i` where `j > i + off`, and there the softmax (and so its
+/// gradient) is exactly zero.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Causal {
+    /// The result's rows are keys, its columns queries (the scores, the
+    /// softmax's input gradient): hidden entries are written as zeros, not
+    /// computed.
+    Entries = 0,
+    /// The sum runs over keys for query columns (`P·V`, the queries'
+    /// gradient): it stops after the last key the column's query sees.
+    KeysByColumn = 1,
+    /// The sum runs over query columns for key rows (the values' gradient):
+    /// it skips each query group's queries that do not see the row's key.
+    ColumnsByRow = 2,
+    /// As [`Causal::ColumnsByRow`], for key columns (the keys' gradient).
+    ColumnsByColumn = 3,
+}
+
+/// The causal pattern, offset and query count of a GEMM node's userdata.
+fn causal_of(userdata: usize) -> Option<(Causal, usize, usize)> {
+    if !cfg!(target_pointer_width = "64") || userdata & CAUSAL == 0 {
+        return None;
+    }
+    let pattern = match (userdata >> 11) & 3 {
+        0 => Causal::Entries,
+        1 => Causal::KeysByColumn,
+        2 => Causal::ColumnsByRow,
+        _ => Causal::ColumnsByColumn,
+    };
+    let hi = (userdata as u64 >> 32) as usize;
+    Some((pattern, hi & 0xFFFF, hi >> 16))
+}
+
+/// A mask's causal offset rides in its `op_params`, unused by a leaf;
+/// the tag tells it from zeros.
+const CAUSAL_TAG: i32 = 0x6361_7573;
+
+/// Records on a mask leaf that it hides key `j` from query `i` wherever
+/// `j > i + off` (see [`Tensor::set_causal_offset`](super::Tensor::set_causal_offset)).
+///
+/// # Safety
+/// `t` must be a valid tensor.
+pub(super) unsafe fn set_causal_offset(t: *mut sys::ggml_tensor, off: usize) {
+    // SAFETY: forwarded from the caller; a leaf's op_params are not read
+    // by ggml.
+    unsafe {
+        if (*t).op == sys::GGML_OP_NONE && off < 0xFFFF {
+            (*t).op_params[0] = CAUSAL_TAG;
+            (*t).op_params[1] = off as i32;
+        }
+    }
+}
+
+/// The causal offset recorded on `t` by [`set_causal_offset`].
+///
+/// # Safety
+/// `t` must be a valid tensor or null.
+unsafe fn causal_offset(t: *const sys::ggml_tensor) -> Option<usize> {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        let tagged = !t.is_null() && (*t).op == sys::GGML_OP_NONE && (*t).op_params[0] == CAUSAL_TAG;
+        tagged.then(|| (*t).op_params[1] as usize)
+    }
+}
+
 /// The product kind, scale and whether `src[2]` is added, from a GEMM
 /// node's userdata.
 fn unpack(userdata: *mut c_void) -> (usize, f32, bool) {
@@ -259,7 +333,8 @@ unsafe fn fold_add(
             } else {
                 (*a).ne[0]
             };
-            let plain = (kind == Product::Inner as usize || kind == Product::Outer as usize) && !plus;
+            let plain =
+                (kind == Product::Inner as usize || kind == Product::Outer as usize) && !plus && u & CAUSAL == 0;
             (plain && k <= 16 && (*g).ne[2] * (*g).ne[3] == 1).then_some((g, u))
         };
         let ((q_src, q, uq), p) = match (short(y), short(x)) {
@@ -328,8 +403,8 @@ unsafe fn fold_scale(
             return false;
         };
         let kind = userdata & 0xFF;
-        let plain =
-            userdata & (SCALED | PLUS) == 0 && (kind == Product::Inner as usize || kind == Product::Outer as usize);
+        let plain = userdata & (SCALED | PLUS | CAUSAL) == 0
+            && (kind == Product::Inner as usize || kind == Product::Outer as usize);
         let (scale, bias) = (
             f32::from_bits((*node).op_params[0] as u32),
             f32::from_bits((*node).op_params[1] as u32),
@@ -353,9 +428,220 @@ unsafe fn fold_scale(
     }
 }
 
+/// Marks the attention products around each softmax whose mask carries a
+/// causal offset (see [`Causal`]), so that [`run`] skips what the mask
+/// hides; returns how many it marked. P is the node that reads the mask
+/// (the softmax) and dS the SOFT_MAX_BACK that reads P: their masked
+/// entries are exactly zero, so a sum may skip them. The products whose
+/// results only P or dS read (the scores, P's gradient) may leave their
+/// masked entries zero.
+///
+/// # Safety
+/// As for [`fold_scale`].
+#[cfg(target_pointer_width = "64")]
+unsafe fn mark_causal(
+    nodes: &[*mut sys::ggml_tensor],
+    consumers: &std::collections::HashMap<*const sys::ggml_tensor, usize>,
+) -> usize {
+    // SAFETY: forwarded from the caller; every pointer read is a node, a
+    // node's source or a view's source.
+    unsafe {
+        let root = |t: *mut sys::ggml_tensor| {
+            if t.is_null() || (*t).view_src.is_null() {
+                t
+            } else {
+                (*t).view_src
+            }
+        };
+        let only = |t: *mut sys::ggml_tensor| consumers.get(&(t as *const _)) == Some(&1) && !external(t);
+        // (off, queries, keys) of each P and dS.
+        let mut probs = std::collections::HashMap::new();
+        // Products whose results only a P or dS reads.
+        let mut entries = std::collections::HashMap::new();
+        for &node in nodes {
+            let mask = (*node).src[1];
+            let info = if let Some(off) = causal_offset(mask) {
+                let fits = (*node).type_ == sys::GGML_TYPE_F32
+                    && (*node).ne[0] == (*mask).ne[0]
+                    && (*node).ne[1] == (*mask).ne[1]
+                    && sys::ggml_is_contiguous(node);
+                if !fits {
+                    continue;
+                }
+                (off, (*node).ne[1] as usize, (*node).ne[0] as usize)
+            } else if let (sys::GGML_OP_SOFT_MAX_BACK, Some(&info)) = ((*node).op, probs.get(&(mask as *const _))) {
+                info
+            } else {
+                continue;
+            };
+            probs.insert(node as *const sys::ggml_tensor, info);
+            let (x, s) = ((*node).src[0], root((*node).src[0]));
+            if gemm_userdata(s).is_some() && only(s) && (x == s || only(x)) {
+                entries.insert(s as *const sys::ggml_tensor, info);
+            }
+        }
+        let mut marked = 0;
+        for &node in nodes {
+            let Some(u) = gemm_userdata(node) else {
+                continue;
+            };
+            let kind = u & 0xFF;
+            let outer = kind == Product::Outer as usize;
+            if u & (SCALED | PLUS | CAUSAL) != 0 || !(outer || kind == Product::Inner as usize) {
+                continue;
+            }
+            let (a, b) = ((*node).src[0], (*node).src[1]);
+            // (extent, byte stride) of A's (i0, k) and B's (k, i1).
+            let dims = |t: *mut sys::ggml_tensor, swap: bool| {
+                let d = [((*t).ne[0] as usize, (*t).nb[0]), ((*t).ne[1] as usize, (*t).nb[1])];
+                if swap {
+                    (d[1], d[0])
+                } else {
+                    (d[0], d[1])
+                }
+            };
+            let ((i0, ak), (bk, i1)) = (dims(a, !outer), dims(b, outer));
+            // Key dimension x and query-column dimension y of a P or dS.
+            let keys = |x: (usize, usize), y: (usize, usize), (_, nq, n_kv): (usize, usize, usize)| {
+                x == (n_kv, 4) && y.1 == 4 * n_kv && y.0 % nq == 0
+            };
+            let found = if let Some(&info) = entries.get(&(node as *const _)) {
+                let d = ((*node).ne[0] as usize, (*node).nb[0]);
+                let c = ((*node).ne[1] as usize, (*node).nb[1]);
+                keys(d, c, info).then_some((Causal::Entries, info))
+            } else {
+                match (probs.get(&(root(a) as *const _)), probs.get(&(root(b) as *const _))) {
+                    (Some(&info), None) if keys(i0, ak, info) => Some((Causal::ColumnsByRow, info)),
+                    (None, Some(&info)) if keys(bk, i1, info) => Some((Causal::KeysByColumn, info)),
+                    (None, Some(&info)) if keys(i1, bk, info) => Some((Causal::ColumnsByColumn, info)),
+                    _ => None,
+                }
+            };
+            let Some((pattern, (off, nq, _))) = found else {
+                continue;
+            };
+            if off > 0xFFFF || nq > 0xFFFF {
+                continue;
+            }
+            let hi = (off | nq << 16) << 32;
+            make_custom(
+                node,
+                run,
+                -1,
+                (kind | CAUSAL | (pattern as usize) << 11 | hi) as *mut c_void,
+            );
+            marked += 1;
+        }
+        marked
+    }
+}
+
+/// One run of a product marked [`CAUSAL`] (see [`mark_causal`]): rows
+/// `r0..r1` and columns `c0..c1` of one slice, `A` (`i0 × k`), `B`
+/// (`k × i1`) and `C` given at the run's first row and column with element
+/// strides as matrixmultiply takes them; skips the terms and entries the
+/// mask hides.
+///
+/// # Safety
+/// As for [`run`]: the pointers and strides address one slice's operands.
+#[allow(clippy::type_complexity)]
+unsafe fn causal_run(
+    (pattern, off, nq): (Causal, usize, usize),
+    (r0, r1): (usize, usize),
+    (c0, c1): (usize, usize),
+    k: usize,
+    (pa, a_i0, a_k): (*const f32, isize, isize),
+    (pb, b_k, b_i1): (*const f32, isize, isize),
+    (pc, c_i1): (*mut f32, isize),
+) {
+    // Rows or columns per GEMM call: the triangle's ragged edge costs about
+    // BLOCK / 2 of n_queries of the product, each call a packing of its own
+    // (on SmolLM2's step, 256 queries: 32 and 128 measured slower than 64).
+    const BLOCK: usize = 64;
+    // SAFETY (all three closures): the ranges lie within the run, as the
+    // caller's pointers and strides address it.
+    // C[i0, i1] = beta·C[i0, i1] + Σ_{ka ≤ p < kb} A[i0, p]·B[p, i1].
+    let gemm = |(i0a, i0b): (usize, usize), (i1a, i1b): (usize, usize), (ka, kb): (usize, usize), beta: f32| unsafe {
+        if i0a < i0b && i1a < i1b && ka < kb {
+            matrixmultiply::sgemm(
+                i0b - i0a,
+                kb - ka,
+                i1b - i1a,
+                1.0,
+                pa.offset((i0a - r0) as isize * a_i0 + ka as isize * a_k),
+                a_i0,
+                a_k,
+                pb.offset(ka as isize * b_k + (i1a - c0) as isize * b_i1),
+                b_k,
+                b_i1,
+                beta,
+                pc.offset((i0a - r0) as isize + (i1a - c0) as isize * c_i1),
+                1,
+                c_i1,
+            );
+        }
+    };
+    let zero = |(i0a, i0b): (usize, usize), (i1a, i1b): (usize, usize)| unsafe {
+        for i1 in i1a..i1b {
+            for i0 in i0a..i0b {
+                *pc.offset((i0 - r0) as isize + (i1 - c0) as isize * c_i1) = 0.0;
+            }
+        }
+    };
+    // The sum over query columns from each group's query `first` on (the
+    // queries that see a key ≥ first + off).
+    let from_query = |rows: (usize, usize), cols: (usize, usize), first: usize| {
+        if first >= nq {
+            return zero(rows, cols);
+        }
+        for g in 0..k / nq {
+            gemm(
+                rows,
+                cols,
+                (g * nq + first, (g + 1) * nq),
+                if g == 0 { 0.0 } else { 1.0 },
+            );
+        }
+    };
+    // [lo, hi) in blocks, which for query columns stay within one group.
+    let blocks = |lo: usize, hi: usize, queries: bool| {
+        let mut at = lo;
+        std::iter::from_fn(move || {
+            let group_end = if queries { (at / nq + 1) * nq } else { usize::MAX };
+            let end = (at + BLOCK).min(hi).min(group_end);
+            (at < hi).then(|| (std::mem::replace(&mut at, end), end))
+        })
+    };
+    match pattern {
+        Causal::Entries | Causal::KeysByColumn => {
+            for (j0, j1) in blocks(c0, c1, true) {
+                // Keys the block's last (latest) query sees.
+                let seen = (j1 - 1) % nq + off + 1;
+                if pattern == Causal::Entries {
+                    gemm((r0, r1.min(seen)), (j0, j1), (0, k), 0.0);
+                    zero((r0.max(seen), r1), (j0, j1));
+                } else {
+                    gemm((r0, r1), (j0, j1), (0, k.min(seen)), 0.0);
+                }
+            }
+        }
+        Causal::ColumnsByRow => {
+            for (i0a, i0b) in blocks(r0, r1, false) {
+                from_query((i0a, i0b), (c0, c1), i0a.saturating_sub(off));
+            }
+        }
+        Causal::ColumnsByColumn => {
+            for (j0, j1) in blocks(c0, c1, false) {
+                from_query((r0, r1), (j0, j1), j0.saturating_sub(off));
+            }
+        }
+    }
+}
+
 /// Folds LoRA's scales and adds into the GEMM nodes among `nodes` (a
-/// graph's, in order; see [`fold_scale`] and [`fold_add`]); returns how
-/// many nodes it folded.
+/// graph's, in order; see [`fold_scale`] and [`fold_add`]) and marks the
+/// attention products under causal masks ([`mark_causal`]); returns how
+/// many nodes it folded or marked.
 ///
 /// # Safety
 /// `nodes` must be the valid nodes of a graph that is not yet allocated,
@@ -365,6 +651,7 @@ pub(super) unsafe fn fold(nodes: &[*mut sys::ggml_tensor]) -> usize {
     {
         // SAFETY (both passes): forwarded from the caller.
         let consumers = count_consumers(nodes);
+        let causal = unsafe { mark_causal(nodes, &consumers) };
         let scales = nodes.iter().filter(|&&n| unsafe { fold_scale(n, &consumers) }).count();
         #[cfg(target_arch = "x86_64")]
         let adds = {
@@ -378,7 +665,7 @@ pub(super) unsafe fn fold(nodes: &[*mut sys::ggml_tensor]) -> usize {
         };
         #[cfg(not(target_arch = "x86_64"))]
         let adds = 0;
-        scales + adds
+        causal + scales + adds
     }
     #[cfg(not(target_pointer_width = "64"))]
     0
@@ -434,6 +721,7 @@ unsafe extern "C" fn run(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_int, use
         let d = &*dst;
         let s = |nb: usize| (nb / 4) as isize;
         let (kind, alpha, plus) = unpack(userdata);
+        let causal = causal_of(userdata as usize);
         if kind == Product::DequantOuter as usize {
             return dequant_outer(a, b, d, ith as usize, nth as usize);
         }
@@ -476,6 +764,11 @@ unsafe extern "C" fn run(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_int, use
                     (b.data as *const u8).add(i2 as usize * b.nb[2] + i3 as usize * b.nb[3] + c0 * b_i1) as *const f32;
                 let pc = (d.data as *mut u8).add(i2 as usize * d.nb[2] + i3 as usize * d.nb[3] + r0 * 4 + c0 * d.nb[1])
                     as *mut f32;
+                if let Some(c) = causal {
+                    let b_ops = (pb, s(b_k), s(b_i1));
+                    causal_run(c, (r0, r1), (c0, c1), k, (pa, s(a_i0), s(a_k)), b_ops, (pc, s(d.nb[1])));
+                    continue;
+                }
                 #[cfg(target_arch = "x86_64")]
                 {
                     use super::gemm_small::{try_product, Strided};

@@ -313,7 +313,16 @@ impl<'a> Forward<'a> {
                 }
             }
         }
+        // How far past its own row a query sees (prefix and past keys
+        // come first): the GEMM skips what lies beyond.
+        let off = m
+            .chunks(n_kv)
+            .enumerate()
+            .filter_map(|(q, row)| row.iter().rposition(|&v| v == 0.0).map(|j| j.saturating_sub(q)))
+            .max()
+            .unwrap_or(0);
         let t = self.input_f32(if swa { "kq_mask_swa" } else { "kq_mask" }, &[n_kv as i64, n as i64], m);
+        let t = if off + 1 < n_kv { t.set_causal_offset(off) } else { t };
         self.masks.push((swa, n_prefix, t));
         t
     }
