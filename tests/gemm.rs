@@ -764,3 +764,90 @@ fn causal_attention_products_skip_what_the_mask_hides() {
         );
     }
 }
+
+/// LoRA's backward scales the output gradient (`dz = s·dy`) before the
+/// products for B's gradient and the rank-r intermediate's; the GEMM folds
+/// that scale into both products. The gradients of A, B and the input match
+/// an f64 evaluation of `y = W·x + s·B·(A·x)` under `Σ y ⊙ R`.
+#[test]
+fn lora_gradient_scale_folds_into_its_products() {
+    let (d_in, d_out, r, n, s) = (48usize, 45usize, 8usize, 36usize, 0.37f32);
+    let mut rng = Rng::new(29);
+    let mut vals = |len: usize| (0..len).map(|_| rng.normal()).collect::<Vec<f32>>();
+    let (wv, av, bv, xv, rv) = (
+        vals(d_in * d_out),
+        vals(d_in * r),
+        vals(r * d_out),
+        vals(d_in * n),
+        vals(d_out * n),
+    );
+    let backend = Backend::cpu(threads());
+    let ctx = Context::new(64, 64, true);
+    let t = |ne: [usize; 2]| ctx.new_tensor(GgmlType::F32, &[ne[0] as i64, ne[1] as i64]).set_input();
+    let (w, a, b, x, rr) = (
+        t([d_in, d_out]),
+        t([d_in, r]),
+        t([r, d_out]),
+        t([d_in, n]),
+        t([d_out, n]),
+    );
+    let (a, b, x) = (a.set_param(), b.set_param(), x.set_param());
+    let y = ctx.add(ctx.mul_mat(w, x), ctx.scale(ctx.mul_mat(b, ctx.mul_mat(a, x)), s));
+    let loss = ctx.sum(ctx.mul(y, rr)).set_loss().set_output();
+    let mut gr = ctx.new_graph(64, true);
+    gr.build_forward(loss);
+    gr.build_backward(&ctx);
+    gr.gemm_products();
+    let mut sched = Sched::new(std::slice::from_ref(&backend), 64);
+    sched.alloc(&gr).unwrap();
+    for (t, v) in [(w, &wv), (a, &av), (b, &bv), (x, &xv), (rr, &rv)] {
+        t.write_f32(v);
+    }
+    gr.reset();
+    sched.compute(&gr).unwrap();
+    // f64: h = A·x [r, n], dh = s·Bᵀ·R, dB = s·h·Rᵀ, dA = x·dhᵀ, dx = W·R + A·dh
+    // (ggml layouts: W[i + d_in·o], A[i + d_in·k], B[k + r·o], x[i + d_in·t]).
+    let f = |v: &[f32], i: usize| v[i] as f64;
+    let (sd, mut h, mut dh) = (s as f64, vec![0f64; r * n], vec![0f64; r * n]);
+    for (k, tt) in (0..r).flat_map(|k| (0..n).map(move |tt| (k, tt))) {
+        h[k + r * tt] = (0..d_in).map(|i| f(&av, i + d_in * k) * f(&xv, i + d_in * tt)).sum();
+        dh[k + r * tt] = sd
+            * (0..d_out)
+                .map(|o| f(&bv, k + r * o) * f(&rv, o + d_out * tt))
+                .sum::<f64>();
+    }
+    let db: Vec<f64> = (0..r * d_out)
+        .map(|e| {
+            sd * (0..n)
+                .map(|tt| h[e % r + r * tt] * f(&rv, e / r + d_out * tt))
+                .sum::<f64>()
+        })
+        .collect();
+    let da: Vec<f64> = (0..d_in * r)
+        .map(|e| {
+            (0..n)
+                .map(|tt| f(&xv, e % d_in + d_in * tt) * dh[e / d_in + r * tt])
+                .sum()
+        })
+        .collect();
+    let dx: Vec<f64> = (0..d_in * n)
+        .map(|e| {
+            let (i, tt) = (e % d_in, e / d_in);
+            let wr: f64 = (0..d_out).map(|o| f(&wv, i + d_in * o) * f(&rv, o + d_out * tt)).sum();
+            wr + (0..r).map(|k| f(&av, i + d_in * k) * dh[k + r * tt]).sum::<f64>()
+        })
+        .collect();
+    for (what, p, want) in [("dA", a, &da), ("dB", b, &db), ("dx", x, &dx)] {
+        let got = gr.grad(p).unwrap().read_f32();
+        let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
+        let worst = got
+            .iter()
+            .zip(want)
+            .fold(0f64, |m, (g, w)| m.max((*g as f64 - w).abs()));
+        println!("{what}: largest difference {worst:.2e} (values up to {scale:.2e})");
+        assert!(
+            worst <= 1e-5 * scale,
+            "{what}: {worst:.2e} off (values up to {scale:.2e})"
+        );
+    }
+}

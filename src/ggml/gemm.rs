@@ -428,6 +428,80 @@ unsafe fn fold_scale(
     }
 }
 
+/// Folds a SCALE of a gradient that only GEMMs read (LoRA's backward:
+/// `dz = s·dy`, read by the products for B's gradient and, through a
+/// transpose, for the rank-r intermediate's) into those products, which then
+/// compute `s·(a·b)` from `dy` itself; the SCALE becomes a view nothing
+/// reads. One pass and one buffer fewer per adapted weight; the product
+/// rounds its sum, then scales (within a rounding of the SCALE's order,
+/// which a gradient does not need bit for bit). `readers`: each tensor's
+/// consumer nodes.
+///
+/// # Safety
+/// As for [`fold_scale`].
+#[cfg(target_pointer_width = "64")]
+unsafe fn fold_gradient_scale(
+    node: *mut sys::ggml_tensor,
+    readers: &std::collections::HashMap<*const sys::ggml_tensor, Vec<*mut sys::ggml_tensor>>,
+) -> bool {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        if (*node).op != sys::GGML_OP_SCALE || !(*node).view_src.is_null() || external(node) {
+            return false;
+        }
+        let (dy, scale, bias) = (
+            (*node).src[0],
+            f32::from_bits((*node).op_params[0] as u32),
+            f32::from_bits((*node).op_params[1] as u32),
+        );
+        let same = (*dy).type_ == sys::GGML_TYPE_F32 && (*dy).ne == (*node).ne && (*dy).nb == (*node).nb;
+        if bias != 0.0 || !same || !sys::ggml_is_contiguous(dy) {
+            return false;
+        }
+        let of = |t: *mut sys::ggml_tensor| readers.get(&(t as *const _)).map_or(&[][..], |v| &v[..]);
+        // An unscaled plain GEMM that reads `t` once.
+        let plain_gemm = |g: *mut sys::ggml_tensor, t: *mut sys::ggml_tensor| {
+            gemm_userdata(g).is_some_and(|u| {
+                let kind = u & 0xFF;
+                u & (SCALED | PLUS | CAUSAL) == 0
+                    && (kind == Product::Inner as usize || kind == Product::Outer as usize)
+                    && ((*g).src[0] == t) != ((*g).src[1] == t)
+            })
+        };
+        // Readers: GEMMs, or views of the SCALE (views of views not) read
+        // by GEMMs alone.
+        let (mut gemms, mut views) = (Vec::new(), Vec::new());
+        for &r in of(node) {
+            if plain_gemm(r, node) {
+                gemms.push(r);
+            } else if (*r).view_src == node && !external(r) && of(r).iter().all(|&g| plain_gemm(g, r)) {
+                views.push(r);
+                gemms.extend_from_slice(of(r));
+            } else {
+                return false;
+            }
+        }
+        if gemms.is_empty() {
+            return false;
+        }
+        let alpha = (scale.to_bits() as usize) << 32;
+        for &g in &gemms {
+            let kind = gemm_userdata(g).unwrap_or(0) & 0xFF;
+            make_custom(g, run, -1, (kind | SCALED | alpha) as *mut c_void);
+            for s in (*g).src.iter_mut().filter(|s| **s == node) {
+                *s = dy;
+            }
+        }
+        // dy has the SCALE's layout: the views read it in its place.
+        for &v in &views {
+            (*v).view_src = dy;
+            (*v).src[0] = dy;
+        }
+        make_view(node, dy, dy);
+        true
+    }
+}
+
 /// Marks the attention products around each softmax whose mask carries a
 /// causal offset (see [`Causal`]), so that [`run`] skips what the mask
 /// hides; returns how many it marked. P is the node that reads the mask
@@ -653,6 +727,11 @@ pub(super) unsafe fn fold(nodes: &[*mut sys::ggml_tensor]) -> usize {
         let consumers = count_consumers(nodes);
         let causal = unsafe { mark_causal(nodes, &consumers) };
         let scales = nodes.iter().filter(|&&n| unsafe { fold_scale(n, &consumers) }).count();
+        let readers = readers(nodes);
+        let gradient_scales = nodes
+            .iter()
+            .filter(|&&n| unsafe { fold_gradient_scale(n, &readers) })
+            .count();
         #[cfg(target_arch = "x86_64")]
         let adds = {
             // Sources changed: count again.
@@ -665,25 +744,33 @@ pub(super) unsafe fn fold(nodes: &[*mut sys::ggml_tensor]) -> usize {
         };
         #[cfg(not(target_arch = "x86_64"))]
         let adds = 0;
-        causal + scales + adds
+        causal + scales + gradient_scales + adds
     }
     #[cfg(not(target_pointer_width = "64"))]
     0
 }
 
-/// How many of `nodes` read each tensor (as a source).
+/// Which of `nodes` read each tensor (as a source).
 #[cfg(target_pointer_width = "64")]
-fn count_consumers(nodes: &[*mut sys::ggml_tensor]) -> std::collections::HashMap<*const sys::ggml_tensor, usize> {
-    let mut consumers = std::collections::HashMap::new();
+fn readers(
+    nodes: &[*mut sys::ggml_tensor],
+) -> std::collections::HashMap<*const sys::ggml_tensor, Vec<*mut sys::ggml_tensor>> {
+    let mut readers: std::collections::HashMap<_, Vec<_>> = std::collections::HashMap::new();
     for &node in nodes {
         // SAFETY: callers pass valid nodes, whose sources are valid or null.
         for &src in unsafe { &(*node).src } {
             if !src.is_null() {
-                *consumers.entry(src as *const sys::ggml_tensor).or_insert(0usize) += 1;
+                readers.entry(src as *const sys::ggml_tensor).or_default().push(node);
             }
         }
     }
-    consumers
+    readers
+}
+
+/// How many of `nodes` read each tensor (as a source).
+#[cfg(target_pointer_width = "64")]
+fn count_consumers(nodes: &[*mut sys::ggml_tensor]) -> std::collections::HashMap<*const sys::ggml_tensor, usize> {
+    readers(nodes).into_iter().map(|(t, r)| (t, r.len())).collect()
 }
 
 /// Turns `node` into a `GGML_OP_CUSTOM` node running `fun` with `userdata`
