@@ -875,3 +875,62 @@ fn lora_gradient_scale_folds_into_its_products() {
         );
     }
 }
+
+/// The training loss against one class per row (`cross_entropy_loss_targets`):
+/// on the CPU the rewrite keeps the class ids (I32, one per row) instead of
+/// one-hot rows; the loss and its gradient equal an f64 evaluation to float
+/// rounding, and ggml's dense one-hot path (the graph without the rewrite)
+/// on the same targets.
+#[test]
+fn class_id_targets_match_one_hot_rows() {
+    let (n, rows) = (1003usize, 5usize);
+    let mut rng = Rng::new(31);
+    let mut xv: Vec<f32> = (0..n * rows).map(|_| rng.normal() * 4.0).collect();
+    xv[..4].copy_from_slice(&[-300.0, 40.0, -1e4, 0.0]);
+    // The last class (in a row's scalar tail) and the max logit among them.
+    let ids: Vec<i32> = vec![1, 17, n as i32 - 1, 500, 0];
+    let run = |compact: bool| {
+        let backend = Backend::cpu(threads());
+        let ctx = Context::new(64, 64, true);
+        let x = ctx
+            .new_tensor(GgmlType::F32, &[n as i64, rows as i64])
+            .set_input()
+            .set_param();
+        let (loss, t) = ctx.cross_entropy_loss_targets(x);
+        let loss = loss.set_loss().set_output();
+        let mut gr = ctx.new_graph(64, true);
+        gr.build_forward(loss);
+        gr.build_backward(&ctx);
+        if compact {
+            assert_eq!(gr.gemm_products(), 2, "the loss and its backward read ids");
+            assert_eq!((t.ty(), t.ne()), (GgmlType::I32, [rows as i64, 1, 1, 1]));
+        }
+        let mut sched = Sched::new(std::slice::from_ref(&backend), 64);
+        sched.alloc(&gr).unwrap();
+        x.write_f32(&xv);
+        t.write_targets(&ids);
+        gr.reset();
+        sched.compute(&gr).unwrap();
+        (loss.read_f32()[0] as f64, gr.grad(x).unwrap().read_f32())
+    };
+    let (mut loss, mut grad) = (0f64, Vec::new());
+    for (x, &id) in xv.chunks(n).zip(&ids) {
+        let max = x.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+        let sum: f64 = x.iter().map(|&v| (v as f64 - max).exp()).sum();
+        loss -= (x[id as usize] as f64 - max - sum.ln()) / rows as f64;
+        for (i, &v) in x.iter().enumerate() {
+            let onehot = if i == id as usize { 1.0 } else { 0.0 };
+            grad.push(((v as f64 - max).exp() / sum - onehot) / rows as f64);
+        }
+    }
+    let top = grad.iter().fold(0f64, |m, g| m.max(g.abs()));
+    for (what, (l, g)) in [("ids", run(true)), ("one-hot", run(false))] {
+        let off = g
+            .iter()
+            .zip(&grad)
+            .fold(0f64, |m, (&a, &b)| m.max((a as f64 - b).abs()));
+        println!("{what}: loss {l} (f64 {loss}), gradient {off:.1e} off (values up to {top:.1e})");
+        assert!((l - loss).abs() < 1e-6 * loss.abs(), "{what}: loss {l}, f64 {loss}");
+        assert!(off < 1e-6 * top, "{what}: gradient {off:.1e} off");
+    }
+}

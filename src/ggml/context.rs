@@ -194,6 +194,26 @@ binary_ops! {
 }
 
 impl Context {
+    /// The cross-entropy of softmax(`logits`) (`[classes, rows]`) against
+    /// one target class per row, and the targets' tensor, to be written with
+    /// [`Tensor::write_targets`] once allocated. Built as ggml's
+    /// CROSS_ENTROPY_LOSS over one-hot rows; on AVX2 CPUs
+    /// [`Graph::gemm_products`] keeps the class ids alone instead (the
+    /// one-hot rows of 256 tokens over a 49152-word vocabulary are 50 MB).
+    pub fn cross_entropy_loss_targets<'a>(&'a self, logits: Tensor<'a>) -> (Tensor<'a>, Tensor<'a>) {
+        let [classes, rows, ..] = logits.ne();
+        let targets = self
+            .new_tensor(GgmlType::F32, &[classes, rows])
+            .set_name("targets")
+            .set_input();
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: a valid leaf just made.
+        unsafe {
+            super::elementwise::tag_one_hot(targets.raw())
+        };
+        (self.cross_entropy_loss(logits, targets), targets)
+    }
+
     /// a * s.
     pub fn scale<'a>(&'a self, a: Tensor<'a>, s: f32) -> Tensor<'a> {
         // SAFETY: valid context and tensor.
@@ -476,6 +496,22 @@ impl<'a> Tensor<'a> {
         self.write_bytes(bytes)
     }
 
+    /// Writes one class per row into targets made by
+    /// [`Context::cross_entropy_loss_targets`]: the ids where the graph keeps
+    /// ids, else one-hot rows (zeroed in place and the ones set one by one:
+    /// a host copy of 50 MB of one-hot rows cost 20 ms a step, its fresh
+    /// pages faulting in).
+    pub fn write_targets(self, targets: &[i32]) {
+        if self.ty() == GgmlType::I32 {
+            return self.write_i32(targets);
+        }
+        let classes = self.ne()[0] as usize;
+        self.write_zeros();
+        for (r, &t) in targets.iter().enumerate() {
+            self.write_f32_at(r * classes + t as usize, &[1.0]);
+        }
+    }
+
     /// Reads the tensor's data (allocated, contiguous) as bytes.
     pub fn read_bytes(self) -> Vec<u8> {
         assert!(self.is_allocated(), "tensor '{}' is not allocated", self.name());
@@ -706,19 +742,25 @@ impl<'a> Graph<'a> {
         let nodes: Vec<*mut sys::ggml_tensor> = (0..self.n_nodes())
             .map(|i| unsafe { sys::ggml_graph_node(self.raw(), i as i32) })
             .collect();
-        let rewritten = nodes
-            .iter()
-            .filter(|&&node| {
-                // SAFETY: as above.
-                unsafe {
-                    #[cfg(target_arch = "x86_64")]
-                    if super::elementwise::rewrite(node) {
-                        return true;
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above, before the per-node rewrites.
+        let compacted = unsafe { super::elementwise::compact_targets(&nodes) };
+        #[cfg(not(target_arch = "x86_64"))]
+        let compacted = 0;
+        let rewritten = compacted
+            + nodes
+                .iter()
+                .filter(|&&node| {
+                    // SAFETY: as above.
+                    unsafe {
+                        #[cfg(target_arch = "x86_64")]
+                        if super::elementwise::rewrite(node) {
+                            return true;
+                        }
+                        super::gemm::rewrite(node)
                     }
-                    super::gemm::rewrite(node)
-                }
-            })
-            .count();
+                })
+                .count();
         // SAFETY: as above, after the rewrites.
         rewritten + unsafe { super::gemm::fold(&nodes) }
     }

@@ -194,6 +194,197 @@ unsafe fn row(t: &sys::ggml_tensor, r: usize) -> *mut f32 {
     unsafe { (t.data as *mut u8).add(i1 * t.nb[1] + i2 * t.nb[2] + i3 * t.nb[3]) as *mut f32 }
 }
 
+/// A one-hot targets leaf (see [`tag_one_hot`]) carries this in its
+/// `op_params`, which a leaf does not use.
+const ONE_HOT_TAG: i32 = 0x6f6e_6568;
+
+/// Marks `t` (an F32 `[classes, rows]` input, one-hot rows) as targets the
+/// training step may keep as class ids instead (see [`compact_targets`]).
+///
+/// # Safety
+/// `t` must be a valid leaf tensor.
+pub(super) unsafe fn tag_one_hot(t: *mut sys::ggml_tensor) {
+    // SAFETY: forwarded from the caller.
+    unsafe { (*t).op_params[0] = ONE_HOT_TAG };
+}
+
+/// Where every reader of a tagged one-hot targets leaf is a
+/// CROSS_ENTROPY_LOSS (or its backward) over 2-D F32 logits of its shape,
+/// turns those into custom ops that read one class id per row, and turns
+/// the leaf into those ids (I32 `[rows]`): 50 MB less for 256 tokens of a
+/// 49152-word vocabulary, and no pass over it. Returns the number of nodes
+/// rewritten.
+///
+/// # Safety
+/// `nodes` must be the valid nodes of a graph that is not yet allocated
+/// (sources valid or null), before [`rewrite`] runs on them.
+pub(super) unsafe fn compact_targets(nodes: &[*mut sys::ggml_tensor]) -> usize {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        let simd = std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
+        let tagged = |t: *mut sys::ggml_tensor| {
+            !t.is_null()
+                && (*t).op == sys::GGML_OP_NONE
+                && (*t).op_params[0] == ONE_HOT_TAG
+                && (*t).type_ == sys::GGML_TYPE_F32
+                && (*t).ne[2] * (*t).ne[3] == 1
+                && (*t).data.is_null()
+        };
+        let mut readers: std::collections::HashMap<*mut sys::ggml_tensor, Vec<*mut sys::ggml_tensor>> =
+            Default::default();
+        for &node in nodes {
+            for &src in (*node).src.iter().filter(|&&s| tagged(s)) {
+                readers.entry(src).or_default().push(node);
+            }
+        }
+        let logits_of = |t: *mut sys::ggml_tensor, node: *mut sys::ggml_tensor| {
+            let x = match (*node).op {
+                sys::GGML_OP_CROSS_ENTROPY_LOSS if (*node).src[1] == t => (*node).src[0],
+                sys::GGML_OP_CROSS_ENTROPY_LOSS_BACK if (*node).src[2] == t => (*node).src[1],
+                _ => return false,
+            };
+            (*x).type_ == sys::GGML_TYPE_F32 && sys::ggml_is_contiguous(x) && (*x).ne == (*t).ne
+        };
+        let mut rewritten = 0;
+        for (t, nodes) in readers {
+            if !simd || !nodes.iter().all(|&n| logits_of(t, n)) {
+                continue;
+            }
+            for &n in &nodes {
+                let fun: super::gemm::CustomOp = if (*n).op == sys::GGML_OP_CROSS_ENTROPY_LOSS {
+                    cross_entropy_ids
+                } else {
+                    cross_entropy_back_ids
+                };
+                make_custom(n, fun, -1, std::ptr::null_mut());
+                rewritten += 1;
+            }
+            let rows = (*t).ne[1];
+            (*t).type_ = sys::GGML_TYPE_I32;
+            (*t).ne = [rows, 1, 1, 1];
+            (*t).nb = [4, 4 * rows as usize, 4 * rows as usize, 4 * rows as usize];
+        }
+        rewritten
+    }
+}
+
+/// The largest of a row's `n` values.
+///
+/// # Safety
+/// `x` addresses `n` floats; the CPU has AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn row_max(n: usize, x: *const f32) -> f32 {
+    // SAFETY: every access lies within the n floats.
+    unsafe {
+        let mut mv = _mm256_set1_ps(f32::NEG_INFINITY);
+        let mut i = 0;
+        while i + 8 <= n {
+            mv = _mm256_max_ps(mv, _mm256_loadu_ps(x.add(i)));
+            i += 8;
+        }
+        (i..n).map(|i| *x.add(i)).fold(hmax(mv), f32::max)
+    }
+}
+
+/// `Σ exp(x − max)` over a row, summed in f64 lanes.
+///
+/// # Safety
+/// `x` addresses `n` floats; the CPU has AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn exp_sum(n: usize, x: *const f32, max: f32) -> f64 {
+    // SAFETY: every access lies within the n floats.
+    unsafe {
+        let (m, mut sum) = (_mm256_set1_ps(max), _mm256_setzero_pd());
+        let mut i = 0;
+        while i + 8 <= n {
+            let e = exp(_mm256_sub_ps(_mm256_loadu_ps(x.add(i)), m));
+            sum = _mm256_add_pd(sum, _mm256_cvtps_pd(_mm256_castps256_ps128(e)));
+            sum = _mm256_add_pd(sum, _mm256_cvtps_pd(_mm256_extractf128_ps(e, 1)));
+            i += 8;
+        }
+        let mut s4 = [0f64; 4];
+        _mm256_storeu_pd(s4.as_mut_ptr(), sum);
+        (i..n).fold(s4.iter().sum(), |s, j| s + ((*x.add(j) - max).exp() as f64))
+    }
+}
+
+/// The row's class id from compacted targets (see [`compact_targets`]).
+///
+/// # Safety
+/// `ids` must be the compacted I32 targets and `r` one of its rows.
+unsafe fn class_of(ids: &sys::ggml_tensor, r: usize) -> usize {
+    // SAFETY: forwarded from the caller.
+    unsafe { *(ids.data as *const i32).add(r) as usize }
+}
+
+/// CROSS_ENTROPY_LOSS against class ids (`src[1]`, see
+/// [`compact_targets`]): `−(1/rows) Σ_rows log softmax(x)[id]`, the dense
+/// op's value for one-hot rows.
+unsafe extern "C" fn cross_entropy_ids(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_int, _: *mut c_void) {
+    // SAFETY: ggml calls this on every thread for a node made by
+    // `compact_targets`, allocated: 2-D contiguous F32 logits and one id per
+    // row (checked against the classes below); the result is written once.
+    unsafe {
+        let (x, ids) = (&*(*dst).src[0], &*(*dst).src[1]);
+        let (n, rows) = (x.ne[0] as usize, x.ne[1] as usize);
+        let part: f64 = share(rows, ith, nth)
+            .map(|r| {
+                let (xr, id) = (row(x, r), class_of(ids, r));
+                let max = row_max(n, xr);
+                let picked = if id < n { *xr.add(id) - max } else { f32::NAN };
+                picked as f64 - exp_sum(n, xr, max).ln()
+            })
+            .sum();
+        if let Some(sum) = combine(dst as usize, ith as usize, nth as usize, part) {
+            *((*dst).data as *mut f32) = (-sum / rows as f64) as f32;
+        }
+    }
+}
+
+/// CROSS_ENTROPY_LOSS_BACK against class ids (`src[0]` = the loss's
+/// gradient d, `src[1]` = logits, `src[2]` = ids): `(softmax(x) − onehot) ·
+/// d / rows`, rounded in ggml's order, this thread's rows.
+unsafe extern "C" fn cross_entropy_back_ids(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_int, _: *mut c_void) {
+    // SAFETY: ggml calls this for a node made by `compact_targets`,
+    // allocated: logits and dst 2-D contiguous F32 of one shape, one id per
+    // row; each thread writes its own rows.
+    unsafe {
+        let (d, x, ids) = (&*dst, &*(*dst).src[1], &*(*dst).src[2]);
+        let (n, rows) = (x.ne[0] as usize, x.ne[1] as usize);
+        let scale = *((*(*dst).src[0]).data as *const f32) / rows as f32;
+        for r in share(rows, ith, nth) {
+            let (xr, dr, id) = (row(x, r), row(d, r), class_of(ids, r));
+            let max = row_max(n, xr);
+            let inv = (1.0 / exp_sum(n, xr, max)) as f32;
+            softmax_scaled(n, xr, max, inv, scale, dr);
+            if id < n {
+                *dr.add(id) = ((*xr.add(id) - max).exp() * inv - 1.0) * scale;
+            }
+        }
+    }
+}
+
+/// `y = (exp(x − max) · inv) · scale` over a row.
+///
+/// # Safety
+/// `x` and `y` address `n` floats; the CPU has AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn softmax_scaled(n: usize, x: *const f32, max: f32, inv: f32, scale: f32, y: *mut f32) {
+    // SAFETY: every access lies within the n floats.
+    unsafe {
+        let (m, iv, sv) = (_mm256_set1_ps(max), _mm256_set1_ps(inv), _mm256_set1_ps(scale));
+        let mut i = 0;
+        while i + 8 <= n {
+            let p = _mm256_mul_ps(exp(_mm256_sub_ps(_mm256_loadu_ps(x.add(i)), m)), iv);
+            _mm256_storeu_ps(y.add(i), _mm256_mul_ps(p, sv));
+            i += 8;
+        }
+        for j in i..n {
+            *y.add(j) = ((*x.add(j) - max).exp() * inv) * scale;
+        }
+    }
+}
+
 /// ggml's CROSS_ENTROPY_LOSS (`src[0]` = logits, `src[1]` = target
 /// probabilities, one row per position): `−(1/rows) Σ_rows Σ_i t_i ·
 /// log softmax(x)_i`. ggml's CPU kernel calls `expf` once per logit: 0.06 s
@@ -243,13 +434,7 @@ fn combine(node: usize, ith: usize, nth: usize, part: f64) -> Option<f64> {
 unsafe fn cross_entropy_row(n: usize, x: *const f32, t: *const f32) -> f64 {
     // SAFETY: every access lies within the n floats of each row.
     unsafe {
-        let mut mv = _mm256_set1_ps(f32::NEG_INFINITY);
-        let mut i = 0;
-        while i + 8 <= n {
-            mv = _mm256_max_ps(mv, _mm256_loadu_ps(x.add(i)));
-            i += 8;
-        }
-        let max = (i..n).map(|i| *x.add(i)).fold(hmax(mv), f32::max);
+        let max = row_max(n, x);
         let m = _mm256_set1_ps(max);
         // Σ exp(x − max), Σ t·(x − max) and Σ t, in f64 lanes.
         let (mut se, mut stx, mut st) = (_mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd());

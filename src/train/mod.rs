@@ -9,7 +9,7 @@ pub mod optim;
 pub mod recompute;
 
 use crate::data::Example;
-use crate::ggml::{Context, GgmlType, Sched};
+use crate::ggml::{Context, Sched};
 use crate::model::{Batch, Model};
 use crate::peft::Trainable;
 use crate::rng::Rng;
@@ -107,19 +107,6 @@ pub(crate) fn check_targets(targets: &[i32], width: usize, method: &dyn Trainabl
     }))
 }
 
-/// Writes dense one-hot label rows (`n_vocab` wide) for the positions that
-/// carry loss — only those, never the whole batch — into `labels`
-/// (allocated).
-pub(crate) fn write_one_hot(labels: crate::ggml::Tensor<'_>, targets: &[i32], n_vocab: usize) {
-    // Zeroed in place and the ones set one by one: a host one-hot of a
-    // 49152-word vocabulary is 50 MB per 256 tokens, and copying it cost
-    // 20 ms of a 1.7 s step (its fresh pages faulting in).
-    labels.write_zeros();
-    for (r, &t) in targets.iter().enumerate() {
-        labels.write_f32_at(r * n_vocab + t as usize, &[1.0]);
-    }
-}
-
 /// Adds the backward pass and routes input gradients through the model's
 /// transposed weight copies, where it has them; on the CPU the products
 /// ggml is slow at run as GEMMs.
@@ -201,18 +188,15 @@ pub fn loss_and_grads_observed(
     // The vocabulary, or the classes of a classification head.
     let n_vocab = logits.ne()[0] as usize;
     check_targets(&targets, n_vocab, method)?;
-    let labels = ctx
-        .new_tensor(GgmlType::F32, &[n_vocab as i64, n_out as i64])
-        .set_name("labels")
-        .set_input();
-    let loss = ctx.cross_entropy_loss(logits, labels).set_loss().set_output();
+    let (loss, labels) = ctx.cross_entropy_loss_targets(logits);
+    let loss = loss.set_loss().set_output();
     let mut g = ctx.new_graph(gs, true);
     g.build_forward(loss);
     build_backward(model, &ctx, &mut g);
     sched.alloc(&g)?;
     f.fill_inputs();
     method.fill_inputs(&g);
-    write_one_hot(labels, &targets, n_vocab);
+    labels.write_targets(&targets);
     g.reset();
     match obs {
         Some(o) => {

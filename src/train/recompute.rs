@@ -125,19 +125,14 @@ pub fn loss_and_grads_recompute(
         // The vocabulary, or the classes of a classification head.
         let n_vocab = logits.ne()[0] as usize;
         super::check_targets(&targets, n_vocab, method)?;
-        let labels = ctx
-            .new_tensor(GgmlType::F32, &[n_vocab as i64, chunk.len() as i64])
-            .set_input();
+        let (ce, labels) = ctx.cross_entropy_loss_targets(logits);
         // The mean over all loss rows is the chunk means weighted by size.
         let w = chunk.len() as f32 / n_out as f32;
-        let l = ctx
-            .scale(ctx.cross_entropy_loss(logits, labels), w)
-            .set_loss()
-            .set_output();
+        let l = ctx.scale(ce, w).set_loss().set_output();
         let g = run_stage(model, method, sched, &ctx, &f, l, &params, &mut grads, || {
             h_in.write_f32(&hs[n_layer]);
             let tgt = &targets[ci * HEAD_CHUNK..ci * HEAD_CHUNK + chunk.len()];
-            super::write_one_hot(labels, tgt, n_vocab);
+            labels.write_targets(tgt);
         })?;
         let up = g.grad(h_in).expect("hidden state gradient").read_f32();
         upstream.iter_mut().zip(up).for_each(|(a, b)| *a += b);
