@@ -878,9 +878,9 @@ fn lora_gradient_scale_folds_into_its_products() {
 
 /// The training loss against one class per row (`cross_entropy_loss_targets`):
 /// on the CPU the rewrite keeps the class ids (I32, one per row) instead of
-/// one-hot rows; the loss and its gradient equal an f64 evaluation to float
-/// rounding, and ggml's dense one-hot path (the graph without the rewrite)
-/// on the same targets.
+/// one-hot rows, and the gradient takes the logits' memory; the loss and its
+/// gradient equal an f64 evaluation to float rounding, and ggml's dense
+/// one-hot path (the graph without the rewrite) on the same targets.
 #[test]
 fn class_id_targets_match_one_hot_rows() {
     let (n, rows) = (1003usize, 5usize);
@@ -896,7 +896,9 @@ fn class_id_targets_match_one_hot_rows() {
             .new_tensor(GgmlType::F32, &[n as i64, rows as i64])
             .set_input()
             .set_param();
-        let (loss, t) = ctx.cross_entropy_loss_targets(x);
+        // Logits computed from the parameter (so the gradient may take
+        // their memory), as a model's are.
+        let (loss, t) = ctx.cross_entropy_loss_targets(ctx.scale(x, 1.0));
         let loss = loss.set_loss().set_output();
         let mut gr = ctx.new_graph(64, true);
         gr.build_forward(loss);

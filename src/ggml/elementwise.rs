@@ -245,18 +245,42 @@ pub(super) unsafe fn compact_targets(nodes: &[*mut sys::ggml_tensor]) -> usize {
             };
             (*x).type_ == sys::GGML_TYPE_F32 && sys::ggml_is_contiguous(x) && (*x).ne == (*t).ne
         };
+        // How many nodes read each logits tensor.
+        let mut logits_readers: std::collections::HashMap<*mut sys::ggml_tensor, usize> = Default::default();
+        for &node in nodes {
+            for &src in (*node).src.iter().filter(|s| !s.is_null()) {
+                *logits_readers.entry(src).or_default() += 1;
+            }
+        }
+        let flags = sys::GGML_TENSOR_FLAG_INPUT
+            | sys::GGML_TENSOR_FLAG_OUTPUT
+            | sys::GGML_TENSOR_FLAG_PARAM
+            | sys::GGML_TENSOR_FLAG_LOSS;
         let mut rewritten = 0;
         for (t, nodes) in readers {
             if !simd || !nodes.iter().all(|&n| logits_of(t, n)) {
                 continue;
             }
             for &n in &nodes {
-                let fun: super::gemm::CustomOp = if (*n).op == sys::GGML_OP_CROSS_ENTROPY_LOSS {
-                    cross_entropy_ids
+                if (*n).op == sys::GGML_OP_CROSS_ENTROPY_LOSS {
+                    make_custom(n, cross_entropy_ids, -1, std::ptr::null_mut());
                 } else {
-                    cross_entropy_back_ids
-                };
-                make_custom(n, fun, -1, std::ptr::null_mut());
+                    make_custom(n, cross_entropy_back_ids, -1, std::ptr::null_mut());
+                    // The gradient may take the logits' memory (each row is
+                    // read whole before it is written) where the loss and
+                    // its backward are the logits' only readers: one 50 MB
+                    // buffer instead of two at the backward's start.
+                    let x = (*n).src[1];
+                    let in_place = logits_readers.get(&x) == Some(&2)
+                        && (*x).view_src.is_null()
+                        && (*x).flags as u32 & flags == 0
+                        && (*n).flags as u32 & flags == 0
+                        && (*n).nb == (*x).nb;
+                    if in_place {
+                        (*n).view_src = x;
+                        (*n).view_offs = 0;
+                    }
+                }
                 rewritten += 1;
             }
             let rows = (*t).ne[1];
@@ -356,9 +380,11 @@ unsafe extern "C" fn cross_entropy_back_ids(dst: *mut sys::ggml_tensor, ith: c_i
             let (xr, dr, id) = (row(x, r), row(d, r), class_of(ids, r));
             let max = row_max(n, xr);
             let inv = (1.0 / exp_sum(n, xr, max)) as f32;
+            // Read before the row is written: dst may be the logits' memory.
+            let picked = (id < n).then(|| *xr.add(id));
             softmax_scaled(n, xr, max, inv, scale, dr);
-            if id < n {
-                *dr.add(id) = ((*xr.add(id) - max).exp() * inv - 1.0) * scale;
+            if let Some(x) = picked {
+                *dr.add(id) = ((x - max).exp() * inv - 1.0) * scale;
             }
         }
     }
