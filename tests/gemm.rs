@@ -7,7 +7,7 @@
 
 mod common;
 use common::*;
-use gguf_peft::ggml::{Backend, Context, GgmlType, Sched, Tensor};
+use gguf_peft::ggml::{Backend, Context, GgmlType, Graph, Sched, Tensor};
 use gguf_peft::model::{Batch, Model, NoHooks, WeightLayout};
 use gguf_peft::rng::Rng;
 
@@ -57,6 +57,29 @@ fn values(t: Tensor<'_>) -> Vec<f32> {
         GgmlType::F32 => t.read_f32(),
         ty => ty.to_f32(&t.read_bytes(), t.n_elements()),
     }
+}
+
+/// Builds `loss`'s forward and backward graph, rewrites it for the CPU's
+/// training kernels when `rewrite` (returning how many nodes it rewrote),
+/// allocates it, lets `fill` write the inputs and runs it; the scheduler
+/// holds the results.
+fn run_backward<'a>(
+    ctx: &'a Context,
+    loss: Tensor<'a>,
+    rewrite: bool,
+    fill: impl FnOnce(),
+) -> (Graph<'a>, Sched, usize) {
+    let backend = Backend::cpu(threads());
+    let mut gr = ctx.new_graph(64, true);
+    gr.build_forward(loss);
+    gr.build_backward(ctx);
+    let rewritten = if rewrite { gr.gemm_products() } else { 0 };
+    let mut sched = Sched::new(std::slice::from_ref(&backend), 64);
+    sched.alloc(&gr).unwrap();
+    fill();
+    gr.reset();
+    sched.compute(&gr).unwrap();
+    (gr, sched, rewritten)
 }
 
 /// The product by definition, `a` broadcast over dims 2 and 3 (GQA).
@@ -403,7 +426,6 @@ fn vectorized_silu_back_matches_exact_gradient() {
     gv[..8].copy_from_slice(&[-100.0, -90.0, -87.5, -20.0, 0.0, 20.0, 90.0, 100.0]);
     let uv: Vec<f32> = (0..n * rows).map(|_| rng.normal()).collect();
     let grad = |fast: bool| {
-        let backend = Backend::cpu(threads());
         let ctx = Context::new(64, 64, true);
         let g = ctx
             .new_tensor(GgmlType::F32, &[n as i64, rows as i64])
@@ -411,18 +433,11 @@ fn vectorized_silu_back_matches_exact_gradient() {
             .set_param();
         let u = ctx.new_tensor(GgmlType::F32, &[n as i64, rows as i64]).set_input();
         let loss = ctx.sum(ctx.swiglu_split(g, u)).set_loss().set_output();
-        let mut gr = ctx.new_graph(64, true);
-        gr.build_forward(loss);
-        gr.build_backward(&ctx);
-        if fast {
-            assert_eq!(gr.gemm_products(), 1, "SILU_BACK rewritten");
-        }
-        let mut sched = Sched::new(std::slice::from_ref(&backend), 64);
-        sched.alloc(&gr).unwrap();
-        g.write_f32(&gv);
-        u.write_f32(&uv);
-        gr.reset();
-        sched.compute(&gr).unwrap();
+        let (gr, _sched, rewritten) = run_backward(&ctx, loss, fast, || {
+            g.write_f32(&gv);
+            u.write_f32(&uv);
+        });
+        assert_eq!(rewritten, fast as usize, "SILU_BACK rewritten");
         gr.grad(g).unwrap().read_f32()
     };
     let exact: Vec<f64> = gv
@@ -466,7 +481,6 @@ fn vectorized_cross_entropy_matches_f64() {
         r.iter_mut().for_each(|t| *t /= s);
     }
     let run = |fast: bool| {
-        let backend = Backend::cpu(threads());
         let ctx = Context::new(64, 64, true);
         let x = ctx
             .new_tensor(GgmlType::F32, &[n as i64, rows as i64])
@@ -474,18 +488,11 @@ fn vectorized_cross_entropy_matches_f64() {
             .set_param();
         let t = ctx.new_tensor(GgmlType::F32, &[n as i64, rows as i64]).set_input();
         let loss = ctx.cross_entropy_loss(x, t).set_loss().set_output();
-        let mut gr = ctx.new_graph(64, true);
-        gr.build_forward(loss);
-        gr.build_backward(&ctx);
-        if fast {
-            assert_eq!(gr.gemm_products(), 1, "CROSS_ENTROPY_LOSS rewritten");
-        }
-        let mut sched = Sched::new(std::slice::from_ref(&backend), 64);
-        sched.alloc(&gr).unwrap();
-        x.write_f32(&xv);
-        t.write_f32(&tv);
-        gr.reset();
-        sched.compute(&gr).unwrap();
+        let (gr, _sched, rewritten) = run_backward(&ctx, loss, fast, || {
+            x.write_f32(&xv);
+            t.write_f32(&tv);
+        });
+        assert_eq!(rewritten, fast as usize, "CROSS_ENTROPY_LOSS rewritten");
         (loss.read_f32()[0], gr.grad(x).unwrap().read_f32())
     };
     let exact: f64 = xv
@@ -550,7 +557,6 @@ fn vectorized_soft_max_matches_f64() {
         .collect();
     let dyv: Vec<f32> = (0..n * rows * heads).map(|_| rng.normal()).collect();
     let run = |fast: bool, mask_ty: GgmlType| {
-        let backend = Backend::cpu(threads());
         let ctx = Context::new(64, 64, true);
         let x = ctx
             .new_tensor(GgmlType::F32, &[n as i64, rows as i64, heads as i64])
@@ -562,19 +568,12 @@ fn vectorized_soft_max_matches_f64() {
             .set_input();
         let y = ctx.soft_max_ext(x, Some(mask), scale).set_output();
         let loss = ctx.sum(ctx.mul(y, dy)).set_loss().set_output();
-        let mut gr = ctx.new_graph(64, true);
-        gr.build_forward(loss);
-        gr.build_backward(&ctx);
-        if fast {
-            assert_eq!(gr.gemm_products(), 1, "SOFT_MAX rewritten");
-        }
-        let mut sched = Sched::new(std::slice::from_ref(&backend), 64);
-        sched.alloc(&gr).unwrap();
-        x.write_f32(&xv);
-        mask.write_bytes(&mask_ty.from_f32(&causal, n));
-        dy.write_f32(&dyv);
-        gr.reset();
-        sched.compute(&gr).unwrap();
+        let (gr, _sched, rewritten) = run_backward(&ctx, loss, fast, || {
+            x.write_f32(&xv);
+            mask.write_bytes(&mask_ty.from_f32(&causal, n));
+            dy.write_f32(&dyv);
+        });
+        assert_eq!(rewritten, fast as usize, "SOFT_MAX rewritten");
         (y.read_f32(), gr.grad(x).unwrap().read_f32())
     };
     let mut exact = vec![0f64; xv.len()];
@@ -744,7 +743,6 @@ fn causal_attention_products_skip_what_the_mask_hides() {
     }
     let hd_or_keys = |t: Tensor<'_>| t.ne()[0];
     let run = |causal: bool| {
-        let backend = Backend::cpu(threads());
         let ctx = Context::new(64, 64, true);
         let q = ctx.new_tensor(GgmlType::F32, &[hd, n, nh]).set_input().set_param();
         let k = ctx.new_tensor(GgmlType::F32, &[hd, keys, nkv]).set_input().set_param();
@@ -757,17 +755,11 @@ fn causal_attention_products_skip_what_the_mask_hides() {
         let p = ctx.soft_max_ext(s, Some(m), 0.35);
         let o = ctx.reshape(ctx.mul_mat(vt, grouped(p)), &[hd, n, nh]).set_output();
         let loss = ctx.sum(ctx.mul(o, r)).set_loss().set_output();
-        let mut gr = ctx.new_graph(64, true);
-        gr.build_forward(loss);
-        gr.build_backward(&ctx);
-        let rewritten = gr.gemm_products();
-        let mut sched = Sched::new(std::slice::from_ref(&backend), 64);
-        sched.alloc(&gr).unwrap();
-        for (t, v) in [(q, &qv), (k, &kv), (vt, &vv), (r, &rv), (m, &mv)] {
-            t.write_f32(v);
-        }
-        gr.reset();
-        sched.compute(&gr).unwrap();
+        let (gr, _sched, rewritten) = run_backward(&ctx, loss, true, || {
+            for (t, v) in [(q, &qv), (k, &kv), (vt, &vv), (r, &rv), (m, &mv)] {
+                t.write_f32(v);
+            }
+        });
         let grads = [q, k, vt].map(|t| gr.grad(t).unwrap().read_f32());
         (rewritten, o.read_f32(), grads)
     };
@@ -805,7 +797,6 @@ fn lora_gradient_scale_folds_into_its_products() {
         vals(d_in * n),
         vals(d_out * n),
     );
-    let backend = Backend::cpu(threads());
     let ctx = Context::new(64, 64, true);
     let t = |ne: [usize; 2]| ctx.new_tensor(GgmlType::F32, &[ne[0] as i64, ne[1] as i64]).set_input();
     let (w, a, b, x, rr) = (
@@ -818,17 +809,11 @@ fn lora_gradient_scale_folds_into_its_products() {
     let (a, b, x) = (a.set_param(), b.set_param(), x.set_param());
     let y = ctx.add(ctx.mul_mat(w, x), ctx.scale(ctx.mul_mat(b, ctx.mul_mat(a, x)), s));
     let loss = ctx.sum(ctx.mul(y, rr)).set_loss().set_output();
-    let mut gr = ctx.new_graph(64, true);
-    gr.build_forward(loss);
-    gr.build_backward(&ctx);
-    gr.gemm_products();
-    let mut sched = Sched::new(std::slice::from_ref(&backend), 64);
-    sched.alloc(&gr).unwrap();
-    for (t, v) in [(w, &wv), (a, &av), (b, &bv), (x, &xv), (rr, &rv)] {
-        t.write_f32(v);
-    }
-    gr.reset();
-    sched.compute(&gr).unwrap();
+    let (gr, _sched, _) = run_backward(&ctx, loss, true, || {
+        for (t, v) in [(w, &wv), (a, &av), (b, &bv), (x, &xv), (rr, &rv)] {
+            t.write_f32(v);
+        }
+    });
     // f64: h = A·x [r, n], dh = s·Bᵀ·R, dB = s·h·Rᵀ, dA = x·dhᵀ, dx = W·R + A·dh
     // (ggml layouts: W[i + d_in·o], A[i + d_in·k], B[k + r·o], x[i + d_in·t]).
     let f = |v: &[f32], i: usize| v[i] as f64;
@@ -890,7 +875,6 @@ fn class_id_targets_match_one_hot_rows() {
     // The last class (in a row's scalar tail) and the max logit among them.
     let ids: Vec<i32> = vec![1, 17, n as i32 - 1, 500, 0];
     let run = |compact: bool| {
-        let backend = Backend::cpu(threads());
         let ctx = Context::new(64, 64, true);
         let x = ctx
             .new_tensor(GgmlType::F32, &[n as i64, rows as i64])
@@ -900,19 +884,14 @@ fn class_id_targets_match_one_hot_rows() {
         // their memory), as a model's are.
         let (loss, t) = ctx.cross_entropy_loss_targets(ctx.scale(x, 1.0));
         let loss = loss.set_loss().set_output();
-        let mut gr = ctx.new_graph(64, true);
-        gr.build_forward(loss);
-        gr.build_backward(&ctx);
+        let (gr, _sched, rewritten) = run_backward(&ctx, loss, compact, || {
+            x.write_f32(&xv);
+            t.write_targets(&ids);
+        });
         if compact {
-            assert_eq!(gr.gemm_products(), 2, "the loss and its backward read ids");
+            assert_eq!(rewritten, 2, "the loss and its backward read ids");
             assert_eq!((t.ty(), t.ne()), (GgmlType::I32, [rows as i64, 1, 1, 1]));
         }
-        let mut sched = Sched::new(std::slice::from_ref(&backend), 64);
-        sched.alloc(&gr).unwrap();
-        x.write_f32(&xv);
-        t.write_targets(&ids);
-        gr.reset();
-        sched.compute(&gr).unwrap();
         (loss.read_f32()[0] as f64, gr.grad(x).unwrap().read_f32())
     };
     let (mut loss, mut grad) = (0f64, Vec::new());
