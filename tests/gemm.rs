@@ -915,3 +915,64 @@ fn class_id_targets_match_one_hot_rows() {
         assert!(off < 1e-6 * top, "{what}: gradient {off:.1e} off");
     }
 }
+
+/// Rematerialization: the normalised input `rms_norm(x)·w` and the SwiGLU
+/// output that an adapter's A gradient reads in the backward are recomputed
+/// there instead of held from the forward; every gradient is bit for bit
+/// the graph's without it.
+#[test]
+fn rematerialized_values_give_the_same_gradients() {
+    let (d, n, ff, r) = (256usize, 256usize, 300usize, 4usize);
+    let mut rng = Rng::new(37);
+    let mut vals = |len: usize| (0..len).map(|_| rng.normal()).collect::<Vec<f32>>();
+    let (xv, wv, av, gv, uv, bv) = (
+        vals(d * n),
+        vals(d),
+        vals(d * r),
+        vals(d * ff),
+        vals(d * ff),
+        vals(ff * r),
+    );
+    let run = |remat: bool| {
+        let ctx = Context::new(256, 256, true);
+        let t = |ne: &[i64]| ctx.new_tensor(GgmlType::F32, ne).set_input();
+        let (x, w, a, wg, wu, b) = (
+            t(&[d as i64, n as i64]).set_param(),
+            t(&[d as i64]),
+            t(&[d as i64, r as i64]).set_param(),
+            t(&[d as i64, ff as i64]),
+            t(&[d as i64, ff as i64]),
+            t(&[ff as i64, r as i64]).set_param(),
+        );
+        // xn = rms_norm(x)·w read by a "LoRA A" product; s = swiglu(g, u)
+        // read by another; the loss sums both.
+        let xn = ctx.mul(ctx.rms_norm(x, 1e-5), w);
+        let s = ctx.swiglu_split(ctx.mul_mat(wg, xn), ctx.mul_mat(wu, xn));
+        let loss = ctx.add(
+            ctx.sum(ctx.sqr(ctx.mul_mat(a, xn))),
+            ctx.sum(ctx.sqr(ctx.mul_mat(b, s))),
+        );
+        let loss = loss.set_loss().set_output();
+        let mut gr = ctx.new_graph(256, true);
+        gr.build_forward(loss);
+        gr.build_backward(&ctx);
+        let recomputed = if remat { gr.rematerialize(&ctx) } else { 0 };
+        let backend = Backend::cpu(threads());
+        let mut sched = Sched::new(std::slice::from_ref(&backend), 256);
+        sched.alloc(&gr).unwrap();
+        for (t, v) in [(x, &xv), (w, &wv), (a, &av), (wg, &gv), (wu, &uv), (b, &bv)] {
+            t.write_f32(v);
+        }
+        gr.reset();
+        sched.compute(&gr).unwrap();
+        let grads = [x, a, b].map(|p| gr.grad(p).unwrap().read_f32());
+        (recomputed, loss.read_f32(), grads)
+    };
+    let ((n_remat, l_remat, g_remat), (_, l_plain, g_plain)) = (run(true), run(false));
+    assert_eq!(n_remat, 2, "the normalised input and the SwiGLU output recomputed");
+    let differ = |p: &[f32], q: &[f32]| p.iter().zip(q).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+    assert_eq!(differ(&l_remat, &l_plain), 0, "loss");
+    for (what, (p, q)) in ["dx", "dA", "dB"].iter().zip(g_remat.iter().zip(&g_plain)) {
+        assert_eq!(differ(p, q), 0, "{what}: values differ");
+    }
+}

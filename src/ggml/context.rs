@@ -196,7 +196,8 @@ binary_ops! {
 impl Context {
     /// The cross-entropy of softmax(`logits`) (`[classes, rows]`) against
     /// one target class per row, and the targets' tensor, to be written with
-    /// [`Tensor::write_targets`] once allocated. Built as ggml's
+    /// [`Tensor::write_targets`] once allocated. The logits stop being a
+    /// graph output (mark them again to read them after the compute). Built as ggml's
     /// CROSS_ENTROPY_LOSS over one-hot rows; on AVX2 CPUs
     /// [`Graph::gemm_products`] keeps the class ids alone instead (the
     /// one-hot rows of 256 tokens over a 49152-word vocabulary are 50 MB).
@@ -211,6 +212,10 @@ impl Context {
         unsafe {
             super::elementwise::tag_one_hot(targets.raw())
         };
+        // The loss reads the logits: a graph that reads its loss needs them
+        // no longer, and their memory may then serve the loss's gradient.
+        // SAFETY: a flag update on a valid tensor.
+        unsafe { (*logits.raw()).flags &= !(sys::GGML_TENSOR_FLAG_OUTPUT as i32) };
         (self.cross_entropy_loss(logits, targets), targets)
     }
 
@@ -502,10 +507,13 @@ impl<'a> Tensor<'a> {
     /// a host copy of 50 MB of one-hot rows cost 20 ms a step, its fresh
     /// pages faulting in).
     pub fn write_targets(self, targets: &[i32]) {
+        let classes = self.ne()[0] as usize;
         if self.ty() == GgmlType::I32 {
+            // The ids' tensor no longer knows the class count; the graph's
+            // kernels skip ids out of range, so the caller must check them.
+            assert!(targets.iter().all(|&t| t >= 0), "negative class id in targets");
             return self.write_i32(targets);
         }
-        let classes = self.ne()[0] as usize;
         self.write_zeros();
         for (r, &t) in targets.iter().enumerate() {
             self.write_f32_at(r * classes + t as usize, &[1.0]);
@@ -636,6 +644,139 @@ impl<'a> Graph<'a> {
         n
     }
 
+    /// The nodes in the order the scheduler runs them (see `exec`).
+    fn exec_nodes(&self) -> Vec<*mut sys::ggml_tensor> {
+        let g = self.exec_raw();
+        // SAFETY: valid graph; i < its node count.
+        (0..unsafe { sys::ggml_graph_n_nodes(g) })
+            .map(|i| unsafe { sys::ggml_graph_node(g, i) })
+            .collect()
+    }
+
+    /// Recomputes, right before the backward first reads it, each
+    /// element-wise forward value (RMS_NORM, MUL, GLU) of at least 256 KB
+    /// that the backward reads and whose inputs are still held then (or can
+    /// be recomputed the same way): the forward's copy is freed after its
+    /// last forward reader instead of living through the backward. On a
+    /// LoRA step these are the normalised block inputs and the SwiGLU output
+    /// that the adapters' A gradients read. The same ops on the same inputs:
+    /// the same values. Call after the backward pass is built, before
+    /// [`Graph::gemm_products`] and allocating, on a graph with no
+    /// re-laid-out copy yet; `ctx` must have been made with `grads`.
+    /// Returns the number of values recomputed.
+    pub fn rematerialize(&mut self, ctx: &'a Context) -> usize {
+        if self.exec.is_some() {
+            return 0;
+        }
+        let nodes = self.exec_nodes();
+        // SAFETY: nodes are valid tensors of this graph, whose sources and
+        // view sources are valid or null; the graph is not allocated; ctx
+        // (made with grads) has room for the clones and one re-laid-out copy
+        // of the graph, which replaces none yet (checked above).
+        unsafe {
+            let flags = (sys::GGML_TENSOR_FLAG_INPUT
+                | sys::GGML_TENSOR_FLAG_OUTPUT
+                | sys::GGML_TENSOR_FLAG_PARAM
+                | sys::GGML_TENSOR_FLAG_LOSS) as i32;
+            let Some(loss) = nodes
+                .iter()
+                .position(|&n| (*n).flags & sys::GGML_TENSOR_FLAG_LOSS as i32 != 0)
+            else {
+                return 0;
+            };
+            let pos: std::collections::HashMap<_, _> = nodes.iter().enumerate().map(|(i, &n)| (n, i)).collect();
+            let mut readers: std::collections::HashMap<*mut sys::ggml_tensor, Vec<usize>> = Default::default();
+            let mut viewed = std::collections::HashSet::new();
+            for (i, &n) in nodes.iter().enumerate() {
+                for &src in (*n).src.iter().filter(|s| !s.is_null()) {
+                    readers.entry(src).or_default().push(i);
+                }
+                if !(*n).view_src.is_null() {
+                    viewed.insert((*n).view_src);
+                }
+            }
+            // An element-wise forward value no view shares and nobody
+            // outside the graph reads.
+            let cheap = |t: *mut sys::ggml_tensor| {
+                matches!((*t).op, sys::GGML_OP_RMS_NORM | sys::GGML_OP_MUL | sys::GGML_OP_GLU)
+                    && (*t).view_src.is_null()
+                    && (*t).flags & flags == 0
+                    && !viewed.contains(&t)
+                    && pos.get(&t).is_some_and(|&p| p < loss)
+            };
+            // Whether `t` is still held at node `at`: a leaf, or read there
+            // or later.
+            let held = |t: *mut sys::ggml_tensor, at: usize| {
+                let root = if (*t).view_src.is_null() { t } else { (*t).view_src };
+                (*root).op == sys::GGML_OP_NONE || readers.get(&root).is_some_and(|r| r.iter().any(|&i| i >= at))
+            };
+            // The same op, params and sources (a clone in place of its
+            // original where `map` has one).
+            let clone = |t: *mut sys::ggml_tensor, map: &[(*mut sys::ggml_tensor, *mut sys::ggml_tensor)]| {
+                let c = sys::ggml_dup_tensor(ctx.raw(), t);
+                (*c).op = (*t).op;
+                (*c).op_params = (*t).op_params;
+                for (k, &src) in (*t).src.iter().enumerate() {
+                    (*c).src[k] = map.iter().find(|(o, _)| *o == src).map_or(src, |&(_, n)| n);
+                }
+                c
+            };
+            let mut count = 0;
+            for &f in &nodes {
+                if !cheap(f) || sys::ggml_nbytes(f) < 256 << 10 {
+                    continue;
+                }
+                let backward: Vec<usize> = readers
+                    .get(&f)
+                    .map_or(vec![], |r| r.iter().copied().filter(|&i| i > loss).collect());
+                let Some(&first) = backward.iter().min() else {
+                    continue;
+                };
+                // f's sources: held at `first`, or cheap values whose own
+                // sources are (recomputed too).
+                let mut inner = vec![];
+                let ok = (*f).src.iter().filter(|s| !s.is_null()).all(|&s| {
+                    if held(s, first) {
+                        return true;
+                    }
+                    let again = cheap(s) && (*s).src.iter().filter(|x| !x.is_null()).all(|&x| held(x, first));
+                    if again {
+                        inner.push(s);
+                    }
+                    again
+                });
+                if !ok {
+                    continue;
+                }
+                let mut map = vec![];
+                for &s in &inner {
+                    map.push((s, clone(s, &map)));
+                }
+                let fc = clone(f, &map);
+                for &i in &backward {
+                    let reader = nodes[i];
+                    for k in 0..(*reader).src.len() {
+                        if (*reader).src[k] == f {
+                            (*reader).src[k] = fc;
+                        }
+                    }
+                }
+                count += 1;
+            }
+            if count > 0 {
+                // Lay the nodes out again in their order: expanding each one
+                // first adds its not yet visited sources, i.e. the clones,
+                // right before their first reader.
+                let exec = sys::ggml_new_graph_custom(ctx.raw(), sys::ggml_graph_size(self.raw()) as usize, false);
+                for &node in &nodes {
+                    sys::ggml_build_forward_expand(exec, node);
+                }
+                self.exec = Some(NonNull::new(exec).expect("graph allocation failed"));
+            }
+            count
+        }
+    }
+
     /// Adds `t` and everything it depends on to the graph.
     pub fn build_forward(&mut self, t: Tensor<'a>) {
         // SAFETY: graph and tensor belong to contexts alive for 'a.
@@ -737,11 +878,8 @@ impl<'a> Graph<'a> {
     /// runs on the CPU); call after the backward pass is built and
     /// rewritten, before allocating. Returns the number of nodes rewritten.
     pub fn gemm_products(&mut self) -> usize {
-        // SAFETY: i < n_nodes; nodes are valid tensors of this graph, whose
-        // sources are valid or null; the graph is not allocated.
-        let nodes: Vec<*mut sys::ggml_tensor> = (0..self.n_nodes())
-            .map(|i| unsafe { sys::ggml_graph_node(self.raw(), i as i32) })
-            .collect();
+        // The nodes as they run (with any recomputed ones).
+        let nodes = self.exec_nodes();
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above, before the per-node rewrites.
         let compacted = unsafe { super::elementwise::compact_targets(&nodes) };

@@ -271,7 +271,11 @@ pub(super) unsafe fn compact_targets(nodes: &[*mut sys::ggml_tensor]) -> usize {
                     // its backward are the logits' only readers: one 50 MB
                     // buffer instead of two at the backward's start.
                     let x = (*n).src[1];
+                    let loss_reads = nodes.iter().any(|&m| m != n && (*m).src[0] == x);
                     let in_place = logits_readers.get(&x) == Some(&2)
+                        && loss_reads
+                        // A SCALE may yet become a view (gemm::fold_scale).
+                        && (*x).op != sys::GGML_OP_SCALE
                         && (*x).view_src.is_null()
                         && (*x).flags as u32 & flags == 0
                         && (*n).flags as u32 & flags == 0

@@ -431,8 +431,7 @@ unsafe fn fold_scale(
 /// Folds a SCALE of a gradient that only GEMMs read (LoRA's backward:
 /// `dz = s·dy`, read by the products for B's gradient and, through a
 /// transpose, for the rank-r intermediate's) into those products, which then
-/// compute `s·(a·b)` from `dy` itself; the SCALE becomes a view nothing
-/// reads. One pass and one buffer fewer per adapted weight; the product
+/// compute `s·(a·b)` from `dy` itself: the SCALE becomes a view of `dy`. One pass and one buffer fewer per adapted weight; the product
 /// rounds its sum, then scales (within a rounding of the SCALE's order,
 /// which a gradient does not need bit for bit). `readers`: each tensor's
 /// consumer nodes.
@@ -481,23 +480,33 @@ unsafe fn fold_gradient_scale(
                 return false;
             }
         }
-        if gemms.is_empty() {
+        // A GEMM reading the SCALE twice (directly and through a view)
+        // would need s².
+        let mut unique = gemms.clone();
+        unique.sort();
+        unique.dedup();
+        if gemms.is_empty() || unique.len() != gemms.len() {
             return false;
         }
         let alpha = (scale.to_bits() as usize) << 32;
         for &g in &gemms {
             let kind = gemm_userdata(g).unwrap_or(0) & 0xFF;
             make_custom(g, run, -1, (kind | SCALED | alpha) as *mut c_void);
-            for s in (*g).src.iter_mut().filter(|s| **s == node) {
-                *s = dy;
-            }
         }
-        // dy has the SCALE's layout: the views read it in its place.
+        // The SCALE becomes a view of dy (which has its layout) that its
+        // readers keep reading, so ggml's allocator still sees dy's last
+        // reader; views keep the root tensor as their memory's source.
+        let (root, offs) = if (*dy).view_src.is_null() {
+            (dy, 0)
+        } else {
+            ((*dy).view_src, (*dy).view_offs)
+        };
         for &v in &views {
-            (*v).view_src = dy;
-            (*v).src[0] = dy;
+            (*v).view_src = root;
+            (*v).view_offs += offs;
         }
-        make_view(node, dy, dy);
+        make_view(node, dy, root);
+        (*node).view_offs = offs;
         true
     }
 }
@@ -520,11 +529,15 @@ unsafe fn mark_causal(
     // SAFETY: forwarded from the caller; every pointer read is a node, a
     // node's source or a view's source.
     unsafe {
+        // The tensor a view shows whole from its start (an offset would
+        // move the columns' queries): none for other views.
         let root = |t: *mut sys::ggml_tensor| {
             if t.is_null() || (*t).view_src.is_null() {
                 t
-            } else {
+            } else if (*t).view_offs == 0 {
                 (*t).view_src
+            } else {
+                std::ptr::null_mut()
             }
         };
         let only = |t: *mut sys::ggml_tensor| consumers.get(&(t as *const _)) == Some(&1) && !external(t);

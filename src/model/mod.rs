@@ -415,18 +415,15 @@ impl Model {
     pub fn logits_from_normed<'a>(&'a self, ctx: &'a Context, f: &mut Forward<'a>, h: Tensor<'a>) -> Tensor<'a> {
         let h = f.select_outputs(h);
         let hooks = f.hooks;
-        // A training graph reads its loss, not its logits: left unmarked,
-        // their memory can serve the loss's gradient.
-        let out = |t: Tensor<'a>| if f.differentiable { t } else { t.set_output() };
         if let Some(scores) = hooks.output_head(f, h) {
-            return out(scores.set_name("logits"));
+            return scores.set_name("logits").set_output();
         }
         let mut logits = f.lm_head(h);
         let cap = self.hparams.final_logit_softcap;
         if cap > 0.0 {
             logits = ctx.scale(ctx.tanh(ctx.scale(logits, 1.0 / cap)), cap);
         }
-        out(logits.set_name("logits"))
+        logits.set_name("logits").set_output()
     }
 
     /// Runs the forward pass and returns the logits, one `n_vocab` row per

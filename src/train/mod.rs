@@ -114,7 +114,9 @@ pub(crate) fn build_backward<'a>(model: &'a Model, ctx: &'a Context, g: &mut cra
     g.build_backward(ctx);
     g.replace_weight_out_prods(|w| model.transposed_of(w));
     let dev = model.backend();
-    if !dev.is_cpu() {
+    if dev.is_cpu() {
+        g.rematerialize(ctx);
+    } else {
         g.contiguous_out_prod_inputs(ctx, |t| dev.supports(t));
     }
     model.gemm_products_in(g);

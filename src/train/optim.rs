@@ -87,6 +87,10 @@ impl AdamW {
         let decay = lr * c.weight_decay;
         let tensors = params.par_iter_mut().zip(grads).zip(&mut self.m).zip(&mut self.v);
         tensors.for_each(|(((p, g), m), v)| {
+            assert!(
+                g.len() == p.len() && m.len() == p.len() && v.len() == p.len(),
+                "gradient and state sizes"
+            );
             // Zipped slices, not indices: no bounds checks, so the loop
             // vectorizes.
             for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
