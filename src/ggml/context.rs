@@ -674,10 +674,6 @@ impl<'a> Graph<'a> {
         // (made with grads) has room for the clones and one re-laid-out copy
         // of the graph, which replaces none yet (checked above).
         unsafe {
-            let flags = (sys::GGML_TENSOR_FLAG_INPUT
-                | sys::GGML_TENSOR_FLAG_OUTPUT
-                | sys::GGML_TENSOR_FLAG_PARAM
-                | sys::GGML_TENSOR_FLAG_LOSS) as i32;
             let Some(loss) = nodes
                 .iter()
                 .position(|&n| (*n).flags & sys::GGML_TENSOR_FLAG_LOSS as i32 != 0)
@@ -700,7 +696,7 @@ impl<'a> Graph<'a> {
             let cheap = |t: *mut sys::ggml_tensor| {
                 matches!((*t).op, sys::GGML_OP_RMS_NORM | sys::GGML_OP_MUL | sys::GGML_OP_GLU)
                     && (*t).view_src.is_null()
-                    && (*t).flags & flags == 0
+                    && !super::gemm::external(t)
                     && !viewed.contains(&t)
                     && pos.get(&t).is_some_and(|&p| p < loss)
             };

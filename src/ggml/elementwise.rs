@@ -205,7 +205,7 @@ const ONE_HOT_TAG: i32 = 0x6f6e_6568;
 /// `t` must be a valid leaf tensor.
 pub(super) unsafe fn tag_one_hot(t: *mut sys::ggml_tensor) {
     // SAFETY: forwarded from the caller.
-    unsafe { (*t).op_params[0] = ONE_HOT_TAG };
+    unsafe { super::gemm::tag_leaf(t, ONE_HOT_TAG, 0) };
 }
 
 /// Where every reader of a tagged one-hot targets leaf is a
@@ -223,20 +223,11 @@ pub(super) unsafe fn compact_targets(nodes: &[*mut sys::ggml_tensor]) -> usize {
     unsafe {
         let simd = std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
         let tagged = |t: *mut sys::ggml_tensor| {
-            !t.is_null()
-                && (*t).op == sys::GGML_OP_NONE
-                && (*t).op_params[0] == ONE_HOT_TAG
+            super::gemm::leaf_tag(t, ONE_HOT_TAG).is_some()
                 && (*t).type_ == sys::GGML_TYPE_F32
                 && (*t).ne[2] * (*t).ne[3] == 1
                 && (*t).data.is_null()
         };
-        let mut readers: std::collections::HashMap<*mut sys::ggml_tensor, Vec<*mut sys::ggml_tensor>> =
-            Default::default();
-        for &node in nodes {
-            for &src in (*node).src.iter().filter(|&&s| tagged(s)) {
-                readers.entry(src).or_default().push(node);
-            }
-        }
         let logits_of = |t: *mut sys::ggml_tensor, node: *mut sys::ggml_tensor| {
             let x = match (*node).op {
                 sys::GGML_OP_CROSS_ENTROPY_LOSS if (*node).src[1] == t => (*node).src[0],
@@ -245,23 +236,16 @@ pub(super) unsafe fn compact_targets(nodes: &[*mut sys::ggml_tensor]) -> usize {
             };
             (*x).type_ == sys::GGML_TYPE_F32 && sys::ggml_is_contiguous(x) && (*x).ne == (*t).ne
         };
-        // How many nodes read each logits tensor.
-        let mut logits_readers: std::collections::HashMap<*mut sys::ggml_tensor, usize> = Default::default();
-        for &node in nodes {
-            for &src in (*node).src.iter().filter(|s| !s.is_null()) {
-                *logits_readers.entry(src).or_default() += 1;
-            }
-        }
-        let flags = sys::GGML_TENSOR_FLAG_INPUT
-            | sys::GGML_TENSOR_FLAG_OUTPUT
-            | sys::GGML_TENSOR_FLAG_PARAM
-            | sys::GGML_TENSOR_FLAG_LOSS;
+        let readers = super::gemm::readers(nodes);
+        let n_readers = |t: *mut sys::ggml_tensor| readers.get(&(t as *const _)).map_or(0, Vec::len);
+        let external = |t| super::gemm::external(t);
         let mut rewritten = 0;
-        for (t, nodes) in readers {
+        for (&t, nodes) in readers.iter().filter(|(&t, _)| tagged(t as *mut _)) {
+            let t = t as *mut sys::ggml_tensor;
             if !simd || !nodes.iter().all(|&n| logits_of(t, n)) {
                 continue;
             }
-            for &n in &nodes {
+            for &n in nodes {
                 if (*n).op == sys::GGML_OP_CROSS_ENTROPY_LOSS {
                     make_custom(n, cross_entropy_ids, -1, std::ptr::null_mut());
                 } else {
@@ -272,13 +256,13 @@ pub(super) unsafe fn compact_targets(nodes: &[*mut sys::ggml_tensor]) -> usize {
                     // buffer instead of two at the backward's start.
                     let x = (*n).src[1];
                     let loss_reads = nodes.iter().any(|&m| m != n && (*m).src[0] == x);
-                    let in_place = logits_readers.get(&x) == Some(&2)
+                    let in_place = n_readers(x) == 2
                         && loss_reads
                         // A SCALE may yet become a view (gemm::fold_scale).
                         && (*x).op != sys::GGML_OP_SCALE
                         && (*x).view_src.is_null()
-                        && (*x).flags as u32 & flags == 0
-                        && (*n).flags as u32 & flags == 0
+                        && !external(x)
+                        && !external(n)
                         && (*n).nb == (*x).nb;
                     if in_place {
                         (*n).view_src = x;

@@ -184,8 +184,35 @@ fn causal_of(userdata: usize) -> Option<(Causal, usize, usize)> {
     Some((pattern, hi & 0xFFFF, hi >> 16))
 }
 
-/// A mask's causal offset rides in its `op_params`, unused by a leaf;
-/// the tag tells it from zeros.
+/// Marks a leaf (an input) with `tag` and a value in its `op_params`,
+/// which ggml does not read for a leaf: what a rewrite should know of an
+/// input (a mask's causal offset, one-hot targets).
+///
+/// # Safety
+/// `t` must be a valid tensor.
+pub(super) unsafe fn tag_leaf(t: *mut sys::ggml_tensor, tag: i32, value: i32) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        if (*t).op == sys::GGML_OP_NONE {
+            (*t).op_params[0] = tag;
+            (*t).op_params[1] = value;
+        }
+    }
+}
+
+/// The value [`tag_leaf`] put on `t` with `tag`, if it did.
+///
+/// # Safety
+/// `t` must be a valid tensor or null.
+pub(super) unsafe fn leaf_tag(t: *const sys::ggml_tensor, tag: i32) -> Option<i32> {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        let tagged = !t.is_null() && (*t).op == sys::GGML_OP_NONE && (*t).op_params[0] == tag;
+        tagged.then(|| (*t).op_params[1])
+    }
+}
+
+/// The tag of a mask's causal offset (see [`set_causal_offset`]).
 const CAUSAL_TAG: i32 = 0x6361_7573;
 
 /// Records on a mask leaf that it hides key `j` from query `i` wherever
@@ -194,13 +221,9 @@ const CAUSAL_TAG: i32 = 0x6361_7573;
 /// # Safety
 /// `t` must be a valid tensor.
 pub(super) unsafe fn set_causal_offset(t: *mut sys::ggml_tensor, off: usize) {
-    // SAFETY: forwarded from the caller; a leaf's op_params are not read
-    // by ggml.
-    unsafe {
-        if (*t).op == sys::GGML_OP_NONE && off < 0xFFFF {
-            (*t).op_params[0] = CAUSAL_TAG;
-            (*t).op_params[1] = off as i32;
-        }
+    if off < 0xFFFF {
+        // SAFETY: forwarded from the caller.
+        unsafe { tag_leaf(t, CAUSAL_TAG, off as i32) };
     }
 }
 
@@ -210,10 +233,7 @@ pub(super) unsafe fn set_causal_offset(t: *mut sys::ggml_tensor, off: usize) {
 /// `t` must be a valid tensor or null.
 unsafe fn causal_offset(t: *const sys::ggml_tensor) -> Option<usize> {
     // SAFETY: forwarded from the caller.
-    unsafe {
-        let tagged = !t.is_null() && (*t).op == sys::GGML_OP_NONE && (*t).op_params[0] == CAUSAL_TAG;
-        tagged.then(|| (*t).op_params[1] as usize)
-    }
+    unsafe { leaf_tag(t, CAUSAL_TAG).map(|off| off as usize) }
 }
 
 /// The product kind, scale and whether `src[2]` is added, from a GEMM
@@ -226,6 +246,27 @@ fn unpack(userdata: *mut c_void) -> (usize, f32, bool) {
         1.0
     };
     (u & 0xFF, alpha, u & PLUS != 0)
+}
+
+/// Whether a GEMM node's userdata is a plain F32 product (Inner or Outer)
+/// that no fold has made an ADD or marked causal (it may be scaled).
+fn plain_product(u: usize) -> bool {
+    let kind = u & 0xFF;
+    (kind == Product::Inner as usize || kind == Product::Outer as usize) && u & (PLUS | CAUSAL) == 0
+}
+
+/// A SCALE node's (scale, bias).
+///
+/// # Safety
+/// `node` must be a valid SCALE node.
+unsafe fn scale_params(node: *const sys::ggml_tensor) -> (f32, f32) {
+    // SAFETY: forwarded from the caller; SCALE keeps both in op_params.
+    unsafe {
+        (
+            f32::from_bits((*node).op_params[0] as u32),
+            f32::from_bits((*node).op_params[1] as u32),
+        )
+    }
 }
 
 /// The userdata of `t` if it is one of our GEMM nodes.
@@ -289,7 +330,7 @@ unsafe fn make_view(node: *mut sys::ggml_tensor, src: *mut sys::ggml_tensor, of:
 ///
 /// # Safety
 /// `t` must be a valid tensor.
-unsafe fn external(t: *const sys::ggml_tensor) -> bool {
+pub(super) unsafe fn external(t: *const sys::ggml_tensor) -> bool {
     let flags = sys::GGML_TENSOR_FLAG_INPUT
         | sys::GGML_TENSOR_FLAG_OUTPUT
         | sys::GGML_TENSOR_FLAG_PARAM
@@ -326,16 +367,14 @@ unsafe fn fold_add(
         // p: any node before q; q: a short product, possibly behind a view.
         let short = |t: *mut sys::ggml_tensor| {
             let (g, u) = gemm_behind(t)?;
-            let (kind, _, plus) = unpack(u as *mut c_void);
+            let kind = u & 0xFF;
             let a = (*g).src[0];
             let k = if kind == Product::Outer as usize {
                 (*a).ne[1]
             } else {
                 (*a).ne[0]
             };
-            let plain =
-                (kind == Product::Inner as usize || kind == Product::Outer as usize) && !plus && u & CAUSAL == 0;
-            (plain && k <= 16 && (*g).ne[2] * (*g).ne[3] == 1).then_some((g, u))
+            (plain_product(u) && k <= 16 && (*g).ne[2] * (*g).ne[3] == 1).then_some((g, u))
         };
         let ((q_src, q, uq), p) = match (short(y), short(x)) {
             (Some((g, u)), _) => ((y, g, u), x),
@@ -403,13 +442,9 @@ unsafe fn fold_scale(
             return false;
         };
         let kind = userdata & 0xFF;
-        let plain = userdata & (SCALED | PLUS | CAUSAL) == 0
-            && (kind == Product::Inner as usize || kind == Product::Outer as usize);
-        let (scale, bias) = (
-            f32::from_bits((*node).op_params[0] as u32),
-            f32::from_bits((*node).op_params[1] as u32),
-        );
-        let fits = plain
+        let (scale, bias) = scale_params(node);
+        let fits = plain_product(userdata)
+            && userdata & SCALED == 0
             && bias == 0.0
             && consumers.get(&(gemm as *const _)) == Some(&1)
             && !external(gemm)
@@ -431,10 +466,11 @@ unsafe fn fold_scale(
 /// Folds a SCALE of a gradient that only GEMMs read (LoRA's backward:
 /// `dz = s·dy`, read by the products for B's gradient and, through a
 /// transpose, for the rank-r intermediate's) into those products, which then
-/// compute `s·(a·b)` from `dy` itself: the SCALE becomes a view of `dy`. One pass and one buffer fewer per adapted weight; the product
-/// rounds its sum, then scales (within a rounding of the SCALE's order,
-/// which a gradient does not need bit for bit). `readers`: each tensor's
-/// consumer nodes.
+/// compute `s·(a·b)` from `dy` itself: the SCALE becomes a view of `dy`.
+/// One pass and one buffer fewer per adapted weight; the product rounds its
+/// sum, then scales (within a rounding of the SCALE's order, which a
+/// gradient does not need bit for bit). `readers`: each tensor's consumer
+/// nodes.
 ///
 /// # Safety
 /// As for [`fold_scale`].
@@ -448,11 +484,7 @@ unsafe fn fold_gradient_scale(
         if (*node).op != sys::GGML_OP_SCALE || !(*node).view_src.is_null() || external(node) {
             return false;
         }
-        let (dy, scale, bias) = (
-            (*node).src[0],
-            f32::from_bits((*node).op_params[0] as u32),
-            f32::from_bits((*node).op_params[1] as u32),
-        );
+        let (dy, (scale, bias)) = ((*node).src[0], scale_params(node));
         let same = (*dy).type_ == sys::GGML_TYPE_F32 && (*dy).ne == (*node).ne && (*dy).nb == (*node).nb;
         if bias != 0.0 || !same || !sys::ggml_is_contiguous(dy) {
             return false;
@@ -460,12 +492,8 @@ unsafe fn fold_gradient_scale(
         let of = |t: *mut sys::ggml_tensor| readers.get(&(t as *const _)).map_or(&[][..], |v| &v[..]);
         // An unscaled plain GEMM that reads `t` once.
         let plain_gemm = |g: *mut sys::ggml_tensor, t: *mut sys::ggml_tensor| {
-            gemm_userdata(g).is_some_and(|u| {
-                let kind = u & 0xFF;
-                u & (SCALED | PLUS | CAUSAL) == 0
-                    && (kind == Product::Inner as usize || kind == Product::Outer as usize)
-                    && ((*g).src[0] == t) != ((*g).src[1] == t)
-            })
+            gemm_userdata(g)
+                .is_some_and(|u| plain_product(u) && u & SCALED == 0 && ((*g).src[0] == t) != ((*g).src[1] == t))
         };
         // Readers: GEMMs, or views of the SCALE (views of views not) read
         // by GEMMs alone.
@@ -574,7 +602,7 @@ unsafe fn mark_causal(
             };
             let kind = u & 0xFF;
             let outer = kind == Product::Outer as usize;
-            if u & (SCALED | PLUS | CAUSAL) != 0 || !(outer || kind == Product::Inner as usize) {
+            if !plain_product(u) || u & SCALED != 0 {
                 continue;
             }
             let (a, b) = ((*node).src[0], (*node).src[1]);
@@ -736,19 +764,20 @@ unsafe fn causal_run(
 pub(super) unsafe fn fold(nodes: &[*mut sys::ggml_tensor]) -> usize {
     #[cfg(target_pointer_width = "64")]
     {
-        // SAFETY (both passes): forwarded from the caller.
-        let consumers = count_consumers(nodes);
+        // SAFETY (all passes): forwarded from the caller. The marks and
+        // scale folds change ops, or turn nodes into views of what they
+        // already read, never which nodes read which: one count serves
+        // every pass (fold_add, last, rewires only the ADDs it folds).
+        let readers = readers(nodes);
+        let consumers = readers.iter().map(|(&t, r)| (t, r.len())).collect();
         let causal = unsafe { mark_causal(nodes, &consumers) };
         let scales = nodes.iter().filter(|&&n| unsafe { fold_scale(n, &consumers) }).count();
-        let readers = readers(nodes);
         let gradient_scales = nodes
             .iter()
             .filter(|&&n| unsafe { fold_gradient_scale(n, &readers) })
             .count();
         #[cfg(target_arch = "x86_64")]
         let adds = {
-            // Sources changed: count again.
-            let consumers = count_consumers(nodes);
             let order = nodes.iter().enumerate().map(|(i, &n)| (n as *const _, i)).collect();
             nodes
                 .iter()
@@ -764,8 +793,7 @@ pub(super) unsafe fn fold(nodes: &[*mut sys::ggml_tensor]) -> usize {
 }
 
 /// Which of `nodes` read each tensor (as a source).
-#[cfg(target_pointer_width = "64")]
-fn readers(
+pub(super) fn readers(
     nodes: &[*mut sys::ggml_tensor],
 ) -> std::collections::HashMap<*const sys::ggml_tensor, Vec<*mut sys::ggml_tensor>> {
     let mut readers: std::collections::HashMap<_, Vec<_>> = std::collections::HashMap::new();
@@ -778,12 +806,6 @@ fn readers(
         }
     }
     readers
-}
-
-/// How many of `nodes` read each tensor (as a source).
-#[cfg(target_pointer_width = "64")]
-fn count_consumers(nodes: &[*mut sys::ggml_tensor]) -> std::collections::HashMap<*const sys::ggml_tensor, usize> {
-    readers(nodes).into_iter().map(|(t, r)| (t, r.len())).collect()
 }
 
 /// Turns `node` into a `GGML_OP_CUSTOM` node running `fun` with `userdata`
