@@ -69,17 +69,31 @@ fn run_backward<'a>(
     rewrite: bool,
     fill: impl FnOnce(),
 ) -> (Graph<'a>, Sched, usize) {
+    let (gr, sched, rewritten, _) = run_backward_remat(ctx, loss, rewrite, false, fill);
+    (gr, sched, rewritten)
+}
+
+/// [`run_backward`], rematerializing (`remat`) before the rewrite; also
+/// returns how many values were recomputed.
+fn run_backward_remat<'a>(
+    ctx: &'a Context,
+    loss: Tensor<'a>,
+    rewrite: bool,
+    remat: bool,
+    fill: impl FnOnce(),
+) -> (Graph<'a>, Sched, usize, usize) {
     let backend = Backend::cpu(threads());
     let mut gr = ctx.new_graph(64, true);
     gr.build_forward(loss);
     gr.build_backward(ctx);
+    let recomputed = if remat { gr.rematerialize(ctx) } else { 0 };
     let rewritten = if rewrite { gr.gemm_products() } else { 0 };
     let mut sched = Sched::new(std::slice::from_ref(&backend), 64);
     sched.alloc(&gr).unwrap();
     fill();
     gr.reset();
     sched.compute(&gr).unwrap();
-    (gr, sched, rewritten)
+    (gr, sched, rewritten, recomputed)
 }
 
 /// The product by definition, `a` broadcast over dims 2 and 3 (GQA).
@@ -719,14 +733,16 @@ fn sums_with_a_short_product_fold_into_one_node() {
 }
 
 /// Attention under a causal mask with prefix keys and grouped queries (3
-/// query heads over one KV head, 70 queries: blocks and thread shares that
+/// query heads over one KV head, 150 queries: blocks and thread shares that
 /// end inside a query group): the six products around the softmax — scores,
 /// `P·V`, and the gradients of P, V, K and Q — skip what the mask hides,
 /// and the output and every gradient match the same graph whose mask is not
-/// declared causal.
+/// declared causal. Rematerialized (P recomputed from the scores in the
+/// backward), the recomputed scores skip the same entries and every value
+/// is bit for bit the graph's without it.
 #[test]
 fn causal_attention_products_skip_what_the_mask_hides() {
-    let (hd, nh, nkv, n, np) = (8i64, 3i64, 1i64, 70i64, 5i64);
+    let (hd, nh, nkv, n, np) = (8i64, 3i64, 1i64, 150i64, 5i64);
     let keys = n + np;
     let mut rng = Rng::new(23);
     let mut vals = |len: i64| (0..len).map(|_| rng.normal()).collect::<Vec<f32>>();
@@ -742,7 +758,7 @@ fn causal_attention_products_skip_what_the_mask_hides() {
         mv[(i * keys) as usize..(i * keys + np + i + 1) as usize].fill(0.0);
     }
     let hd_or_keys = |t: Tensor<'_>| t.ne()[0];
-    let run = |causal: bool| {
+    let run = |causal: bool, remat: bool| {
         let ctx = Context::new(64, 64, true);
         let q = ctx.new_tensor(GgmlType::F32, &[hd, n, nh]).set_input().set_param();
         let k = ctx.new_tensor(GgmlType::F32, &[hd, keys, nkv]).set_input().set_param();
@@ -755,16 +771,25 @@ fn causal_attention_products_skip_what_the_mask_hides() {
         let p = ctx.soft_max_ext(s, Some(m), 0.35);
         let o = ctx.reshape(ctx.mul_mat(vt, grouped(p)), &[hd, n, nh]).set_output();
         let loss = ctx.sum(ctx.mul(o, r)).set_loss().set_output();
-        let (gr, _sched, rewritten) = run_backward(&ctx, loss, true, || {
+        let (gr, _sched, rewritten, recomputed) = run_backward_remat(&ctx, loss, true, remat, || {
             for (t, v) in [(q, &qv), (k, &kv), (vt, &vv), (r, &rv), (m, &mv)] {
                 t.write_f32(v);
             }
         });
         let grads = [q, k, vt].map(|t| gr.grad(t).unwrap().read_f32());
-        (rewritten, o.read_f32(), grads)
+        (rewritten, recomputed, o.read_f32(), grads)
     };
-    let ((n_causal, o_causal, g_causal), (n_plain, o_plain, g_plain)) = (run(true), run(false));
+    let ((n_causal, _, o_causal, g_causal), (n_plain, _, o_plain, g_plain)) = (run(true, false), run(false, false));
     assert_eq!(n_causal - n_plain, 6, "six attention products marked");
+    let (n_remat, recomputed, o_remat, g_remat) = run(true, true);
+    assert_eq!(recomputed, 1, "the probabilities recomputed");
+    // The scores' product and softmax once more, and the product marked.
+    assert_eq!(n_remat - n_causal, 3, "the recomputed scores skip hidden entries");
+    let differ = |p: &[f32], q: &[f32]| p.iter().zip(q).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+    assert_eq!(differ(&o_remat, &o_causal), 0, "output");
+    for (what, (p, q)) in ["dQ", "dK", "dV"].iter().zip(g_remat.iter().zip(&g_causal)) {
+        assert_eq!(differ(p, q), 0, "{what}: rematerialized values differ");
+    }
     for (what, got, want) in [
         ("output", &o_causal, &o_plain),
         ("dQ", &g_causal[0], &g_plain[0]),

@@ -653,22 +653,29 @@ impl<'a> Graph<'a> {
             .collect()
     }
 
-    /// Recomputes, right before the backward first reads it, each
-    /// element-wise forward value (RMS_NORM, MUL, GLU) of at least 256 KB
-    /// that the backward reads and whose inputs are still held then (or can
-    /// be recomputed the same way): the forward's copy is freed after its
-    /// last forward reader instead of living through the backward. On a
-    /// LoRA step these are the normalised block inputs and the SwiGLU output
-    /// that the adapters' A gradients read. The same ops on the same inputs:
-    /// the same values. Call after the backward pass is built, before
-    /// [`Graph::gemm_products`] and allocating, on a graph with no
-    /// re-laid-out copy yet; `ctx` must have been made with `grads`.
-    /// Returns the number of values recomputed.
+    /// Recomputes, right before the backward first reads it, each forward
+    /// value of at least 256 KB that the backward reads and whose inputs are
+    /// still held then (or can be recomputed the same way), so that the
+    /// forward's copy is freed after its last forward reader instead of
+    /// living through the backward:
+    /// - element-wise values (RMS_NORM, MUL, GLU): on a LoRA step the
+    ///   normalised block inputs and the SwiGLU output that the adapters' A
+    ///   gradients read;
+    /// - attention probabilities (SOFT_MAX over a MUL_MAT of the queries
+    ///   and keys, which the backward holds anyway): the scores' product
+    ///   runs again, then the softmax; the backward's reshapes of the
+    ///   probabilities are made again over the recomputed value.
+    ///
+    /// The same ops on the same inputs: the same values. Call after the
+    /// backward pass is built, before [`Graph::gemm_products`] and
+    /// allocating, on a graph with no re-laid-out copy yet; `ctx` must have
+    /// been made with `grads`. Returns the number of values recomputed.
     pub fn rematerialize(&mut self, ctx: &'a Context) -> usize {
         if self.exec.is_some() {
             return 0;
         }
         let nodes = self.exec_nodes();
+        type T = *mut sys::ggml_tensor;
         // SAFETY: nodes are valid tensors of this graph, whose sources and
         // view sources are valid or null; the graph is not allocated; ctx
         // (made with grads) has room for the clones and one re-laid-out copy
@@ -680,66 +687,131 @@ impl<'a> Graph<'a> {
             else {
                 return 0;
             };
-            let pos: std::collections::HashMap<_, _> = nodes.iter().enumerate().map(|(i, &n)| (n, i)).collect();
-            let mut readers: std::collections::HashMap<*mut sys::ggml_tensor, Vec<usize>> = Default::default();
-            let mut viewed = std::collections::HashSet::new();
+            let pos: std::collections::HashMap<T, usize> = nodes.iter().enumerate().map(|(i, &n)| (n, i)).collect();
+            let root_of = |mut t: T| {
+                while !(*t).view_src.is_null() {
+                    t = (*t).view_src;
+                }
+                t
+            };
+            let mut readers: std::collections::HashMap<T, Vec<usize>> = Default::default();
+            // Views of each tensor, and the last node that reads each
+            // tensor's memory (itself or through views).
+            let mut views: std::collections::HashMap<T, Vec<T>> = Default::default();
+            let mut last_read: std::collections::HashMap<T, usize> = Default::default();
             for (i, &n) in nodes.iter().enumerate() {
                 for &src in (*n).src.iter().filter(|s| !s.is_null()) {
                     readers.entry(src).or_default().push(i);
+                    let r = last_read.entry(root_of(src)).or_default();
+                    *r = (*r).max(i);
                 }
                 if !(*n).view_src.is_null() {
-                    viewed.insert((*n).view_src);
+                    views.entry((*n).view_src).or_default().push(n);
                 }
             }
+            let forward = |t: T| pos.get(&t).is_some_and(|&p| p < loss);
+            let only_reader = |t: T, r: T| readers.get(&t).is_some_and(|v| v.len() == 1 && nodes[v[0]] == r);
             // An element-wise forward value no view shares and nobody
             // outside the graph reads.
-            let cheap = |t: *mut sys::ggml_tensor| {
+            let cheap = |t: T| {
                 matches!((*t).op, sys::GGML_OP_RMS_NORM | sys::GGML_OP_MUL | sys::GGML_OP_GLU)
                     && (*t).view_src.is_null()
                     && !super::gemm::external(t)
-                    && !viewed.contains(&t)
-                    && pos.get(&t).is_some_and(|&p| p < loss)
+                    && !views.contains_key(&t)
+                    && forward(t)
             };
-            // Whether `t` is still held at node `at`: a leaf, or read there
-            // or later.
-            let held = |t: *mut sys::ggml_tensor, at: usize| {
-                let root = if (*t).view_src.is_null() { t } else { (*t).view_src };
-                (*root).op == sys::GGML_OP_NONE || readers.get(&root).is_some_and(|r| r.iter().any(|&i| i >= at))
+            // Attention probabilities: a forward SOFT_MAX whose views (if
+            // any) are reshapes.
+            let probs = |t: T| {
+                (*t).op == sys::GGML_OP_SOFT_MAX
+                    && (*t).view_src.is_null()
+                    && !super::gemm::external(t)
+                    && views
+                        .get(&t)
+                        .is_none_or(|v| v.iter().all(|&w| (*w).op == sys::GGML_OP_RESHAPE))
+                    && forward(t)
             };
+            // Whether `t` is still held at node `at`: a leaf, or its memory
+            // read there or later.
+            let held = |t: T, at: usize| {
+                let root = root_of(t);
+                (*root).op == sys::GGML_OP_NONE || last_read.get(&root).is_some_and(|&i| i >= at)
+            };
+            let all_held = |t: T, at: usize| (*t).src.iter().filter(|x| !x.is_null()).all(|&x| held(x, at));
             // The same op, params and sources (a clone in place of its
-            // original where `map` has one).
-            let clone = |t: *mut sys::ggml_tensor, map: &[(*mut sys::ggml_tensor, *mut sys::ggml_tensor)]| {
+            // original where `map` has one); a reshape is made again over
+            // its source's clone.
+            let clone = |t: T, map: &[(T, T)]| {
+                let mapped = |x: T| map.iter().find(|(o, _)| *o == x).map_or(x, |&(_, n)| n);
+                if (*t).op == sys::GGML_OP_RESHAPE {
+                    let [a, b, c, d] = (*t).ne;
+                    return sys::ggml_reshape_4d(ctx.raw(), mapped((*t).src[0]), a, b, c, d);
+                }
                 let c = sys::ggml_dup_tensor(ctx.raw(), t);
                 (*c).op = (*t).op;
                 (*c).op_params = (*t).op_params;
                 for (k, &src) in (*t).src.iter().enumerate() {
-                    (*c).src[k] = map.iter().find(|(o, _)| *o == src).map_or(src, |&(_, n)| n);
+                    (*c).src[k] = mapped(src);
                 }
                 c
             };
             let mut count = 0;
             for &f in &nodes {
-                if !cheap(f) || sys::ggml_nbytes(f) < 256 << 10 {
+                if !(cheap(f) || probs(f)) || sys::ggml_nbytes(f) < 256 << 10 {
                     continue;
                 }
-                let backward: Vec<usize> = readers
-                    .get(&f)
-                    .map_or(vec![], |r| r.iter().copied().filter(|&i| i > loss).collect());
-                let Some(&first) = backward.iter().min() else {
+                // The backward's reads of f: (node, source slot, the view
+                // of f it reads, if it reads one).
+                let mut uses = vec![];
+                for &v in std::iter::once(&f).chain(views.get(&f).into_iter().flatten()) {
+                    for &i in readers.get(&v).into_iter().flatten().filter(|&&i| i > loss) {
+                        let reader = nodes[i];
+                        // A view of f shows f's memory whatever its source
+                        // slot says: its own readers are redirected instead.
+                        if (*reader).view_src == f {
+                            continue;
+                        }
+                        for k in 0..(*reader).src.len() {
+                            if (*reader).src[k] == v {
+                                uses.push((reader, k, (v != f).then_some(v)));
+                            }
+                        }
+                    }
+                }
+                let Some(first) = uses.iter().map(|&(r, _, _)| pos[&r]).min() else {
                     continue;
                 };
-                // f's sources: held at `first`, or cheap values whose own
-                // sources are (recomputed too).
+                // Sources to recompute first, in order.
                 let mut inner = vec![];
                 let ok = (*f).src.iter().filter(|s| !s.is_null()).all(|&s| {
                     if held(s, first) {
                         return true;
                     }
-                    let again = cheap(s) && (*s).src.iter().filter(|x| !x.is_null()).all(|&x| held(x, first));
-                    if again {
+                    if cheap(s) && all_held(s, first) {
                         inner.push(s);
+                        return true;
                     }
-                    again
+                    // Probabilities' scores: a product of held operands that
+                    // only f reads (maybe through one reshape).
+                    let (x, p) = if (*s).op == sys::GGML_OP_RESHAPE && (*s).view_offs == 0 {
+                        (s, (*s).view_src)
+                    } else {
+                        (s, s)
+                    };
+                    let scores = probs(f)
+                        && (*p).op == sys::GGML_OP_MUL_MAT
+                        && !super::gemm::external(p)
+                        && forward(p)
+                        && only_reader(x, f)
+                        && (x == p || only_reader(p, x))
+                        && all_held(p, first);
+                    if scores {
+                        inner.push(p);
+                        if x != p {
+                            inner.push(x);
+                        }
+                    }
+                    scores
                 });
                 if !ok {
                     continue;
@@ -749,13 +821,19 @@ impl<'a> Graph<'a> {
                     map.push((s, clone(s, &map)));
                 }
                 let fc = clone(f, &map);
-                for &i in &backward {
-                    let reader = nodes[i];
-                    for k in 0..(*reader).src.len() {
-                        if (*reader).src[k] == f {
-                            (*reader).src[k] = fc;
-                        }
-                    }
+                let mut remade: Vec<(T, T)> = vec![];
+                for (reader, k, view) in uses {
+                    (*reader).src[k] = match view {
+                        None => fc,
+                        Some(v) => match remade.iter().find(|(o, _)| *o == v) {
+                            Some(&(_, c)) => c,
+                            None => {
+                                let c = clone(v, &[(f, fc)]);
+                                remade.push((v, c));
+                                c
+                            }
+                        },
+                    };
                 }
                 count += 1;
             }
