@@ -223,13 +223,41 @@ pub fn loss_and_grads_observed(
     Ok((l, n_out, grads))
 }
 
+/// Loss rows per evaluation graph: its logits (n_vocab floats per row, on
+/// the backend and then on the host) are the largest thing it holds, about
+/// 100 MB for a 49k vocabulary (an example with more rows runs alone).
+const EVAL_ROWS: usize = 512;
+
+/// Examples per evaluation graph, at most.
+const EVAL_EXAMPLES: usize = 8;
+
+/// Consecutive groups of `examples` holding at most [`EVAL_ROWS`] loss rows
+/// and [`EVAL_EXAMPLES`] examples each (or one example).
+fn eval_groups(examples: &[Example]) -> Vec<Vec<&Example>> {
+    let mut groups: Vec<Vec<&Example>> = Vec::new();
+    let mut rows = 0;
+    for e in examples {
+        let r = e.n_loss();
+        match groups.last_mut() {
+            Some(g) if g.len() < EVAL_EXAMPLES && rows + r <= EVAL_ROWS => {
+                g.push(e);
+                rows += r;
+            }
+            _ => {
+                groups.push(vec![e]);
+                rows = r;
+            }
+        }
+    }
+    groups
+}
+
 /// Mean token NLL over the loss positions of `examples` (forward only, with
 /// the training step's kernels: [`Model::logits_as_trained`]).
 pub fn eval_loss(model: &Model, method: &dyn Trainable, sched: &mut Sched, examples: &[Example]) -> Result<f32> {
     method.set_training(None);
     let (mut nll, mut n) = (0f64, 0usize);
-    for chunk in examples.chunks(8) {
-        let refs: Vec<&Example> = chunk.iter().collect();
+    for refs in eval_groups(examples) {
         let (batch, targets) = make_batch(&refs);
         if targets.is_empty() {
             continue;
@@ -404,4 +432,45 @@ pub fn train(
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Evaluation groups keep the examples' order, hold at most
+    /// `EVAL_ROWS` loss rows and `EVAL_EXAMPLES` examples unless one
+    /// example alone has more rows, and agree with `make_batch`'s targets.
+    #[test]
+    fn eval_groups_bound_the_logits_rows() {
+        let ex = |n: usize| Example {
+            tokens: vec![1; n],
+            loss: vec![true; n],
+            label: None,
+        };
+        let lens = [100, 300, 200, 900, 10, 10, 10, 10, 10, 10, 10, 10, 10, 513, 2];
+        let examples: Vec<Example> = lens.iter().map(|&n| ex(n)).collect();
+        let groups = eval_groups(&examples);
+        let sizes: Vec<Vec<usize>> = groups
+            .iter()
+            .map(|g| g.iter().map(|e| e.tokens.len()).collect())
+            .collect();
+        assert_eq!(
+            sizes,
+            vec![
+                vec![100, 300],
+                vec![200],
+                vec![900],
+                vec![10; 8],
+                vec![10],
+                vec![513],
+                vec![2]
+            ]
+        );
+        for g in &groups {
+            let rows = make_batch(g).1.len();
+            assert_eq!(rows, g.iter().map(|e| e.n_loss()).sum::<usize>());
+            assert!(g.len() == 1 || (rows <= EVAL_ROWS && g.len() <= EVAL_EXAMPLES));
+        }
+    }
 }
