@@ -340,6 +340,81 @@ fn gradient_checkpointing_matches_plain_backward() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// On the CPU the LM head and loss run in graphs of their own, over chunks
+/// of the loss rows, while the step's graph pauses; the loss and every
+/// gradient are the whole graph's, for every architecture (dropout on, an
+/// adapter on the embedding too), with more loss rows than one chunk holds,
+/// and for the other methods (the same products on the same values: no
+/// difference was measured).
+#[test]
+fn chunked_head_matches_the_whole_graph() {
+    use gguf_peft::train::{loss_and_grads_observed, Observe};
+    let dir = tmpdir("lora-chunked-head");
+    let step = |model: &Model, method: &dyn Trainable, exs: &[Example], whole: bool| {
+        let refs: Vec<&Example> = exs.iter().collect();
+        let mut sched = model.sched();
+        let mut obs = Observe {
+            profile: true,
+            whole_graph: whole,
+            ..Default::default()
+        };
+        method.set_training(Some(Rng::new(9)));
+        let (l, n, g) = loss_and_grads_observed(model, method, &mut sched, &refs, Some(&mut obs)).unwrap();
+        method.set_training(None);
+        let apart = obs.times.iter().any(|t| t.0.starts_with("LM head"));
+        assert_eq!(apart, !whole, "where the head ran");
+        (l, n, g)
+    };
+    let check = |what: &str, (l1, n1, g1): (f32, usize, Vec<Vec<f32>>), (l2, n2, g2): (f32, usize, Vec<Vec<f32>>)| {
+        let rel = rel_diff(&g2, &g1);
+        println!("{what}: {n1} loss rows, loss {l1} / {l2}, gradients relative difference {rel:.2e}");
+        assert_eq!(n1, n2);
+        assert!((l1 - l2).abs() <= 1e-6 * l1.abs(), "{what}: loss {l1} vs {l2}");
+        assert!(rel <= 1e-6, "{what}: {rel:.2e}");
+    };
+    for arch in ["llama", "qwen2", "qwen3", "gemma3"] {
+        let path = synth(&dir, arch, GgmlType::Q4_K);
+        let mut model = Model::load(&path, Backend::cpu(threads())).unwrap();
+        model.prepare_transposed(None).unwrap();
+        let mut cfg = all_targets();
+        cfg.dropout = 0.1;
+        if arch == "qwen2" {
+            cfg.targets.push("token_embd".into());
+        }
+        let lora = Lora::new(&model, cfg, 1).unwrap();
+        randomize_b(&lora, 2, 0.05);
+        // 145 + 135 loss rows: three chunks of the head (of 94, 93 and 93
+        // rows: a short last one would run on other kernels).
+        let exs: Vec<Example> = [150, 140]
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| {
+                let tokens = some_tokens(n, 320, 30 + i as u64);
+                Example {
+                    loss: (0..tokens.len()).map(|j| j > 4).collect(),
+                    tokens,
+                    ..Default::default()
+                }
+            })
+            .collect();
+        check(arch, step(&model, &lora, &exs, true), step(&model, &lora, &exs, false));
+    }
+    let model = Model::load(synth(&dir, "llama", GgmlType::Q8_0), Backend::cpu(threads())).unwrap();
+    let exs: Vec<Example> = [(9, 5), (6, 6)]
+        .iter()
+        .map(|&(len, seed)| example_all_loss(len, model.hparams.n_vocab, seed))
+        .collect();
+    for (name, cfg, _) in method_cases() {
+        let method = cfg.build(&model, None, 3).unwrap();
+        check(
+            name,
+            step(&model, method.as_ref(), &exs, true),
+            step(&model, method.as_ref(), &exs, false),
+        );
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// Matrices moved into the CPU's repacking buffer (`Model::repack_weights`,
 /// what `finetune` and `bench` do unless the backward is ggml's stock one)
 /// run other kernels on the same values: the loss and gradients of the

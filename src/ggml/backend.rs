@@ -394,11 +394,19 @@ impl TensorStore {
     }
 }
 
+/// The hook [`Sched::compute_paused`] calls (once).
+type PauseHook<'h, E> = Option<Box<dyn FnOnce(&mut Sched) -> Result<(), E> + 'h>>;
+
 /// Owns a `ggml_backend_sched`: allocates graphs and runs them over one or
 /// more backends (the first preferred, the last the CPU).
 pub struct Sched {
     ptr: NonNull<sys::ggml_backend_sched>,
     backends: Vec<Arc<Backend>>,
+    graph_size: usize,
+    /// A second scheduler over the same backends, for graphs run while
+    /// this one's computation is paused ([`Sched::compute_paused`]); made
+    /// on first use and kept, with its buffers, for the next step.
+    side: Option<Box<Sched>>,
 }
 
 impl Drop for Sched {
@@ -436,6 +444,8 @@ pub enum ComputeError {
     Status(i32),
     #[error("no backend can run {0}")]
     Unsupported(String),
+    #[error("the graph never computed {0}, where it was to pause")]
+    NotPaused(String),
     #[error("could not allocate {} MiB on {device} (out of device memory? try --device cpu, or --backward transposed-q4 for smaller copies)", .bytes / (1 << 20))]
     OutOfMemory { bytes: usize, device: String },
 }
@@ -466,6 +476,8 @@ impl Sched {
         Sched {
             ptr: NonNull::new(p).expect("ggml_backend_sched_new failed"),
             backends,
+            graph_size,
+            side: None,
         }
     }
 
@@ -552,10 +564,43 @@ impl Sched {
     /// shapes, `nc` marking non-contiguous inputs), largest first: a
     /// profiler for benchmarks (slower than [`Sched::compute`]).
     pub fn compute_profiled(&mut self, g: &Graph<'_>, shapes: bool) -> Result<Vec<(String, f64, usize)>, ComputeError> {
-        struct Prof {
+        self.watched::<ComputeError>(g, Some(shapes), None)
+    }
+
+    /// Runs an allocated graph, pausing once node `at` is computed to call
+    /// `hook` with a second scheduler over the same backends (e.g. to run
+    /// another graph whose results the rest of this one reads: `hook` may
+    /// read `at` and write this graph's inputs). With `profile` (whether
+    /// per shapes), returns the op profile of [`Sched::compute_profiled`],
+    /// the hook's time under `label`.
+    pub fn compute_paused<E: From<ComputeError>>(
+        &mut self,
+        g: &Graph<'_>,
+        at: Tensor<'_>,
+        profile: Option<bool>,
+        label: &str,
+        hook: impl FnOnce(&mut Sched) -> Result<(), E>,
+    ) -> Result<Vec<(String, f64, usize)>, E> {
+        let mut hook: PauseHook<'_, E> = Some(Box::new(hook));
+        self.watched(g, profile, Some((at.raw(), label, &mut hook)))
+    }
+
+    /// Computes `g` under ggml's evaluation callback: timing every node
+    /// (`profile`), and/or pausing after one node for a hook.
+    #[allow(clippy::type_complexity)]
+    fn watched<'h, E: From<ComputeError>>(
+        &mut self,
+        g: &Graph<'_>,
+        profile: Option<bool>,
+        pause: Option<(*mut sys::ggml_tensor, &str, &mut PauseHook<'h, E>)>,
+    ) -> Result<Vec<(String, f64, usize)>, E> {
+        struct Watch<'w, 'h, E> {
             last: std::time::Instant,
-            shapes: bool,
-            by_op: std::collections::HashMap<String, (f64, usize)>,
+            profile: Option<bool>,
+            by_op: HashMap<String, (f64, usize)>,
+            pause: Option<(*mut sys::ggml_tensor, &'w str, &'w mut PauseHook<'h, E>)>,
+            side: &'w mut Sched,
+            failed: Option<E>,
         }
         fn shape(x: *mut sys::ggml_tensor) -> String {
             if x.is_null() {
@@ -565,44 +610,84 @@ impl Sched {
             let (ne, cont) = unsafe { ((*x).ne, sys::ggml_is_contiguous(x)) };
             format!(" {ne:?}{}", if cont { "" } else { "nc" })
         }
-        unsafe extern "C" fn cb(t: *mut sys::ggml_tensor, ask: bool, user: *mut std::os::raw::c_void) -> bool {
+        unsafe extern "C" fn cb<E>(t: *mut sys::ggml_tensor, ask: bool, user: *mut std::os::raw::c_void) -> bool {
+            // SAFETY: user is the &mut Watch passed below, alive for the
+            // compute call; t is the node asked about or just computed.
+            let w = unsafe { &mut *(user as *mut Watch<'_, '_, E>) };
+            let paused_here = w.pause.as_ref().is_some_and(|p| p.0 == t);
             if ask {
-                return true;
+                return w.profile.is_some() || paused_here;
             }
-            // SAFETY: user is the &mut Prof passed below, alive for the
-            // compute call; t is the node just computed.
-            let p = unsafe { &mut *(user as *mut Prof) };
-            // SAFETY: ggml returns a static NUL-terminated op name.
-            let mut name = unsafe { CStr::from_ptr(sys::ggml_op_desc(t)) }
-                .to_string_lossy()
-                .into_owned();
-            if p.shapes {
-                // SAFETY: t is a valid node; its sources are valid or null.
-                let (a, b) = unsafe { ((*t).src[0], (*t).src[1]) };
-                name = format!("{name}{}{}", shape(a), shape(b));
+            if let Some(shapes) = w.profile {
+                // SAFETY: ggml returns a static NUL-terminated op name.
+                let mut name = unsafe { CStr::from_ptr(sys::ggml_op_desc(t)) }
+                    .to_string_lossy()
+                    .into_owned();
+                if shapes {
+                    // SAFETY: t is a valid node; its sources are valid or null.
+                    let (a, b) = unsafe { ((*t).src[0], (*t).src[1]) };
+                    name = format!("{name}{}{}", shape(a), shape(b));
+                }
+                let now = std::time::Instant::now();
+                let e = w.by_op.entry(name).or_default();
+                e.0 += (now - w.last).as_secs_f64();
+                e.1 += 1;
+                w.last = now;
             }
-            let now = std::time::Instant::now();
-            let e = p.by_op.entry(name).or_default();
-            e.0 += (now - p.last).as_secs_f64();
-            e.1 += 1;
-            p.last = now;
+            if paused_here {
+                let (_, label, hook) = w.pause.take().expect("checked");
+                let r = hook.take().map_or(Ok(()), |h| h(&mut *w.side));
+                let now = std::time::Instant::now();
+                let e = w.by_op.entry(label.to_string()).or_default();
+                e.0 += (now - w.last).as_secs_f64();
+                e.1 += 1;
+                w.last = now;
+                if let Err(e) = r {
+                    w.failed = Some(e);
+                    return false;
+                }
+            }
             true
         }
-        let mut prof = Prof {
+        let (backends, size) = (self.backends.clone(), self.graph_size);
+        let mut side = self
+            .side
+            .take()
+            .unwrap_or_else(|| Box::new(Sched::new(&backends, size)));
+        let mut watch = Watch {
             last: std::time::Instant::now(),
-            shapes,
+            profile,
             by_op: Default::default(),
+            pause,
+            side: &mut side,
+            failed: None,
         };
         // SAFETY: the callback and its data live until the compute returns;
         // the callback is removed right after.
         unsafe {
-            sys::ggml_backend_sched_set_eval_callback(self.ptr.as_ptr(), Some(cb), &mut prof as *mut Prof as *mut _)
+            sys::ggml_backend_sched_set_eval_callback(
+                self.ptr.as_ptr(),
+                Some(cb::<E>),
+                &mut watch as *mut Watch<'_, '_, E> as *mut _,
+            )
         };
         let r = self.compute(g);
         // SAFETY: clears the callback set above.
         unsafe { sys::ggml_backend_sched_set_eval_callback(self.ptr.as_ptr(), None, std::ptr::null_mut()) };
+        let (failed, missed, by_op) = (watch.failed, watch.pause.map(|p| p.0), watch.by_op);
+        self.side = Some(side);
+        if let Some(e) = failed {
+            return Err(e);
+        }
         r?;
-        let mut v: Vec<(String, f64, usize)> = prof.by_op.into_iter().map(|(k, (t, n))| (k, t, n)).collect();
+        if let Some(t) = missed {
+            // SAFETY: t is a valid tensor; its name a NUL-terminated array.
+            let name = unsafe { CStr::from_ptr((*t).name.as_ptr()) }
+                .to_string_lossy()
+                .into_owned();
+            return Err(ComputeError::NotPaused(name).into());
+        }
+        let mut v: Vec<(String, f64, usize)> = by_op.into_iter().map(|(k, (t, n))| (k, t, n)).collect();
         v.sort_by(|a, b| b.1.total_cmp(&a.1));
         Ok(v)
     }

@@ -851,6 +851,21 @@ impl<'a> Graph<'a> {
         }
     }
 
+    /// Whether the graph, as it runs, computes node `t` before any node that
+    /// reads `input` (so that `input` can be written once `t` is known:
+    /// [`super::Sched::compute_paused`]).
+    pub fn computes_before_reading(&self, t: Tensor<'a>, input: Tensor<'a>) -> bool {
+        let nodes = self.exec_nodes();
+        let Some(at) = nodes.iter().position(|&n| n == t.raw()) else {
+            return false;
+        };
+        // SAFETY: nodes are valid tensors of this graph; sources valid or null.
+        let first_reader = nodes
+            .iter()
+            .position(|&n| unsafe { (*n).src.iter().any(|&s| s == input.raw()) });
+        first_reader.is_none_or(|r| at < r)
+    }
+
     /// Adds `t` and everything it depends on to the graph.
     pub fn build_forward(&mut self, t: Tensor<'a>) {
         // SAFETY: graph and tensor belong to contexts alive for 'a.

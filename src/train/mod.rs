@@ -164,6 +164,9 @@ pub struct Observe {
     pub times: Profile,
     /// Where the scheduler placed each node of the step's graph.
     pub placement: Vec<crate::ggml::NodeAssignment>,
+    /// Keep the LM head and loss in the step's graph (on the CPU they run
+    /// in graphs of their own, over chunks of the loss rows).
+    pub whole_graph: bool,
 }
 
 /// [`loss_and_grads`], recording what `obs` asks for.
@@ -185,6 +188,10 @@ pub fn loss_and_grads_observed(
     let params = method.params();
     for p in &params {
         p.set_param();
+    }
+    let whole = obs.as_ref().is_some_and(|o| o.whole_graph) || !model.backend().is_cpu();
+    if !whole {
+        return chunked_head_step(model, method, sched, &ctx, (&batch, &targets), &params, obs);
     }
     let (logits, f) = model.build_logits(&ctx, &batch, method, true);
     // The vocabulary, or the classes of a classification head.
@@ -221,6 +228,60 @@ pub fn loss_and_grads_observed(
         })
         .collect();
     Ok((l, n_out, grads))
+}
+
+/// A step whose LM head and loss run outside its graph: the graph computes
+/// the last residual stream `h`, pauses while [`recompute::head_backward`]
+/// runs the head over chunks of the loss rows in graphs of its own (so the
+/// n_vocab-wide logits of one chunk at a time are alive, not all of them
+/// next to every activation the backward holds), then goes on with the
+/// backward of `Σ h ⊙ G`, G the head's gradient written into the graph.
+fn chunked_head_step<'a>(
+    model: &'a Model,
+    method: &'a dyn Trainable,
+    sched: &mut Sched,
+    ctx: &'a Context,
+    (batch, targets): (&'a Batch, &[i32]),
+    params: &[crate::ggml::Tensor<'a>],
+    obs: Option<&mut Observe>,
+) -> Result<(f32, usize, Vec<Vec<f32>>)> {
+    let hp = &model.hparams;
+    let mut f = crate::model::Forward::new(ctx, hp, model.weights(), method, model.arch.rope_mode(), batch, true);
+    let h = model.arch.hidden(&mut f);
+    let dh = ctx.new_tensor(crate::ggml::GgmlType::F32, &h.ne()).set_input();
+    let surrogate = ctx.sum(ctx.mul(h, dh)).set_loss().set_output();
+    let mut g = ctx.new_graph(model.graph_size() * 4, true);
+    g.build_forward(surrogate);
+    build_backward(model, ctx, &mut g);
+    if !g.computes_before_reading(h, dh) {
+        return Err(Error::Msg(
+            "internal: the step's graph reads the head's gradient before computing the hidden states".into(),
+        ));
+    }
+    sched.alloc(&g)?;
+    f.fill_inputs();
+    method.fill_inputs(&g);
+    g.reset();
+    let mut grads: Vec<Vec<f32>> = params.iter().map(|p| vec![0.0; p.n_elements()]).collect();
+    let mut loss = 0f32;
+    let profile = obs.as_ref().and_then(|o| o.profile.then_some(o.shapes));
+    let times = sched.compute_paused(&g, h, profile, "LM head and loss (graphs of their own)", |side| {
+        let hidden = h.read_f32();
+        let (l, up) = recompute::head_backward(model, method, side, &hidden, batch, targets, params, &mut grads)?;
+        dh.write_f32(&up);
+        loss = l;
+        Ok::<(), Error>(())
+    })?;
+    if let Some(o) = obs {
+        o.placement = sched.assignments(&g);
+        o.times = times;
+    }
+    for (p, a) in params.iter().zip(grads.iter_mut()) {
+        if let Some(t) = g.grad(*p) {
+            a.iter_mut().zip(t.read_f32()).for_each(|(x, y)| *x += y);
+        }
+    }
+    Ok((loss, targets.len(), grads))
 }
 
 /// Loss rows per evaluation graph: its logits (n_vocab floats per row, on

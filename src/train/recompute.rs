@@ -52,6 +52,67 @@ fn accumulate(g: &Graph<'_>, params: &[Tensor<'_>], acc: &mut [Vec<f32>]) {
     }
 }
 
+/// The final norm, LM head and loss over the last residual stream
+/// `hidden` (`[n_embd, n_rows]` of `batch`), in graphs of [`HEAD_CHUNK`]
+/// loss rows each, so that the logits (n_vocab per row) of only one chunk
+/// are alive at a time. Adds the gradients of the parameters acting there
+/// (e.g. a classification head) to `acc`; returns the loss (the mean over
+/// all loss rows) and its gradient with respect to `hidden`.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn head_backward(
+    model: &Model,
+    method: &dyn Trainable,
+    sched: &mut Sched,
+    hidden: &[f32],
+    batch: &crate::model::Batch,
+    targets: &[i32],
+    params: &[Tensor<'_>],
+    acc: &mut [Vec<f32>],
+) -> Result<(f32, Vec<f32>)> {
+    let hp = &model.hparams;
+    let n_embd = hp.n_embd;
+    let n_rows = hidden.len() / n_embd;
+    let (gs, mode) = (model.graph_size() * 4, model.arch.rope_mode());
+    let sctx = Context::new(1, 0, false);
+    sctx.new_tensor(GgmlType::F32, &[n_embd as i64, n_rows as i64])
+        .set_name("head.h");
+    let store = model.backend().alloc_store(sctx)?;
+    let h_in = store.get("head.h").expect("created").set_param();
+    let rows = batch.outputs.clone().expect("training batches select their loss rows");
+    let mut loss = 0f32;
+    let mut upstream = vec![0f32; n_embd * n_rows];
+    // Chunks of equal size (within one row): a short last chunk could fall
+    // below the GEMM's fewest columns and onto ggml's kernels, which round
+    // the activations of a quantized weight's product to 8 bits.
+    let per = rows.len().div_ceil(rows.len().div_ceil(HEAD_CHUNK)).max(1);
+    for (ci, chunk) in rows.chunks(per).enumerate() {
+        let cb = crate::model::Batch {
+            outputs: Some(chunk.to_vec()),
+            ..batch.clone()
+        };
+        let ctx = Context::new(gs, gs, true);
+        let mut f = Forward::new(&ctx, hp, model.weights(), method, mode, &cb, true);
+        let hn = model.arch.output_norm(&mut f, h_in);
+        let logits = model.logits_from_normed(&ctx, &mut f, hn);
+        // The vocabulary, or the classes of a classification head.
+        let n_vocab = logits.ne()[0] as usize;
+        super::check_targets(targets, n_vocab, method)?;
+        let (ce, labels) = ctx.cross_entropy_loss_targets(logits);
+        // The mean over all loss rows is the chunk means weighted by size.
+        let w = chunk.len() as f32 / rows.len() as f32;
+        let l = ctx.scale(ce, w).set_loss().set_output();
+        let g = run_stage(model, method, sched, &ctx, &f, l, params, acc, || {
+            h_in.write_f32(hidden);
+            let tgt = &targets[ci * per..ci * per + chunk.len()];
+            labels.write_targets(tgt);
+        })?;
+        let up = g.grad(h_in).expect("hidden state gradient").read_f32();
+        upstream.iter_mut().zip(up).for_each(|(a, b)| *a += b);
+        loss += l.read_f32()[0];
+    }
+    Ok((loss, upstream))
+}
+
 /// [`super::loss_and_grads`] with per-block recomputation: same loss and
 /// gradients (up to float rounding), far less activation memory.
 pub fn loss_and_grads_recompute(
@@ -97,7 +158,19 @@ pub fn loss_and_grads_recompute(
     };
     let n_rows = hs[0].len() / n_embd;
 
-    // Inputs of the stage graphs: a block input (a parameter, to get its
+    // 2. Final norm, LM head and loss.
+    let (loss, mut upstream) = head_backward(
+        model,
+        method,
+        sched,
+        &hs[n_layer],
+        &batch,
+        &targets,
+        &params,
+        &mut grads,
+    )?;
+
+    // Inputs of the block stages: a block input (a parameter, to get its
     // gradient) and the gradient arriving from above.
     let sctx = Context::new(2, 0, false);
     sctx.new_tensor(GgmlType::F32, &[n_embd as i64, n_rows as i64])
@@ -107,37 +180,6 @@ pub fn loss_and_grads_recompute(
     let store = model.backend().alloc_store(sctx)?;
     let h_in = store.get("ckpt.h").expect("created").set_param();
     let g_in = store.get("ckpt.g").expect("created");
-
-    // 2. Final norm, LM head and loss, over chunks of the loss rows so the
-    //    logits (n_vocab per row) of only one chunk are alive at a time.
-    let rows = batch.outputs.clone().expect("training batches select their loss rows");
-    let mut loss = 0f32;
-    let mut upstream = vec![0f32; n_embd * n_rows];
-    for (ci, chunk) in rows.chunks(HEAD_CHUNK).enumerate() {
-        let cb = crate::model::Batch {
-            outputs: Some(chunk.to_vec()),
-            ..batch.clone()
-        };
-        let ctx = Context::new(gs, gs, true);
-        let mut f = Forward::new(&ctx, hp, model.weights(), method, mode, &cb, true);
-        let hn = model.arch.output_norm(&mut f, h_in);
-        let logits = model.logits_from_normed(&ctx, &mut f, hn);
-        // The vocabulary, or the classes of a classification head.
-        let n_vocab = logits.ne()[0] as usize;
-        super::check_targets(&targets, n_vocab, method)?;
-        let (ce, labels) = ctx.cross_entropy_loss_targets(logits);
-        // The mean over all loss rows is the chunk means weighted by size.
-        let w = chunk.len() as f32 / n_out as f32;
-        let l = ctx.scale(ce, w).set_loss().set_output();
-        let g = run_stage(model, method, sched, &ctx, &f, l, &params, &mut grads, || {
-            h_in.write_f32(&hs[n_layer]);
-            let tgt = &targets[ci * HEAD_CHUNK..ci * HEAD_CHUNK + chunk.len()];
-            labels.write_targets(tgt);
-        })?;
-        let up = g.grad(h_in).expect("hidden state gradient").read_f32();
-        upstream.iter_mut().zip(up).for_each(|(a, b)| *a += b);
-        loss += l.read_f32()[0];
-    }
 
     // 3. Blocks, last to first: recompute, pull the gradient through.
     for il in (0..n_layer).rev() {

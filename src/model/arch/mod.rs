@@ -38,13 +38,19 @@ pub trait Architecture: Sync {
     fn output_norm<'a>(&self, f: &mut Forward<'a>, x: Tensor<'a>) -> Tensor<'a> {
         f.rms_norm(x, "output_norm.weight")
     }
-    /// The whole stack: embeddings, every block, the final norm; returns the
-    /// normalised hidden states `[n_embd, n_rows]`.
-    fn build<'a>(&self, f: &mut Forward<'a>) -> Tensor<'a> {
+    /// Embeddings and every block: the last residual stream `[n_embd,
+    /// n_rows]`, before the final norm.
+    fn hidden<'a>(&self, f: &mut Forward<'a>) -> Tensor<'a> {
         let mut x = self.embed(f);
         for il in 0..f.hp.n_layer {
             x = self.block(f, il, x);
         }
+        x
+    }
+    /// The whole stack: embeddings, every block, the final norm; returns the
+    /// normalised hidden states `[n_embd, n_rows]`.
+    fn build<'a>(&self, f: &mut Forward<'a>) -> Tensor<'a> {
+        let x = self.hidden(f);
         self.output_norm(f, x)
     }
 }
