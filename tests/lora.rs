@@ -296,6 +296,39 @@ fn transposed_backward_matches_stock_on_quantized_weights() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// A synthetic `arch` model (Q4_K) with transposed copies, and a LoRA on
+/// every target with dropout 0.1 (and on the embedding for qwen2), B
+/// randomized.
+fn dropout_lora(dir: &std::path::Path, arch: &str) -> (Model, Lora) {
+    let path = synth(dir, arch, GgmlType::Q4_K);
+    let mut model = Model::load(&path, Backend::cpu(threads())).unwrap();
+    model.prepare_transposed(None).unwrap();
+    let mut cfg = all_targets();
+    cfg.dropout = 0.1;
+    if arch == "qwen2" {
+        cfg.targets.push("token_embd".into());
+    }
+    let lora = Lora::new(&model, cfg, 1).unwrap();
+    randomize_b(&lora, 2, 0.05);
+    (model, lora)
+}
+
+/// Examples of the given lengths (synthetic vocabulary, seeds from `seed`)
+/// with loss on every token after the fifth.
+fn after_prompt(lens: &[usize], seed: u64) -> Vec<Example> {
+    lens.iter()
+        .enumerate()
+        .map(|(i, &n)| {
+            let tokens = some_tokens(n, 320, seed + i as u64);
+            Example {
+                loss: (0..tokens.len()).map(|j| j > 4).collect(),
+                tokens,
+                ..Default::default()
+            }
+        })
+        .collect()
+}
+
 /// Gradient checkpointing (per-block recomputation) gives the loss and the
 /// gradients of the plain backward pass, for every architecture, with
 /// dropout on and an adapter on the embedding too.
@@ -303,26 +336,8 @@ fn transposed_backward_matches_stock_on_quantized_weights() {
 fn gradient_checkpointing_matches_plain_backward() {
     let dir = tmpdir("lora-recompute");
     for arch in ["llama", "qwen2", "qwen3", "gemma3"] {
-        let path = synth(&dir, arch, GgmlType::Q4_K);
-        let mut model = Model::load(&path, Backend::cpu(threads())).unwrap();
-        model.prepare_transposed(None).unwrap();
-        let mut cfg = all_targets();
-        cfg.dropout = 0.1;
-        if arch == "qwen2" {
-            cfg.targets.push("token_embd".into());
-        }
-        let lora = Lora::new(&model, cfg, 1).unwrap();
-        randomize_b(&lora, 2, 0.05);
-        let exs: Vec<Example> = (0..2)
-            .map(|i| {
-                let tokens = some_tokens(18 + i, 320, 20 + i as u64);
-                Example {
-                    loss: (0..tokens.len()).map(|j| j > 4).collect(),
-                    tokens,
-                    ..Default::default()
-                }
-            })
-            .collect();
+        let (model, lora) = dropout_lora(&dir, arch);
+        let exs = after_prompt(&[18, 19], 20);
         let refs: Vec<&Example> = exs.iter().collect();
         let mut sched = model.sched();
         lora.set_training(Some(Rng::new(9)));
@@ -373,30 +388,10 @@ fn chunked_head_matches_the_whole_graph() {
         assert!(rel <= 1e-6, "{what}: {rel:.2e}");
     };
     for arch in ["llama", "qwen2", "qwen3", "gemma3"] {
-        let path = synth(&dir, arch, GgmlType::Q4_K);
-        let mut model = Model::load(&path, Backend::cpu(threads())).unwrap();
-        model.prepare_transposed(None).unwrap();
-        let mut cfg = all_targets();
-        cfg.dropout = 0.1;
-        if arch == "qwen2" {
-            cfg.targets.push("token_embd".into());
-        }
-        let lora = Lora::new(&model, cfg, 1).unwrap();
-        randomize_b(&lora, 2, 0.05);
+        let (model, lora) = dropout_lora(&dir, arch);
         // 145 + 135 loss rows: three chunks of the head (of 94, 93 and 93
         // rows: a short last one would run on other kernels).
-        let exs: Vec<Example> = [150, 140]
-            .iter()
-            .enumerate()
-            .map(|(i, &n)| {
-                let tokens = some_tokens(n, 320, 30 + i as u64);
-                Example {
-                    loss: (0..tokens.len()).map(|j| j > 4).collect(),
-                    tokens,
-                    ..Default::default()
-                }
-            })
-            .collect();
+        let exs = after_prompt(&[150, 140], 30);
         check(arch, step(&model, &lora, &exs, true), step(&model, &lora, &exs, false));
     }
     let model = Model::load(synth(&dir, "llama", GgmlType::Q8_0), Backend::cpu(threads())).unwrap();
