@@ -297,8 +297,8 @@ fn transposed_backward_matches_stock_on_quantized_weights() {
 }
 
 /// A synthetic `arch` model (Q4_K) with transposed copies, and a LoRA on
-/// every target with dropout 0.1 (and on the embedding for qwen2), B
-/// randomized.
+/// every target with dropout 0.1 (and on the embedding and the untied LM
+/// head for qwen2), B randomized.
 fn dropout_lora(dir: &std::path::Path, arch: &str) -> (Model, Lora) {
     let path = synth(dir, arch, GgmlType::Q4_K);
     let mut model = Model::load(&path, Backend::cpu(threads())).unwrap();
@@ -307,6 +307,7 @@ fn dropout_lora(dir: &std::path::Path, arch: &str) -> (Model, Lora) {
     cfg.dropout = 0.1;
     if arch == "qwen2" {
         cfg.targets.push("token_embd".into());
+        cfg.targets.push("output".into());
     }
     let lora = Lora::new(&model, cfg, 1).unwrap();
     randomize_b(&lora, 2, 0.05);
@@ -389,8 +390,9 @@ fn chunked_head_matches_the_whole_graph() {
     };
     for arch in ["llama", "qwen2", "qwen3", "gemma3"] {
         let (model, lora) = dropout_lora(&dir, arch);
-        // 145 + 135 loss rows: three chunks of the head (of 94, 93 and 93
-        // rows: a short last one would run on other kernels).
+        // 145 + 135 loss rows: three chunks of the head, of 94, 93 and 93
+        // rows (a short last one would run on other kernels), each with its
+        // slice of the LM head adapter's dropout mask (qwen2).
         let exs = after_prompt(&[150, 140], 30);
         check(arch, step(&model, &lora, &exs, true), step(&model, &lora, &exs, false));
     }

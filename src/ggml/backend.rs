@@ -601,6 +601,9 @@ impl Sched {
             pause: Option<(*mut sys::ggml_tensor, &'w str, &'w mut PauseHook<'h, E>)>,
             side: &'w mut Sched,
             failed: Option<E>,
+            /// A panic of the hook, resumed once ggml has returned (it
+            /// cannot unwind through ggml's C frames).
+            panicked: Option<Box<dyn std::any::Any + Send>>,
         }
         fn shape(x: *mut sys::ggml_tensor) -> String {
             if x.is_null() {
@@ -636,15 +639,24 @@ impl Sched {
             }
             if paused_here {
                 let (_, label, hook) = w.pause.take().expect("checked");
-                let r = hook.take().map_or(Ok(()), |h| h(&mut *w.side));
+                let side = &mut *w.side;
+                let r =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| hook.take().map_or(Ok(()), |h| h(side))));
                 let now = std::time::Instant::now();
                 let e = w.by_op.entry(label.to_string()).or_default();
                 e.0 += (now - w.last).as_secs_f64();
                 e.1 += 1;
                 w.last = now;
-                if let Err(e) = r {
-                    w.failed = Some(e);
-                    return false;
+                match r {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        w.failed = Some(e);
+                        return false;
+                    }
+                    Err(p) => {
+                        w.panicked = Some(p);
+                        return false;
+                    }
                 }
             }
             true
@@ -661,6 +673,7 @@ impl Sched {
             pause,
             side: &mut side,
             failed: None,
+            panicked: None,
         };
         // SAFETY: the callback and its data live until the compute returns;
         // the callback is removed right after.
@@ -675,7 +688,11 @@ impl Sched {
         // SAFETY: clears the callback set above.
         unsafe { sys::ggml_backend_sched_set_eval_callback(self.ptr.as_ptr(), None, std::ptr::null_mut()) };
         let (failed, missed, by_op) = (watch.failed, watch.pause.map(|p| p.0), watch.by_op);
+        let panicked = watch.panicked;
         self.side = Some(side);
+        if let Some(p) = panicked {
+            std::panic::resume_unwind(p);
+        }
         if let Some(e) = failed {
             return Err(e);
         }

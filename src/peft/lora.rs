@@ -109,6 +109,8 @@ pub struct Lora {
     index: HashMap<String, usize>,
     store: TensorStore,
     dropout: RefCell<Option<Dropout>>,
+    /// The loss rows the graphs being built hold (`Trainable::set_row_window`).
+    window: std::cell::Cell<Option<(usize, usize)>>,
 }
 
 fn check_target(model: &Model, kind: TensorKind) -> Result<()> {
@@ -238,6 +240,7 @@ impl Lora {
             index,
             store,
             dropout: RefCell::new(None),
+            window: std::cell::Cell::new(None),
         })
     }
 
@@ -302,12 +305,22 @@ impl Hooks for Lora {
                 let p = self.config.dropout;
                 let keep = 1.0 / (1.0 - p);
                 let ne = x.ne();
-                let n = x.n_elements();
-                let name = format!("drop.{}", s.weight);
+                let (cols, rows) = (ne[0] as usize, ne[1] as usize);
+                let mut name = format!("drop.{}", s.weight);
+                // Over a window of the loss rows: a slice of the mask over
+                // all of them, under a name of its own.
+                let (start, total) = self.window.get().map_or((None, rows), |(s, t)| (Some(s), t));
                 let rng = &mut d.rng;
-                d.masks
-                    .entry(name.clone())
-                    .or_insert_with(|| (0..n).map(|_| if rng.f32() < p { 0.0 } else { keep }).collect());
+                let whole = d.masks.entry(name.clone()).or_insert_with(|| {
+                    (0..cols * total)
+                        .map(|_| if rng.f32() < p { 0.0 } else { keep })
+                        .collect()
+                });
+                if let Some(start) = start {
+                    let slice = whole[start * cols..(start + rows) * cols].to_vec();
+                    name = format!("{name}@{start}");
+                    d.masks.insert(name.clone(), slice);
+                }
                 let m = ctx.new_tensor(GgmlType::F32, &ne[..2]).set_name(&name).set_input();
                 xin = ctx.mul(x, m);
             }
@@ -345,6 +358,10 @@ impl Trainable for Lora {
         if let Some(d) = self.dropout.borrow_mut().as_mut() {
             d.masks.clear();
         }
+    }
+
+    fn set_row_window(&self, window: Option<(usize, usize)>) {
+        self.window.set(window);
     }
 
     fn write_adapter(&self, model: &Model, path: &std::path::Path) -> Result<()> {

@@ -45,6 +45,12 @@ pub trait Trainable: crate::model::Hooks {
     /// for the same batch reuse them).
     fn new_batch(&self) {}
 
+    /// Graphs built from now on hold loss rows `[start, start + its rows)`
+    /// of `total` (the LM head run over chunks of the loss rows), or every
+    /// row (`None`): random inputs over the loss rows are drawn once for
+    /// all `total` rows and sliced, as one graph over every row draws them.
+    fn set_row_window(&self, _window: Option<(usize, usize)>) {}
+
     /// Writes the trained adapter in the form runtimes load (llama.cpp's
     /// LoRA GGUF, or our soft-prompt GGUF), atomically.
     fn write_adapter(&self, model: &Model, path: &Path) -> Result<()>;

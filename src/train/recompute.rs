@@ -52,6 +52,15 @@ fn accumulate(g: &Graph<'_>, params: &[Tensor<'_>], acc: &mut [Vec<f32>]) {
     }
 }
 
+/// Lengths of the head's chunks of `n` loss rows: as few as hold at most
+/// [`HEAD_CHUNK`] rows each, differing by at most one row (a short chunk
+/// could fall below the GEMM's fewest columns and onto ggml's kernels, which
+/// round the activations of a quantized weight's product to 8 bits).
+fn chunk_lengths(n: usize) -> Vec<usize> {
+    let k = n.div_ceil(HEAD_CHUNK).max(1);
+    (0..k).map(|i| n / k + usize::from(i < n % k)).collect()
+}
+
 /// The final norm, LM head and loss over the last residual stream
 /// `hidden` (`[n_embd, n_rows]` of `batch`), in graphs of [`HEAD_CHUNK`]
 /// loss rows each, so that the logits (n_vocab per row) of only one chunk
@@ -81,11 +90,19 @@ pub(super) fn head_backward(
     let rows = batch.outputs.clone().expect("training batches select their loss rows");
     let mut loss = 0f32;
     let mut upstream = vec![0f32; n_embd * n_rows];
-    // Chunks of equal size (within one row): a short last chunk could fall
-    // below the GEMM's fewest columns and onto ggml's kernels, which round
-    // the activations of a quantized weight's product to 8 bits.
-    let per = rows.len().div_ceil(rows.len().div_ceil(HEAD_CHUNK)).max(1);
-    for (ci, chunk) in rows.chunks(per).enumerate() {
+    // Graphs over a window of the loss rows; the method's random inputs
+    // over those rows are slices of one draw over all of them.
+    struct Window<'m>(&'m dyn Trainable);
+    impl Drop for Window<'_> {
+        fn drop(&mut self) {
+            self.0.set_row_window(None);
+        }
+    }
+    let _window = Window(method);
+    let mut start = 0;
+    for len in chunk_lengths(rows.len()) {
+        let chunk = &rows[start..start + len];
+        method.set_row_window(Some((start, rows.len())));
         let cb = crate::model::Batch {
             outputs: Some(chunk.to_vec()),
             ..batch.clone()
@@ -99,16 +116,16 @@ pub(super) fn head_backward(
         super::check_targets(targets, n_vocab, method)?;
         let (ce, labels) = ctx.cross_entropy_loss_targets(logits);
         // The mean over all loss rows is the chunk means weighted by size.
-        let w = chunk.len() as f32 / rows.len() as f32;
+        let w = len as f32 / rows.len() as f32;
         let l = ctx.scale(ce, w).set_loss().set_output();
         let g = run_stage(model, method, sched, &ctx, &f, l, params, acc, || {
             h_in.write_f32(hidden);
-            let tgt = &targets[ci * per..ci * per + chunk.len()];
-            labels.write_targets(tgt);
+            labels.write_targets(&targets[start..start + len]);
         })?;
         let up = g.grad(h_in).expect("hidden state gradient").read_f32();
         upstream.iter_mut().zip(up).for_each(|(a, b)| *a += b);
         loss += l.read_f32()[0];
+        start += len;
     }
     Ok((loss, upstream))
 }
@@ -210,4 +227,24 @@ pub fn loss_and_grads_recompute(
         }
     }
     Ok((loss, n_out, grads))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn head_chunks_are_even() {
+        assert_eq!(chunk_lengths(0), vec![0]);
+        assert_eq!(chunk_lengths(128), vec![128]);
+        assert_eq!(chunk_lengths(129), vec![65, 64]);
+        assert_eq!(chunk_lengths(280), vec![94, 93, 93]);
+        for n in [1, 127, 257, 1000, 16257] {
+            let got = chunk_lengths(n);
+            let (lo, hi) = (got.iter().min().unwrap(), got.iter().max().unwrap());
+            assert_eq!(got.iter().sum::<usize>(), n);
+            assert!(*hi <= HEAD_CHUNK && hi - lo <= 1, "{n}: {got:?}");
+            assert_eq!(got.len(), n.div_ceil(HEAD_CHUNK), "{n}");
+        }
+    }
 }

@@ -48,7 +48,12 @@ pub trait Architecture: Sync {
         x
     }
     /// The whole stack: embeddings, every block, the final norm; returns the
-    /// normalised hidden states `[n_embd, n_rows]`.
+    /// normalised hidden states `[n_embd, n_rows]`. Architectures override
+    /// its parts, not this: a training step on the CPU runs [`hidden`] and
+    /// [`output_norm`] in separate graphs.
+    ///
+    /// [`hidden`]: Architecture::hidden
+    /// [`output_norm`]: Architecture::output_norm
     fn build<'a>(&self, f: &mut Forward<'a>) -> Tensor<'a> {
         let x = self.hidden(f);
         self.output_norm(f, x)
