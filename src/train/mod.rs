@@ -109,13 +109,17 @@ pub(crate) fn check_targets(targets: &[i32], width: usize, method: &dyn Trainabl
 
 /// Adds the backward pass and routes input gradients through the model's
 /// transposed weight copies, where it has them; on the CPU the products
-/// ggml is slow at run as GEMMs.
-pub(crate) fn build_backward<'a>(model: &'a Model, ctx: &'a Context, g: &mut crate::ggml::Graph<'a>) {
+/// ggml is slow at run as GEMMs, and with `remat` values the backward reads
+/// are recomputed there ([`crate::ggml::Graph::rematerialize`]; not worth
+/// its time in a graph of one block, as gradient checkpointing runs).
+pub(crate) fn build_backward<'a>(model: &'a Model, ctx: &'a Context, g: &mut crate::ggml::Graph<'a>, remat: bool) {
     g.build_backward(ctx);
     g.replace_weight_out_prods(|w| model.transposed_of(w));
     let dev = model.backend();
     if dev.is_cpu() {
-        g.rematerialize(ctx);
+        if remat {
+            g.rematerialize(ctx);
+        }
     } else {
         g.contiguous_out_prod_inputs(ctx, |t| dev.supports(t));
     }
@@ -201,7 +205,7 @@ pub fn loss_and_grads_observed(
     let loss = loss.set_loss().set_output();
     let mut g = ctx.new_graph(gs, true);
     g.build_forward(loss);
-    build_backward(model, &ctx, &mut g);
+    build_backward(model, &ctx, &mut g, true);
     sched.alloc(&g)?;
     f.fill_inputs();
     method.fill_inputs(&g);
@@ -252,7 +256,7 @@ fn chunked_head_step<'a>(
     let surrogate = ctx.sum(ctx.mul(h, dh)).set_loss().set_output();
     let mut g = ctx.new_graph(model.graph_size() * 4, true);
     g.build_forward(surrogate);
-    build_backward(model, ctx, &mut g);
+    build_backward(model, ctx, &mut g, true);
     if !g.computes_before_reading(h, dh) {
         return Err(Error::Msg(
             "internal: the step's graph reads the head's gradient before computing the hidden states".into(),

@@ -32,7 +32,7 @@ fn run_stage<'a>(
 ) -> Result<Graph<'a>> {
     let mut g = ctx.new_graph(model.graph_size() * 4, true);
     g.build_forward(loss);
-    super::build_backward(model, ctx, &mut g);
+    super::build_backward(model, ctx, &mut g, false);
     sched.alloc(&g)?;
     f.fill_inputs();
     method.fill_inputs(&g);
