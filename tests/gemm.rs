@@ -475,6 +475,31 @@ fn vectorized_silu_back_matches_exact_gradient() {
     assert!(wf < 1e-5 && ws < 1e-5, "vectorized {wf:.2e}, ggml {ws:.2e}");
 }
 
+/// `rows` rows of `n` logits (normal × 4), the first row starting with
+/// values far below and above the rest.
+fn hard_logits(rng: &mut Rng, n: usize, rows: usize) -> Vec<f32> {
+    let mut x: Vec<f32> = (0..n * rows).map(|_| rng.normal() * 4.0).collect();
+    x[..4].copy_from_slice(&[-300.0, 40.0, -1e4, 0.0]);
+    x
+}
+
+/// The mean cross-entropy of softmax over rows of `n` logits against
+/// target weights `t(row, class)`, and its gradient `(softmax(x) − t) /
+/// rows`, in f64.
+fn f64_cross_entropy(x: &[f32], n: usize, t: impl Fn(usize, usize) -> f64) -> (f64, Vec<f64>) {
+    let rows = (x.len() / n) as f64;
+    let (mut loss, mut grad) = (0f64, Vec::with_capacity(x.len()));
+    for (r, x) in x.chunks(n).enumerate() {
+        let max = x.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+        let sum: f64 = x.iter().map(|&v| (v as f64 - max).exp()).sum();
+        for (i, &v) in x.iter().enumerate() {
+            loss -= t(r, i) * (v as f64 - max - sum.ln()) / rows;
+            grad.push(((v as f64 - max).exp() / sum - t(r, i)) / rows);
+        }
+    }
+    (loss, grad)
+}
+
 /// The loss (ggml's CROSS_ENTROPY_LOSS, scalar `expf` per logit)
 /// vectorized on AVX2 CPUs: equal to an f64 evaluation of
 /// `−mean Σ t · log softmax(x)` and to ggml's kernel to float rounding,
@@ -487,8 +512,7 @@ fn vectorized_silu_back_matches_exact_gradient() {
 fn vectorized_cross_entropy_matches_f64() {
     let (n, rows) = (1003usize, 5usize);
     let mut rng = Rng::new(11);
-    let mut xv: Vec<f32> = (0..n * rows).map(|_| rng.normal() * 4.0).collect();
-    xv[..4].copy_from_slice(&[-300.0, 40.0, -1e4, 0.0]);
+    let xv = hard_logits(&mut rng, n, rows);
     let mut tv: Vec<f32> = (0..n * rows).map(|_| rng.f32().powi(8)).collect();
     for r in tv.chunks_mut(n) {
         let s: f32 = r.iter().sum();
@@ -509,16 +533,7 @@ fn vectorized_cross_entropy_matches_f64() {
         assert_eq!(rewritten, fast as usize, "CROSS_ENTROPY_LOSS rewritten");
         (loss.read_f32()[0], gr.grad(x).unwrap().read_f32())
     };
-    let exact: f64 = xv
-        .chunks(n)
-        .zip(tv.chunks(n))
-        .map(|(x, t)| {
-            let max = x.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
-            let lse = x.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln() + max;
-            x.iter().zip(t).map(|(&x, &t)| t as f64 * (x as f64 - lse)).sum::<f64>()
-        })
-        .sum::<f64>()
-        / -(rows as f64);
+    let (exact, exact_grad) = f64_cross_entropy(&xv, n, |r, i| tv[r * n + i] as f64);
     let ((fast, gf), (stock, gs)) = (run(true), run(false));
     let rel = |v: f32| (v as f64 - exact).abs() / exact.abs();
     println!(
@@ -530,19 +545,6 @@ fn vectorized_cross_entropy_matches_f64() {
         rel(fast) < 1e-6 && rel(stock) < 1e-5,
         "vectorized {fast}, ggml {stock}, f64 {exact}"
     );
-    // The gradient, (softmax(x) − t) / rows, in f64.
-    let exact_grad: Vec<f64> = xv
-        .chunks(n)
-        .zip(tv.chunks(n))
-        .flat_map(|(x, t)| {
-            let max = x.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
-            let sum: f64 = x.iter().map(|&v| (v as f64 - max).exp()).sum();
-            x.iter()
-                .zip(t)
-                .map(move |(&x, &t)| ((x as f64 - max).exp() / sum - t as f64) / rows as f64)
-                .collect::<Vec<_>>()
-        })
-        .collect();
     let worst = |g: &[f32]| {
         g.iter()
             .zip(&exact_grad)
@@ -894,9 +896,7 @@ fn lora_gradient_scale_folds_into_its_products() {
 #[test]
 fn class_id_targets_match_one_hot_rows() {
     let (n, rows) = (1003usize, 5usize);
-    let mut rng = Rng::new(31);
-    let mut xv: Vec<f32> = (0..n * rows).map(|_| rng.normal() * 4.0).collect();
-    xv[..4].copy_from_slice(&[-300.0, 40.0, -1e4, 0.0]);
+    let xv = hard_logits(&mut Rng::new(31), n, rows);
     // The last class (in a row's scalar tail) and the max logit among them.
     let ids: Vec<i32> = vec![1, 17, n as i32 - 1, 500, 0];
     let run = |compact: bool| {
@@ -919,16 +919,7 @@ fn class_id_targets_match_one_hot_rows() {
         }
         (loss.read_f32()[0] as f64, gr.grad(x).unwrap().read_f32())
     };
-    let (mut loss, mut grad) = (0f64, Vec::new());
-    for (x, &id) in xv.chunks(n).zip(&ids) {
-        let max = x.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
-        let sum: f64 = x.iter().map(|&v| (v as f64 - max).exp()).sum();
-        loss -= (x[id as usize] as f64 - max - sum.ln()) / rows as f64;
-        for (i, &v) in x.iter().enumerate() {
-            let onehot = if i == id as usize { 1.0 } else { 0.0 };
-            grad.push(((v as f64 - max).exp() / sum - onehot) / rows as f64);
-        }
-    }
+    let (loss, grad) = f64_cross_entropy(&xv, n, |r, i| f64::from(u8::from(i == ids[r] as usize)));
     let top = grad.iter().fold(0f64, |m, g| m.max(g.abs()));
     for (what, (l, g)) in [("ids", run(true)), ("one-hot", run(false))] {
         let off = g

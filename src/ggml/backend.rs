@@ -605,6 +605,16 @@ impl Sched {
             /// cannot unwind through ggml's C frames).
             panicked: Option<Box<dyn std::any::Any + Send>>,
         }
+        impl<E> Watch<'_, '_, E> {
+            /// Adds the time since the last lap to `name`'s.
+            fn lap(&mut self, name: String) {
+                let now = std::time::Instant::now();
+                let e = self.by_op.entry(name).or_default();
+                e.0 += (now - self.last).as_secs_f64();
+                e.1 += 1;
+                self.last = now;
+            }
+        }
         fn shape(x: *mut sys::ggml_tensor) -> String {
             if x.is_null() {
                 return String::new();
@@ -631,22 +641,14 @@ impl Sched {
                     let (a, b) = unsafe { ((*t).src[0], (*t).src[1]) };
                     name = format!("{name}{}{}", shape(a), shape(b));
                 }
-                let now = std::time::Instant::now();
-                let e = w.by_op.entry(name).or_default();
-                e.0 += (now - w.last).as_secs_f64();
-                e.1 += 1;
-                w.last = now;
+                w.lap(name);
             }
             if paused_here {
                 let (_, label, hook) = w.pause.take().expect("checked");
                 let side = &mut *w.side;
                 let r =
                     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| hook.take().map_or(Ok(()), |h| h(side))));
-                let now = std::time::Instant::now();
-                let e = w.by_op.entry(label.to_string()).or_default();
-                e.0 += (now - w.last).as_secs_f64();
-                e.1 += 1;
-                w.last = now;
+                w.lap(label.to_string());
                 match r {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => {

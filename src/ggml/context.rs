@@ -694,14 +694,14 @@ impl<'a> Graph<'a> {
                 }
                 t
             };
-            let mut readers: std::collections::HashMap<T, Vec<usize>> = Default::default();
+            let readers = super::gemm::readers(&nodes);
+            let readers_of = |t: T| readers.get(&(t as *const _)).map_or(&[][..], |v| &v[..]);
             // Views of each tensor, and the last node that reads each
             // tensor's memory (itself or through views).
             let mut views: std::collections::HashMap<T, Vec<T>> = Default::default();
             let mut last_read: std::collections::HashMap<T, usize> = Default::default();
             for (i, &n) in nodes.iter().enumerate() {
                 for &src in (*n).src.iter().filter(|s| !s.is_null()) {
-                    readers.entry(src).or_default().push(i);
                     let r = last_read.entry(root_of(src)).or_default();
                     *r = (*r).max(i);
                 }
@@ -710,7 +710,7 @@ impl<'a> Graph<'a> {
                 }
             }
             let forward = |t: T| pos.get(&t).is_some_and(|&p| p < loss);
-            let only_reader = |t: T, r: T| readers.get(&t).is_some_and(|v| v.len() == 1 && nodes[v[0]] == r);
+            let only_reader = |t: T, r: T| readers_of(t) == [r];
             // An element-wise forward value no view shares and nobody
             // outside the graph reads.
             let cheap = |t: T| {
@@ -764,8 +764,7 @@ impl<'a> Graph<'a> {
                 // of f it reads, if it reads one).
                 let mut uses = vec![];
                 for &v in std::iter::once(&f).chain(views.get(&f).into_iter().flatten()) {
-                    for &i in readers.get(&v).into_iter().flatten().filter(|&&i| i > loss) {
-                        let reader = nodes[i];
+                    for &reader in readers_of(v).iter().filter(|&r| pos[r] > loss) {
                         // A view of f shows f's memory whatever its source
                         // slot says: its own readers are redirected instead.
                         if (*reader).view_src == f {

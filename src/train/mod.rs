@@ -280,11 +280,7 @@ fn chunked_head_step<'a>(
         o.placement = sched.assignments(&g);
         o.times = times;
     }
-    for (p, a) in params.iter().zip(grads.iter_mut()) {
-        if let Some(t) = g.grad(*p) {
-            a.iter_mut().zip(t.read_f32()).for_each(|(x, y)| *x += y);
-        }
-    }
+    recompute::accumulate(&g, params, &mut grads);
     Ok((loss, targets.len(), grads))
 }
 
