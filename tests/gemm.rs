@@ -675,28 +675,34 @@ fn lora_scale_folds_into_the_gemm() {
 /// A sum of a product and a LoRA-short one — `W·x + s·B·(A·x)` forward,
 /// `Wᵀ·dy + A·d` in an input gradient — computed as one node from the short
 /// product's operands: the same bits as the separate nodes, which stay
-/// where a product's result has another use.
+/// where a product's result has another use. Where the first product is a
+/// GEMM node (an F32 W, or a quantized one dequantized in bands), that node
+/// adds the short product itself and the sum is a view of it.
 #[test]
 fn sums_with_a_short_product_fold_into_one_node() {
     let mut rng = Rng::new(19);
     let mut vals = |n: usize| (0..n).map(|_| rng.normal()).collect::<Vec<f32>>();
-    let (wv, av, bv, xv, dv) = (vals(48 * 45), vals(48 * 8), vals(8 * 45), vals(48 * 36), vals(8 * 36));
+    let (wv, av, bv, xv, dv) = (vals(64 * 45), vals(64 * 8), vals(8 * 45), vals(64 * 36), vals(8 * 36));
     let dyv: Vec<f32> = xv.iter().take(45 * 36).map(|v| v * 0.5).collect();
-    let run = |fold: bool, forward: bool| {
+    let run = |fold: bool, forward: bool, wty: GgmlType, short_first: bool| {
         let backend = Backend::cpu(threads());
         let ctx = Context::new(16, 16, false);
-        let w = ctx.new_tensor(GgmlType::F32, &[48, 45]).set_input();
-        let a = ctx.new_tensor(GgmlType::F32, &[48, 8]).set_input();
+        let w = ctx.new_tensor(wty, &[64, 45]).set_input();
+        let a = ctx.new_tensor(GgmlType::F32, &[64, 8]).set_input();
         let b = ctx.new_tensor(GgmlType::F32, &[8, 45]).set_input();
-        let x = ctx.new_tensor(GgmlType::F32, &[48, 36]).set_input();
+        let x = ctx.new_tensor(GgmlType::F32, &[64, 36]).set_input();
         let d = ctx.new_tensor(GgmlType::F32, &[8, 36]).set_input();
         let dy = ctx.new_tensor(GgmlType::F32, &[45, 36]).set_input();
-        let (first, sum) = if forward {
-            let wx = ctx.mul_mat(w, x);
-            (wx, ctx.add(wx, ctx.scale(ctx.mul_mat(b, ctx.mul_mat(a, x)), 0.37)))
+        let (first, short) = if forward {
+            (ctx.mul_mat(w, x), ctx.scale(ctx.mul_mat(b, ctx.mul_mat(a, x)), 0.37))
         } else {
-            let wdy = ctx.out_prod(w, ctx.transpose(dy));
-            (wdy, ctx.add(wdy, ctx.out_prod(a, ctx.transpose(d))))
+            (ctx.out_prod(w, ctx.transpose(dy)), ctx.out_prod(a, ctx.transpose(d)))
+        };
+        // The graph runs an ADD's operands in their order.
+        let sum = if short_first {
+            ctx.add(short, first)
+        } else {
+            ctx.add(first, short)
         };
         if !fold {
             first.set_output();
@@ -710,27 +716,40 @@ fn sums_with_a_short_product_fold_into_one_node() {
         sched.alloc(&gr).unwrap();
         // Inputs the graph does not use are not allocated.
         for (t, v) in [(w, &wv), (a, &av), (b, &bv), (x, &xv), (d, &dv), (dy, &dyv)] {
-            if t.is_allocated() {
-                t.write_f32(v);
+            if !t.is_allocated() {
+                continue;
+            }
+            match t.ty() {
+                GgmlType::F32 => t.write_f32(v),
+                ty => t.write_bytes(&ty.from_f32(v, 64)),
             }
         }
         sched.compute(&gr).unwrap();
-        (rewritten, y.read_f32())
+        (rewritten, sum.op_desc(), y.read_f32())
     };
-    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-    for (forward, nodes) in [(true, 5), (false, 3)] {
-        let ((n_fold, y_fold), (n_kept, y_kept)) = (run(true, forward), run(false, forward));
+    for (wty, forward, short_first) in [GgmlType::F32, GgmlType::Q4_1]
+        .into_iter()
+        .flat_map(|t| [(t, true, false), (t, false, false), (t, true, true), (t, false, true)])
+    {
+        let nodes = if forward { 5 } else { 3 };
+        let case = format!("{wty:?} forward {forward}, short product first {short_first}");
+        let ((n_fold, op, y_fold), (n_kept, kept_op, y_kept)) = (
+            run(true, forward, wty, short_first),
+            run(false, forward, wty, short_first),
+        );
+        assert_eq!((n_fold, n_kept), (nodes, nodes - 1), "{case}: the ADD folded once");
         assert_eq!(
-            (n_fold, n_kept),
-            (nodes, nodes - 1),
-            "forward {forward}: the ADD folded once"
+            (op.as_str(), kept_op.as_str()),
+            ("VIEW", "ADD"),
+            "{case}: the first product computes the sum"
         );
         let diff = y_fold
             .iter()
             .zip(&y_kept)
             .filter(|(a, b)| a.to_bits() != b.to_bits())
             .count();
-        assert_eq!(bits(&y_fold), bits(&y_kept), "forward {forward}: {diff} values differ");
+        assert_eq!(y_fold.len(), y_kept.len(), "{case}");
+        assert_eq!(diff, 0, "{case}: values differ");
     }
 }
 

@@ -409,6 +409,15 @@ impl<'a> Tensor<'a> {
         String::from_utf8_lossy(&bytes).into_owned()
     }
 
+    /// The tensor's op as ggml describes it (`MUL_MAT`, `VIEW`, `CUSTOM`…):
+    /// what a rewrite made of a node.
+    pub fn op_desc(self) -> String {
+        // SAFETY: valid tensor; ggml returns a static NUL-terminated name.
+        unsafe { std::ffi::CStr::from_ptr(sys::ggml_op_desc(self.raw())) }
+            .to_string_lossy()
+            .into_owned()
+    }
+
     /// Marks the tensor as a graph input (allocated before compute, not reused).
     pub fn set_input(self) -> Self {
         // SAFETY: flag update on a valid tensor.
@@ -987,8 +996,22 @@ impl<'a> Graph<'a> {
                     }
                 })
                 .count();
+        let mut moves = vec![];
         // SAFETY: as above, after the rewrites.
-        rewritten + unsafe { super::gemm::fold(&nodes) }
+        let folded = unsafe { super::gemm::fold(&nodes, &mut moves) };
+        let g = self.exec_raw();
+        // SAFETY: the array holds the graph's n_nodes valid nodes (those of
+        // `nodes`); moving a node later keeps every source before its
+        // reader, as `fold` guarantees of its moves.
+        let order = unsafe { std::slice::from_raw_parts_mut(sys::ggml_graph_nodes(g), nodes.len()) };
+        for (node, before) in moves {
+            let at = |t| order.iter().position(|&n| n == t).expect("a node of the graph");
+            let (from, to) = (at(node), at(before));
+            if from < to {
+                order[from..to].rotate_left(1);
+            }
+        }
+        rewritten + folded
     }
 
     /// Zeroes gradients and sets the loss gradient to 1 (after allocation).

@@ -148,6 +148,18 @@ const PLUS: usize = 1 << 9;
 /// bits (16 each, in place of a scale).
 const CAUSAL: usize = 1 << 10;
 
+/// Set in a GEMM node's userdata when the node adds a short product to its
+/// own result, each part as soon as it is computed and still in cache
+/// (LoRA's `s·B·(A·x)` on a frozen weight's `W·x`, `A·d` on its input
+/// gradient: see [`fold_add`]). The short product's operands are `src[2]`
+/// and `src[3]`, its scale's bits the upper 32 bits of the userdata, and
+/// [`EPILOGUE_INNER`] says whether it is an inner (MUL_MAT) or an outer
+/// (OUT_PROD) product.
+const EPILOGUE: usize = 1 << 13;
+
+/// See [`EPILOGUE`].
+const EPILOGUE_INNER: usize = 1 << 14;
+
 /// What an attention product under a causal mask may skip. Queries are the
 /// columns of the softmax's rows modulo `n_queries` (grouped-query
 /// attention stacks a KV head's query heads as columns); key `j` is hidden
@@ -346,8 +358,14 @@ pub(super) unsafe fn external(t: *const sys::ggml_tensor) -> bool {
 /// and round scale and add separately (bit for bit the separate nodes'
 /// values), while q's node (and a scale's view of it) become views of p
 /// that nothing computes. Two passes over the result instead of four, and
-/// no memory for q. Only where p and q (and the view) are read by the ADD
-/// alone; `order` gives each node's position.
+/// no memory for q. Where p is itself a GEMM node, p adds q to each part of
+/// its result as soon as it has computed it, still in cache ([`EPILOGUE`]),
+/// and the ADD becomes a view of p too: no pass of its own. p must then run
+/// after q's operands, and q (now a view of p) after p: `moves` gets p, to
+/// run right before q, or q and its view, to run right before the ADD
+/// (each is read only by the next, the ADD last). Only where p and q (and
+/// the view) are read by the ADD alone; `order` gives each node's
+/// position.
 ///
 /// # Safety
 /// As for [`fold_scale`], after it ran on the graph's nodes.
@@ -356,6 +374,7 @@ unsafe fn fold_add(
     node: *mut sys::ggml_tensor,
     consumers: &std::collections::HashMap<*const sys::ggml_tensor, usize>,
     order: &std::collections::HashMap<*const sys::ggml_tensor, usize>,
+    moves: &mut Vec<Move>,
 ) -> bool {
     // SAFETY: forwarded from the caller.
     unsafe {
@@ -386,8 +405,7 @@ unsafe fn fold_add(
             (*t).type_ == sys::GGML_TYPE_F32 && (*t).ne == (*node).ne && (*t).nb == (*node).nb
         };
         let before = matches!((order.get(&(p as *const _)), order.get(&(q as *const _))), (Some(a), Some(b)) if a < b);
-        let fits = before
-            && only(p)
+        let fits = only(p)
             && only(q)
             && (q_src == q || only(q_src))
             && (*p).view_src.is_null()
@@ -398,9 +416,49 @@ unsafe fn fold_add(
         if !fits {
             return false;
         }
-        // The ADD computes p + q from q's operands; q's view (if any)
-        // stays a source only to keep its bookkeeping in ggml's allocator.
         let (a, b) = ((*q).src[0], (*q).src[1]);
+        // Where p is a GEMM of its own, it adds q itself as it finishes
+        // each part of its result (still in cache), after q's operands: it
+        // runs right before q, or q and its view run right after it (before
+        // the ADD). The ADD, q and q's view become views of p.
+        if let Some(up) = gemm_userdata(p).filter(|&up| up & (PLUS | CAUSAL | SCALED | EPILOGUE) == 0) {
+            let alpha = if uq & SCALED != 0 {
+                uq >> 32
+            } else {
+                1f32.to_bits() as usize
+            };
+            let inner = if uq & 0xFF == Product::Inner as usize {
+                EPILOGUE_INNER
+            } else {
+                0
+            };
+            make_custom(p, run, -1, (up | EPILOGUE | inner | alpha << 32) as *mut c_void);
+            (*p).src[2] = a;
+            (*p).src[3] = b;
+            // The ADD keeps q's view as a source, for its bookkeeping in
+            // ggml's allocator.
+            make_view(node, p, p);
+            (*node).src[1] = q_src;
+            make_view(q, p, p);
+            if q_src != q {
+                make_view(q_src, q, p);
+            }
+            if before {
+                moves.push((p, q));
+            } else {
+                moves.push((q, node));
+                if q_src != q {
+                    moves.push((q_src, node));
+                }
+            }
+            return true;
+        }
+        if !before {
+            return false;
+        }
+        // Otherwise the ADD computes p + q from q's operands; q's view (if
+        // any) stays a source only to keep its bookkeeping in ggml's
+        // allocator.
         make_custom(node, run, -1, (uq | PLUS) as *mut c_void);
         (*node).src.iter_mut().for_each(|s| *s = std::ptr::null_mut());
         for (i, t) in [a, b, p, q_src].into_iter().enumerate() {
@@ -753,15 +811,20 @@ unsafe fn causal_run(
     }
 }
 
+/// A node that must run later than it stands: right before the second
+/// (see [`fold_add`]).
+pub(super) type Move = (*mut sys::ggml_tensor, *mut sys::ggml_tensor);
+
 /// Folds LoRA's scales and adds into the GEMM nodes among `nodes` (a
 /// graph's, in order; see [`fold_scale`] and [`fold_add`]) and marks the
 /// attention products under causal masks ([`mark_causal`]); returns how
-/// many nodes it folded or marked.
+/// many nodes it folded or marked. The caller must then move each node of
+/// `moves` right before its second node in the graph's order.
 ///
 /// # Safety
 /// `nodes` must be the valid nodes of a graph that is not yet allocated,
 /// after [`rewrite`] ran on them.
-pub(super) unsafe fn fold(nodes: &[*mut sys::ggml_tensor]) -> usize {
+pub(super) unsafe fn fold(nodes: &[*mut sys::ggml_tensor], moves: &mut Vec<Move>) -> usize {
     #[cfg(target_pointer_width = "64")]
     {
         // SAFETY (all passes): forwarded from the caller. The marks and
@@ -781,15 +844,40 @@ pub(super) unsafe fn fold(nodes: &[*mut sys::ggml_tensor]) -> usize {
             let order = nodes.iter().enumerate().map(|(i, &n)| (n as *const _, i)).collect();
             nodes
                 .iter()
-                .filter(|&&n| unsafe { fold_add(n, &consumers, &order) })
+                .filter(|&&n| unsafe { fold_add(n, &consumers, &order, moves) })
                 .count()
         };
         #[cfg(not(target_arch = "x86_64"))]
         let adds = 0;
+        // SAFETY: forwarded from the caller.
+        unsafe { collapse_views(nodes) };
         causal + scales + gradient_scales + adds
     }
     #[cfg(not(target_pointer_width = "64"))]
     0
+}
+
+/// Points every view among `nodes` at the memory it shows, as ggml does
+/// when it makes a view of a view: the folds turn nodes that have views
+/// into views themselves. ggml's allocator frees a tensor once the views
+/// of it are done with, but a view of a view only counts against the view
+/// in the middle, so the memory under it would stay taken to the graph's
+/// end (+30 MiB on SmolLM2's step before this).
+///
+/// # Safety
+/// `nodes` must be valid nodes of a graph that is not yet allocated.
+#[cfg(target_pointer_width = "64")]
+unsafe fn collapse_views(nodes: &[*mut sys::ggml_tensor]) {
+    // SAFETY: forwarded from the caller; view sources are valid tensors.
+    unsafe {
+        for &n in nodes {
+            while !(*n).view_src.is_null() && !(*(*n).view_src).view_src.is_null() {
+                let middle = (*n).view_src;
+                (*n).view_offs += (*middle).view_offs;
+                (*n).view_src = (*middle).view_src;
+            }
+        }
+    }
 }
 
 /// Which of `nodes` read each tensor (as a source).
@@ -832,6 +920,75 @@ pub(super) unsafe fn make_custom(node: *mut sys::ggml_tensor, fun: CustomOp, n_t
 /// A custom op's kernel: (dst, thread index, thread count, userdata).
 pub(super) type CustomOp = unsafe extern "C" fn(*mut sys::ggml_tensor, c_int, c_int, *mut c_void);
 
+/// The sum's length and the byte strides of A (i0 × k) and B (k × i1) in
+/// `C = A · B`, for an OUT_PROD (`outer`) or a MUL_MAT of `a` and `b`.
+fn strides(outer: bool, a: &sys::ggml_tensor, b: &sys::ggml_tensor) -> (usize, usize, usize, usize, usize) {
+    if outer {
+        (a.ne[1] as usize, a.nb[0], a.nb[1], b.nb[1], b.nb[0])
+    } else {
+        (a.ne[0] as usize, a.nb[1], a.nb[0], b.nb[0], b.nb[1])
+    }
+}
+
+/// The short product a node marked [`EPILOGUE`] adds to its own result.
+struct Epilogue<'t> {
+    a: &'t sys::ggml_tensor,
+    b: &'t sys::ggml_tensor,
+    outer: bool,
+    alpha: f32,
+}
+
+impl<'t> Epilogue<'t> {
+    /// The epilogue of node `d` with `userdata`, if it has one.
+    ///
+    /// # Safety
+    /// `d` must be an allocated node made by [`rewrite`] and maybe
+    /// [`fold_add`].
+    unsafe fn of(d: &'t sys::ggml_tensor, userdata: usize) -> Option<Self> {
+        if !cfg!(target_pointer_width = "64") || userdata & EPILOGUE == 0 {
+            return None;
+        }
+        // SAFETY: fold_add set both sources with the flag.
+        let (a, b) = unsafe { (&*d.src[2], &*d.src[3]) };
+        Some(Epilogue {
+            a,
+            b,
+            outer: userdata & EPILOGUE_INNER == 0,
+            alpha: f32::from_bits((userdata as u64 >> 32) as u32),
+        })
+    }
+
+    /// Adds `alpha · (a·b)` to rows `r0..r1`, columns `c0..c1` of the
+    /// result, in place (`pc` at (r0, c0), columns `cs` floats apart): the
+    /// folded ADD's values, bit for bit.
+    ///
+    /// # Safety
+    /// The rows and columns lie within the result, and no other thread
+    /// writes them.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn add(&self, (r0, r1): (usize, usize), (c0, c1): (usize, usize), pc: *mut f32, cs: isize) {
+        use super::gemm_small::{add_small_k, Strided};
+        let (k, a_i0, a_k, b_k, b_i1) = strides(self.outer, self.a, self.b);
+        let s = |nb: usize| (nb / 4) as isize;
+        // SAFETY: forwarded from the caller; a has the result's rows, b its
+        // columns (fold_add checked the shapes), and fold_add marks only
+        // sums of at most 16 terms, on CPUs with AVX2 and FMA.
+        unsafe {
+            let sa = Strided {
+                p: (self.a.data as *const u8).add(r0 * a_i0) as *const f32,
+                rs: s(a_i0),
+                cs: s(a_k),
+            };
+            let sb = Strided {
+                p: (self.b.data as *const u8).add(c0 * b_i1) as *const f32,
+                rs: s(b_k),
+                cs: s(b_i1),
+            };
+            add_small_k(self.alpha, r1 - r0, k, c1 - c0, sa, sb, pc, pc, cs);
+        }
+    }
+}
+
 /// The node's product (`a` broadcast over dims 2 and 3, as ggml does for
 /// grouped-query attention) for this thread's share of the result.
 unsafe extern "C" fn run(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_int, userdata: *mut c_void) {
@@ -844,18 +1001,14 @@ unsafe extern "C" fn run(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_int, use
         let s = |nb: usize| (nb / 4) as isize;
         let (kind, alpha, plus) = unpack(userdata);
         let causal = causal_of(userdata as usize);
+        let epilogue = Epilogue::of(d, userdata as usize);
         if kind == Product::DequantOuter as usize {
-            return dequant_outer(a, b, d, ith as usize, nth as usize);
+            return dequant_outer(a, b, d, epilogue, ith as usize, nth as usize);
         }
         if kind == Product::DequantInner as usize {
-            return dequant_inner(a, b, d, ith as usize, nth as usize);
+            return dequant_inner(a, b, d, epilogue, ith as usize, nth as usize);
         }
-        // Strides of A (i0 × k) and B (k × i1) in C = A · B, and the sum's length.
-        let (k, a_i0, a_k, b_k, b_i1) = if kind == Product::Outer as usize {
-            (a.ne[1] as usize, a.nb[0], a.nb[1], b.nb[1], b.nb[0])
-        } else {
-            (a.ne[0] as usize, a.nb[1], a.nb[0], b.nb[0], b.nb[1])
-        };
+        let (k, a_i0, a_k, b_k, b_i1) = strides(kind == Product::Outer as usize, a, b);
         let (m, n) = (d.ne[0] as usize, d.ne[1] as usize);
         let slices = (d.ne[2] * d.ne[3]) as usize;
         let (r2, r3) = (d.ne[2] / a.ne[2], d.ne[3] / a.ne[3]);
@@ -891,6 +1044,25 @@ unsafe extern "C" fn run(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_int, use
                     causal_run(c, (r0, r1), (c0, c1), k, (pa, s(a_i0), s(a_k)), b_ops, (pc, s(d.nb[1])));
                     continue;
                 }
+                let cs = s(d.nb[1]);
+                let gemm = || {
+                    matrixmultiply::sgemm(
+                        r1 - r0,
+                        k,
+                        c1 - c0,
+                        alpha,
+                        pa,
+                        s(a_i0),
+                        s(a_k),
+                        pb,
+                        s(b_k),
+                        s(b_i1),
+                        0.0,
+                        pc,
+                        1,
+                        cs,
+                    )
+                };
                 #[cfg(target_arch = "x86_64")]
                 {
                     use super::gemm_small::{try_product, Strided};
@@ -906,8 +1078,7 @@ unsafe extern "C" fn run(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_int, use
                             cs: s(b_i1),
                         },
                     );
-                    let cs = s(d.nb[1]);
-                    let done = if plus {
+                    if plus {
                         // src[2] is laid out as dst (checked by fold_add).
                         let pd = ((*(*dst).src[2]).data as *const u8)
                             .offset((pc as *const u8).offset_from(d.data as *const u8))
@@ -915,30 +1086,15 @@ unsafe extern "C" fn run(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_int, use
                         // fold_add marks only sums of at most 16 terms, on
                         // CPUs with AVX2 and FMA.
                         super::gemm_small::add_small_k(alpha, r1 - r0, k, c1 - c0, sa, sb, pd, pc, cs);
-                        true
-                    } else {
-                        try_product(alpha, r1 - r0, k, c1 - c0, sa, sb, pc, cs)
-                    };
-                    if done {
-                        continue;
+                    } else if !try_product(alpha, r1 - r0, k, c1 - c0, sa, sb, pc, cs) {
+                        gemm();
+                    }
+                    if let Some(e) = &epilogue {
+                        e.add((r0, r1), (c0, c1), pc, cs);
                     }
                 }
-                matrixmultiply::sgemm(
-                    r1 - r0,
-                    k,
-                    c1 - c0,
-                    alpha,
-                    pa,
-                    s(a_i0),
-                    s(a_k),
-                    pb,
-                    s(b_k),
-                    s(b_i1),
-                    0.0,
-                    pc,
-                    1,
-                    s(d.nb[1]),
-                );
+                #[cfg(not(target_arch = "x86_64"))]
+                gemm();
             }
         }
     }
@@ -956,7 +1112,14 @@ const DEQUANT_ROWS: usize = 256;
 ///
 /// # Safety
 /// As for [`run`]: allocated tensors of a node made by [`rewrite`].
-unsafe fn dequant_outer(a: &sys::ggml_tensor, b: &sys::ggml_tensor, d: &sys::ggml_tensor, ith: usize, nth: usize) {
+unsafe fn dequant_outer(
+    a: &sys::ggml_tensor,
+    b: &sys::ggml_tensor,
+    d: &sys::ggml_tensor,
+    epilogue: Option<Epilogue<'_>>,
+    ith: usize,
+    nth: usize,
+) {
     // SAFETY: the type was checked to have a to_float in `product`; every
     // row range read lies within `a`'s rows (whole blocks), every write
     // within this thread's rows of `dst`.
@@ -997,6 +1160,15 @@ unsafe fn dequant_outer(a: &sys::ggml_tensor, b: &sys::ggml_tensor, d: &sys::ggm
                 );
             }
         });
+        #[cfg(target_arch = "x86_64")]
+        if let Some(e) = epilogue {
+            e.add(
+                (r0, r0 + m),
+                (0, n),
+                (d.data as *mut u8).add(r0 * 4) as *mut f32,
+                (d.nb[1] / 4) as isize,
+            );
+        }
     }
 }
 
@@ -1007,7 +1179,14 @@ unsafe fn dequant_outer(a: &sys::ggml_tensor, b: &sys::ggml_tensor, d: &sys::ggm
 ///
 /// # Safety
 /// As for [`run`]: allocated tensors of a node made by [`rewrite`].
-unsafe fn dequant_inner(a: &sys::ggml_tensor, b: &sys::ggml_tensor, d: &sys::ggml_tensor, ith: usize, nth: usize) {
+unsafe fn dequant_inner(
+    a: &sys::ggml_tensor,
+    b: &sys::ggml_tensor,
+    d: &sys::ggml_tensor,
+    epilogue: Option<Epilogue<'_>>,
+    ith: usize,
+    nth: usize,
+) {
     // SAFETY: the type was checked to have a to_float in `product`; every
     // row read is a whole row of `a`, every write one of this thread's rows
     // of `dst`.
@@ -1039,22 +1218,46 @@ unsafe fn dequant_inner(a: &sys::ggml_tensor, b: &sys::ggml_tensor, d: &sys::ggm
                     1,
                     (d.nb[1] / 4) as isize,
                 );
+                // The band's result is still in cache.
+                #[cfg(target_arch = "x86_64")]
+                if let Some(e) = &epilogue {
+                    e.add(
+                        (q0, q0 + qn),
+                        (0, n),
+                        (d.data as *mut u8).add(q0 * 4) as *mut f32,
+                        (d.nb[1] / 4) as isize,
+                    );
+                }
             }
         });
     }
 }
 
+type Scratch = std::cell::RefCell<Vec<f32>>;
+
 thread_local! {
     /// Each thread's dequantization buffer, kept between products so that
     /// a training step does not allocate (and zero) one per product; ggml's
     /// worker threads live as long as their backend.
-    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    static SCRATCH: Scratch = const { std::cell::RefCell::new(Vec::new()) };
+    /// A second one, for the short product a GEMM adds to its result (see
+    /// [`EPILOGUE`]) while its dequantized band still holds the first.
+    static SMALL_SCRATCH: Scratch = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Runs `f` on this thread's scratch buffer of at least `len` floats (not
 /// re-entrant: `f` must not ask for scratch itself).
 pub(super) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
-    SCRATCH.with(|s| {
+    scratch_in(&SCRATCH, len, f)
+}
+
+/// [`with_scratch`] on the second buffer (usable inside the first's `f`).
+pub(super) fn with_small_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    scratch_in(&SMALL_SCRATCH, len, f)
+}
+
+fn scratch_in<R>(key: &'static std::thread::LocalKey<Scratch>, len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    key.with(|s| {
         let mut v = s.borrow_mut();
         if v.len() < len {
             v.resize(len, 0.0);

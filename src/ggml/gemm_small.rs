@@ -13,7 +13,7 @@
 //! A product is `C[i,j] = Σ_p A[i,p]·B[p,j]` with C's rows contiguous
 //! (`C[i,j]` at `c + i + j·csc`), A and B given by element strides.
 
-use super::gemm::with_scratch;
+use super::gemm::{with_scratch, with_small_scratch};
 use std::arch::x86_64::*;
 
 /// The most result rows handled here.
@@ -151,7 +151,7 @@ pub(super) unsafe fn add_small_k(
     c: *mut f32,
     csc: isize,
 ) {
-    with_scratch(k * m, |ap| {
+    with_small_scratch(k * m, |ap| {
         for p in 0..k {
             for i in 0..m {
                 // SAFETY: (i, p) lies within A.
