@@ -568,11 +568,24 @@ fn vectorized_soft_max_matches_f64() {
     let scale = 0.125f32;
     let mut rng = Rng::new(13);
     let xv: Vec<f32> = (0..n * rows * heads).map(|_| rng.normal() * 8.0).collect();
-    let causal: Vec<f32> = (0..rows * n)
-        .map(|k| if k % n > k / n { f32::NEG_INFINITY } else { 0.0 })
-        .collect();
+    // Causal, and two sequences packed in one (keys before 40 hidden from
+    // the second's queries too): rows end in hidden keys, and the packed
+    // ones also start with some.
+    let hide = |packed: bool| {
+        (0..rows * n)
+            .map(move |k| {
+                let (key, query) = (k % n, k / n);
+                let other_sequence = packed && query >= 40 && key < 40;
+                if key > query || other_sequence {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+            .collect::<Vec<f32>>()
+    };
     let dyv: Vec<f32> = (0..n * rows * heads).map(|_| rng.normal()).collect();
-    let run = |fast: bool, mask_ty: GgmlType| {
+    let run = |fast: bool, mask_ty: GgmlType, maskv: &[f32]| {
         let ctx = Context::new(64, 64, true);
         let x = ctx
             .new_tensor(GgmlType::F32, &[n as i64, rows as i64, heads as i64])
@@ -586,28 +599,29 @@ fn vectorized_soft_max_matches_f64() {
         let loss = ctx.sum(ctx.mul(y, dy)).set_loss().set_output();
         let (gr, _sched, rewritten) = run_backward(&ctx, loss, fast, || {
             x.write_f32(&xv);
-            mask.write_bytes(&mask_ty.from_f32(&causal, n));
+            mask.write_bytes(&mask_ty.from_f32(maskv, n));
             dy.write_f32(&dyv);
         });
         assert_eq!(rewritten, fast as usize, "SOFT_MAX rewritten");
         (y.read_f32(), gr.grad(x).unwrap().read_f32())
     };
-    let mut exact = vec![0f64; xv.len()];
-    for (r, (xr, er)) in xv.chunks(n).zip(exact.chunks_mut(n)).enumerate() {
-        let mr = &causal[(r % rows) * n..][..n];
-        let w: Vec<f64> = xr
-            .iter()
-            .zip(mr)
-            .map(|(&x, &m)| x as f64 * scale as f64 + m as f64)
-            .collect();
-        let max = w.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        let sum: f64 = w.iter().map(|v| (v - max).exp()).sum();
-        for (e, v) in er.iter_mut().zip(&w) {
-            *e = (v - max).exp() / sum;
+    for (packed, mask_ty) in [(false, GgmlType::F16), (false, GgmlType::F32), (true, GgmlType::F16)] {
+        let maskv = hide(packed);
+        let mut exact = vec![0f64; xv.len()];
+        for (r, (xr, er)) in xv.chunks(n).zip(exact.chunks_mut(n)).enumerate() {
+            let mr = &maskv[(r % rows) * n..][..n];
+            let w: Vec<f64> = xr
+                .iter()
+                .zip(mr)
+                .map(|(&x, &m)| x as f64 * scale as f64 + m as f64)
+                .collect();
+            let max = w.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let sum: f64 = w.iter().map(|v| (v - max).exp()).sum();
+            for (e, v) in er.iter_mut().zip(&w) {
+                *e = (v - max).exp() / sum;
+            }
         }
-    }
-    for mask_ty in [GgmlType::F16, GgmlType::F32] {
-        let ((yf, gf), (ys, gs)) = (run(true, mask_ty), run(false, mask_ty));
+        let ((yf, gf), (ys, gs)) = (run(true, mask_ty, &maskv), run(false, mask_ty, &maskv));
         let worst = |y: &[f32]| {
             y.iter()
                 .zip(&exact)
@@ -621,7 +635,8 @@ fn vectorized_soft_max_matches_f64() {
             .map(|(a, b)| (a - b).abs() / b.abs().max(1e-3))
             .fold(0f32, f32::max);
         println!(
-            "softmax, {} mask: vectorized {:.1e}, ggml {:.1e} from f64; input gradient {gdiff:.1e} from ggml's",
+            "softmax, {} {} mask: vectorized {:.1e}, ggml {:.1e} from f64; input gradient {gdiff:.1e} from ggml's",
+            if packed { "packed" } else { "causal" },
             mask_ty.name(),
             worst(&yf),
             worst(&ys)
