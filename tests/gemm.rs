@@ -813,13 +813,20 @@ fn causal_attention_products_skip_what_the_mask_hides() {
             }
         });
         let grads = [q, k, vt].map(|t| gr.grad(t).unwrap().read_f32());
-        (rewritten, recomputed, o.read_f32(), grads)
+        (rewritten, recomputed, o.read_f32(), grads, p.op_desc())
     };
-    let ((n_causal, _, o_causal, g_causal), (n_plain, _, o_plain, g_plain)) = (run(true, false), run(false, false));
-    assert_eq!(n_causal - n_plain, 6, "six attention products marked");
-    let (n_remat, recomputed, o_remat, g_remat) = run(true, true);
+    let ((n_causal, _, o_causal, g_causal, p_causal), (n_plain, _, o_plain, g_plain, p_plain)) =
+        (run(true, false), run(false, false));
+    assert_eq!(
+        n_causal - n_plain,
+        7,
+        "six attention products marked, the softmax fused into the scores' product"
+    );
+    assert_eq!((p_causal.as_str(), p_plain.as_str()), ("VIEW", "CUSTOM"));
+    let (n_remat, recomputed, o_remat, g_remat, _) = run(true, true);
     assert_eq!(recomputed, 1, "the probabilities recomputed");
-    // The scores' product and softmax once more, and the product marked.
+    // The scores' product and softmax once more, and the product marked
+    // (the recomputed softmax stays a node of its own).
     assert_eq!(n_remat - n_causal, 3, "the recomputed scores skip hidden entries");
     let differ = |p: &[f32], q: &[f32]| p.iter().zip(q).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
     assert_eq!(differ(&o_remat, &o_causal), 0, "output");

@@ -65,6 +65,19 @@ unsafe fn plain_soft_max(node: *const sys::ggml_tensor) -> bool {
     }
 }
 
+/// The scale of `node` if it is a softmax made by [`rewrite`].
+///
+/// # Safety
+/// `node` must be a valid node.
+pub(super) unsafe fn soft_max_scale(node: *const sys::ggml_tensor) -> Option<f32> {
+    // SAFETY: forwarded from the caller; a CUSTOM node's op_params hold its
+    // custom-op params (written by make_custom).
+    unsafe {
+        let (fun, userdata) = super::gemm::custom_op(node)?;
+        (fun == soft_max as super::gemm::CustomOp as usize).then(|| f32::from_bits(userdata as u32))
+    }
+}
+
 /// ggml's SOFT_MAX (`src[0]` = x, `src[1]` = optional mask broadcast over
 /// dims 2 and 3; the scale's bits in `userdata`): `softmax(x · scale +
 /// mask)` per row, this thread's rows. ggml's CPU kernel makes five passes per row with
@@ -99,10 +112,18 @@ unsafe extern "C" fn soft_max(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_int
 /// `y = exp(w − max w) / Σ`.
 ///
 /// # Safety
-/// `x`, `w` and `y` address `n` floats, the mask (F16 if its flag is set)
-/// `n` values; the CPU has AVX2, FMA and F16C.
+/// `x`, `w` and `y` address `n` floats (`y` may be `x`: in place), the
+/// mask (F16 if its flag is set) `n` values; the CPU has AVX2, FMA and
+/// F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn soft_max_row(n: usize, x: *const f32, scale: f32, mask: Option<(*const u8, bool)>, w: *mut f32, y: *mut f32) {
+pub(super) unsafe fn soft_max_row(
+    n: usize,
+    x: *const f32,
+    scale: f32,
+    mask: Option<(*const u8, bool)>,
+    w: *mut f32,
+    y: *mut f32,
+) {
     // SAFETY: every access lies within the n values of each row.
     unsafe {
         let mask_at = |i: usize| match mask {
