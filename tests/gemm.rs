@@ -768,6 +768,80 @@ fn sums_with_a_short_product_fold_into_one_node() {
     }
 }
 
+/// Input gradients that sum several adapters' short products — a chain
+/// `(Wᵀ·dy + A₁·d₁) + A₂·d₂` as ggml accumulates them, a nested
+/// `Wᵀ·dy + (A₁·d₁ + A₂·d₂)`, over many tokens and over few (the GEMM then
+/// splits the result by rows) — give ggml's own values, with every ADD of
+/// the chain folded.
+#[test]
+fn sums_of_several_short_products_match_ggml() {
+    let mut rng = Rng::new(29);
+    for (wty, tokens, nested) in [
+        (GgmlType::F32, 36, false),
+        (GgmlType::Q4_1, 36, false),
+        (GgmlType::F32, 36, true),
+        (GgmlType::Q4_1, 36, true),
+        (GgmlType::F32, 6, false),
+        (GgmlType::Q4_1, 6, true),
+    ] {
+        let mut vals = |n: i64| (0..n).map(|_| rng.normal()).collect::<Vec<f32>>();
+        let (wv, a1v, a2v, d1v, d2v, dyv) = (
+            vals(64 * 45),
+            vals(64 * 8),
+            vals(64 * 8),
+            vals(8 * tokens),
+            vals(8 * tokens),
+            vals(45 * tokens),
+        );
+        let run = |gemm: bool| {
+            let backend = Backend::cpu(threads());
+            let ctx = Context::new(32, 32, false);
+            let w = ctx.new_tensor(wty, &[64, 45]).set_input();
+            let a1 = ctx.new_tensor(GgmlType::F32, &[64, 8]).set_input();
+            let a2 = ctx.new_tensor(GgmlType::F32, &[64, 8]).set_input();
+            let d1 = ctx.new_tensor(GgmlType::F32, &[8, tokens]).set_input();
+            let d2 = ctx.new_tensor(GgmlType::F32, &[8, tokens]).set_input();
+            let dy = ctx.new_tensor(GgmlType::F32, &[45, tokens]).set_input();
+            let big = ctx.out_prod(w, ctx.transpose(dy));
+            let (s1, s2) = (ctx.out_prod(a1, ctx.transpose(d1)), ctx.out_prod(a2, ctx.transpose(d2)));
+            let sum = if nested {
+                ctx.add(big, ctx.add(s1, s2))
+            } else {
+                ctx.add(ctx.add(big, s1), s2)
+            };
+            let y = ctx.scale(sum, 2.0).set_output();
+            let mut gr = ctx.new_graph(32, false);
+            gr.build_forward(y);
+            if gemm {
+                gr.gemm_products();
+            }
+            let mut sched = Sched::new(std::slice::from_ref(&backend), 32);
+            sched.alloc(&gr).unwrap();
+            for (t, v) in [(a1, &a1v), (a2, &a2v), (d1, &d1v), (d2, &d2v), (dy, &dyv)] {
+                t.write_f32(v);
+            }
+            match wty {
+                GgmlType::F32 => w.write_f32(&wv),
+                ty => w.write_bytes(&ty.from_f32(&wv, 64)),
+            }
+            sched.compute(&gr).unwrap();
+            (y.read_f32(), sum.op_desc())
+        };
+        let ((got, op), (want, _)) = (run(true), run(false));
+        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let worst = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        let case = format!("{wty:?}, {tokens} tokens, nested {nested}");
+        println!("{case}: largest difference {worst:.2e} (values up to {scale:.2e}), the sum a {op}");
+        assert!(
+            worst <= 1e-5 * scale,
+            "{case}: {worst:.2e} off ggml's (values up to {scale:.2e})"
+        );
+        if !nested {
+            assert_eq!(op, "CUSTOM", "{case}: the outer ADD folded too");
+        }
+    }
+}
+
 /// Attention under a causal mask with prefix keys and grouped queries (3
 /// query heads over one KV head, 150 queries: blocks and thread shares that
 /// end inside a query group): the six products around the softmax — scores,

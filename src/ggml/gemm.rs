@@ -261,10 +261,11 @@ fn unpack(userdata: *mut c_void) -> (usize, f32, bool) {
 }
 
 /// Whether a GEMM node's userdata is a plain F32 product (Inner or Outer)
-/// that no fold has made an ADD or marked causal (it may be scaled).
+/// that no fold has made an ADD, given an epilogue or marked causal (it
+/// may be scaled).
 fn plain_product(u: usize) -> bool {
     let kind = u & 0xFF;
-    (kind == Product::Inner as usize || kind == Product::Outer as usize) && u & (PLUS | CAUSAL) == 0
+    (kind == Product::Inner as usize || kind == Product::Outer as usize) && u & (PLUS | CAUSAL | EPILOGUE) == 0
 }
 
 /// A SCALE node's (scale, bias).
@@ -373,8 +374,8 @@ pub(super) unsafe fn external(t: *const sys::ggml_tensor) -> bool {
 /// after q's operands, and q (now a view of p) after p: `moves` gets p, to
 /// run right before q, or q and its view, to run right before the ADD
 /// (each is read only by the next, the ADD last). Only where p and q (and
-/// the view) are read by the ADD alone; `order` gives each node's
-/// position.
+/// the view) are read by the ADD alone; p may be a sum folded before (a
+/// view of a whole GEMM result); `order` gives each node's position.
 ///
 /// # Safety
 /// As for [`fold_scale`], after it ran on the graph's nodes.
@@ -417,7 +418,7 @@ unsafe fn fold_add(
         let fits = only(p)
             && only(q)
             && (q_src == q || only(q_src))
-            && (*p).view_src.is_null()
+            && ((*p).view_src.is_null() || ((*p).view_offs == 0 && same((*p).view_src)))
             && (*q).view_src.is_null()
             && same(p)
             && same(q)
@@ -767,6 +768,7 @@ unsafe fn fuse_soft_max(
             && only(s)
             && (x == s || only(x))
             && !external(node)
+            && sys::ggml_is_contiguous(x)
             && sys::ggml_is_contiguous(s)
             && sys::ggml_is_contiguous(node)
             && (*s).ne[0] == (*node).ne[0]
