@@ -1262,7 +1262,8 @@ const DEQUANT_ROWS: usize = 256;
 /// quantized 2-D `a` (`a[:,k]` is row k of the weight). Each thread takes a
 /// share of the quantization blocks along `i0` (the result's rows), so no
 /// thread dequantizes what another does, and accumulates bands of
-/// [`DEQUANT_ROWS`] rows of `a` into its rows of the result.
+/// [`DEQUANT_ROWS`] rows of `a` into its rows of the result; then adds the
+/// node's epilogue, if any, to those rows.
 ///
 /// # Safety
 /// As for [`run`]: allocated tensors of a node made by [`rewrite`].
@@ -1329,7 +1330,8 @@ unsafe fn dequant_outer(
 /// [`Product::DequantInner`]: `dst[i0,i1] = Σ_k a[k,i0] · b[k,i1]` with a
 /// quantized 2-D `a` (row i0 of the weight holds `a[:,i0]`). Each thread
 /// takes a share of the weight's rows (the result's rows) and runs them in
-/// bands of [`DEQUANT_ROWS`].
+/// bands of [`DEQUANT_ROWS`], adding the node's epilogue, if any, to each
+/// band as soon as it is computed.
 ///
 /// # Safety
 /// As for [`run`]: allocated tensors of a node made by [`rewrite`].
