@@ -843,83 +843,88 @@ fn sums_of_several_short_products_match_ggml() {
 }
 
 /// Attention under a causal mask with prefix keys and grouped queries (3
-/// query heads over one KV head, 150 queries: blocks and thread shares that
-/// end inside a query group): the six products around the softmax — scores,
-/// `P·V`, and the gradients of P, V, K and Q — skip what the mask hides,
-/// and the output and every gradient match the same graph whose mask is not
-/// declared causal. Rematerialized (P recomputed from the scores in the
-/// backward), the recomputed scores skip the same entries and every value
-/// is bit for bit the graph's without it.
+/// query heads over one KV head, and 4 over each of two; 150 queries:
+/// blocks and thread shares that end inside a query group): the six
+/// products around the softmax — scores, `P·V`, and the gradients of P, V,
+/// K and Q — skip what the mask hides, the forward's softmax runs inside the
+/// scores' product, and the output and every gradient match the same graph
+/// whose mask is not declared causal. Rematerialized (P recomputed from the
+/// scores in the backward, by a softmax of its own), the recomputed scores
+/// skip the same entries and every value is bit for bit the graph's without
+/// it.
 #[test]
 fn causal_attention_products_skip_what_the_mask_hides() {
-    let (hd, nh, nkv, n, np) = (8i64, 3i64, 1i64, 150i64, 5i64);
-    let keys = n + np;
-    let mut rng = Rng::new(23);
-    let mut vals = |len: i64| (0..len).map(|_| rng.normal()).collect::<Vec<f32>>();
-    let (qv, kv, vv, rv) = (
-        vals(hd * n * nh),
-        vals(hd * keys * nkv),
-        vals(hd * keys * nkv),
-        vals(hd * n * nh),
-    );
-    // Query i sees the prefix and keys up to its own (off = np).
-    let mut mv = vec![f32::NEG_INFINITY; (keys * n) as usize];
-    for i in 0..n {
-        mv[(i * keys) as usize..(i * keys + np + i + 1) as usize].fill(0.0);
-    }
-    let hd_or_keys = |t: Tensor<'_>| t.ne()[0];
-    let run = |causal: bool, remat: bool| {
-        let ctx = Context::new(64, 64, true);
-        let q = ctx.new_tensor(GgmlType::F32, &[hd, n, nh]).set_input().set_param();
-        let k = ctx.new_tensor(GgmlType::F32, &[hd, keys, nkv]).set_input().set_param();
-        let vt = ctx.new_tensor(GgmlType::F32, &[keys, hd, nkv]).set_input().set_param();
-        let r = ctx.new_tensor(GgmlType::F32, &[hd, n, nh]).set_input();
-        let m = ctx.new_tensor(GgmlType::F32, &[keys, n]).set_input();
-        let m = if causal { m.set_causal_offset(np as usize) } else { m };
-        let grouped = |t| ctx.reshape(t, &[hd_or_keys(t), n * (nh / nkv), nkv]);
-        let s = ctx.reshape(ctx.mul_mat(k, grouped(q)), &[keys, n, nh]);
-        let p = ctx.soft_max_ext(s, Some(m), 0.35);
-        let o = ctx.reshape(ctx.mul_mat(vt, grouped(p)), &[hd, n, nh]).set_output();
-        let loss = ctx.sum(ctx.mul(o, r)).set_loss().set_output();
-        let (gr, _sched, rewritten, recomputed) = run_backward_remat(&ctx, loss, true, remat, || {
-            for (t, v) in [(q, &qv), (k, &kv), (vt, &vv), (r, &rv), (m, &mv)] {
-                t.write_f32(v);
-            }
-        });
-        let grads = [q, k, vt].map(|t| gr.grad(t).unwrap().read_f32());
-        (rewritten, recomputed, o.read_f32(), grads, p.op_desc())
-    };
-    let ((n_causal, _, o_causal, g_causal, p_causal), (n_plain, _, o_plain, g_plain, p_plain)) =
-        (run(true, false), run(false, false));
-    assert_eq!(
-        n_causal - n_plain,
-        7,
-        "six attention products marked, the softmax fused into the scores' product"
-    );
-    assert_eq!((p_causal.as_str(), p_plain.as_str()), ("VIEW", "CUSTOM"));
-    let (n_remat, recomputed, o_remat, g_remat, _) = run(true, true);
-    assert_eq!(recomputed, 1, "the probabilities recomputed");
-    // The scores' product and softmax once more, and the product marked
-    // (the recomputed softmax stays a node of its own).
-    assert_eq!(n_remat - n_causal, 3, "the recomputed scores skip hidden entries");
-    let differ = |p: &[f32], q: &[f32]| p.iter().zip(q).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
-    assert_eq!(differ(&o_remat, &o_causal), 0, "output");
-    for (what, (p, q)) in ["dQ", "dK", "dV"].iter().zip(g_remat.iter().zip(&g_causal)) {
-        assert_eq!(differ(p, q), 0, "{what}: rematerialized values differ");
-    }
-    for (what, got, want) in [
-        ("output", &o_causal, &o_plain),
-        ("dQ", &g_causal[0], &g_plain[0]),
-        ("dK", &g_causal[1], &g_plain[1]),
-        ("dV", &g_causal[2], &g_plain[2]),
-    ] {
-        let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
-        let worst = got.iter().zip(want).fold(0f32, |a, (x, y)| a.max((x - y).abs()));
-        println!("{what}: largest difference {worst:.2e} (values up to {scale:.2e})");
-        assert!(
-            scale > 0.0 && worst <= 1e-6 * scale,
-            "{what}: {worst:.2e} off (values up to {scale:.2e})"
+    // One KV head under three query heads, and two under four each.
+    for (nh, nkv) in [(3i64, 1i64), (8, 2)] {
+        let (hd, n, np) = (8i64, 150i64, 5i64);
+        let keys = n + np;
+        let mut rng = Rng::new(23);
+        let mut vals = |len: i64| (0..len).map(|_| rng.normal()).collect::<Vec<f32>>();
+        let (qv, kv, vv, rv) = (
+            vals(hd * n * nh),
+            vals(hd * keys * nkv),
+            vals(hd * keys * nkv),
+            vals(hd * n * nh),
         );
+        // Query i sees the prefix and keys up to its own (off = np).
+        let mut mv = vec![f32::NEG_INFINITY; (keys * n) as usize];
+        for i in 0..n {
+            mv[(i * keys) as usize..(i * keys + np + i + 1) as usize].fill(0.0);
+        }
+        let hd_or_keys = |t: Tensor<'_>| t.ne()[0];
+        let run = |causal: bool, remat: bool| {
+            let ctx = Context::new(64, 64, true);
+            let q = ctx.new_tensor(GgmlType::F32, &[hd, n, nh]).set_input().set_param();
+            let k = ctx.new_tensor(GgmlType::F32, &[hd, keys, nkv]).set_input().set_param();
+            let vt = ctx.new_tensor(GgmlType::F32, &[keys, hd, nkv]).set_input().set_param();
+            let r = ctx.new_tensor(GgmlType::F32, &[hd, n, nh]).set_input();
+            let m = ctx.new_tensor(GgmlType::F32, &[keys, n]).set_input();
+            let m = if causal { m.set_causal_offset(np as usize) } else { m };
+            let grouped = |t| ctx.reshape(t, &[hd_or_keys(t), n * (nh / nkv), nkv]);
+            let s = ctx.reshape(ctx.mul_mat(k, grouped(q)), &[keys, n, nh]);
+            let p = ctx.soft_max_ext(s, Some(m), 0.35);
+            let o = ctx.reshape(ctx.mul_mat(vt, grouped(p)), &[hd, n, nh]).set_output();
+            let loss = ctx.sum(ctx.mul(o, r)).set_loss().set_output();
+            let (gr, _sched, rewritten, recomputed) = run_backward_remat(&ctx, loss, true, remat, || {
+                for (t, v) in [(q, &qv), (k, &kv), (vt, &vv), (r, &rv), (m, &mv)] {
+                    t.write_f32(v);
+                }
+            });
+            let grads = [q, k, vt].map(|t| gr.grad(t).unwrap().read_f32());
+            (rewritten, recomputed, o.read_f32(), grads, p.op_desc())
+        };
+        let ((n_causal, _, o_causal, g_causal, p_causal), (n_plain, _, o_plain, g_plain, p_plain)) =
+            (run(true, false), run(false, false));
+        assert_eq!(
+            n_causal - n_plain,
+            7,
+            "six attention products marked, the softmax fused into the scores' product"
+        );
+        assert_eq!((p_causal.as_str(), p_plain.as_str()), ("VIEW", "CUSTOM"));
+        let (n_remat, recomputed, o_remat, g_remat, _) = run(true, true);
+        assert_eq!(recomputed, 1, "the probabilities recomputed");
+        // The scores' product and softmax once more, and the product marked
+        // (the recomputed softmax stays a node of its own).
+        assert_eq!(n_remat - n_causal, 3, "the recomputed scores skip hidden entries");
+        let differ = |p: &[f32], q: &[f32]| p.iter().zip(q).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+        assert_eq!(differ(&o_remat, &o_causal), 0, "output");
+        for (what, (p, q)) in ["dQ", "dK", "dV"].iter().zip(g_remat.iter().zip(&g_causal)) {
+            assert_eq!(differ(p, q), 0, "{what}: rematerialized values differ");
+        }
+        for (what, got, want) in [
+            ("output", &o_causal, &o_plain),
+            ("dQ", &g_causal[0], &g_plain[0]),
+            ("dK", &g_causal[1], &g_plain[1]),
+            ("dV", &g_causal[2], &g_plain[2]),
+        ] {
+            let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let worst = got.iter().zip(want).fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+            println!("{nkv} KV heads, {what}: largest difference {worst:.2e} (values up to {scale:.2e})");
+            assert!(
+                scale > 0.0 && worst <= 1e-6 * scale,
+                "{what}: {worst:.2e} off (values up to {scale:.2e})"
+            );
+        }
     }
 }
 
