@@ -499,7 +499,7 @@ impl Sched {
                     let src = (*node).src[0];
                     let ty = if src.is_null() { (*node).type_ } else { (*src).type_ };
                     (
-                        CStr::from_ptr(sys::ggml_op_desc(node)).to_string_lossy().into_owned(),
+                        super::context::op_desc(node),
                         CStr::from_ptr(sys::ggml_type_name(ty)).to_string_lossy().into_owned(),
                     )
                 };
@@ -540,7 +540,7 @@ impl Sched {
                 // SAFETY: valid node; ggml returns a static op name; sources are valid or null.
                 let (op, sources) = unsafe {
                     (
-                        CStr::from_ptr(sys::ggml_op_desc(node)).to_string_lossy().into_owned(),
+                        super::context::op_desc(node),
                         (*node)
                             .src
                             .iter()
@@ -632,10 +632,8 @@ impl Sched {
                 return w.profile.is_some() || paused_here;
             }
             if let Some(shapes) = w.profile {
-                // SAFETY: ggml returns a static NUL-terminated op name.
-                let mut name = unsafe { CStr::from_ptr(sys::ggml_op_desc(t)) }
-                    .to_string_lossy()
-                    .into_owned();
+                // SAFETY: t is the valid node being profiled.
+                let mut name = unsafe { super::context::op_desc(t) };
                 if shapes {
                     // SAFETY: t is a valid node; its sources are valid or null.
                     let (a, b) = unsafe { ((*t).src[0], (*t).src[1]) };

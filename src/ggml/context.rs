@@ -341,6 +341,18 @@ impl Context {
     }
 }
 
+/// The op of `t` as ggml describes it (`MUL_MAT`, `VIEW`, `CUSTOM`…).
+///
+/// # Safety
+/// `t` must be a valid tensor.
+pub(super) unsafe fn op_desc(t: *const sys::ggml_tensor) -> String {
+    // SAFETY: forwarded from the caller; ggml returns a static
+    // NUL-terminated name.
+    unsafe { std::ffi::CStr::from_ptr(sys::ggml_op_desc(t)) }
+        .to_string_lossy()
+        .into_owned()
+}
+
 impl<'a> Tensor<'a> {
     /// A handle to a tensor of a context that `'a` keeps alive (the caller
     /// guarantees it, e.g. a store that owns the context).
@@ -412,10 +424,8 @@ impl<'a> Tensor<'a> {
     /// The tensor's op as ggml describes it (`MUL_MAT`, `VIEW`, `CUSTOM`…):
     /// what a rewrite made of a node.
     pub fn op_desc(self) -> String {
-        // SAFETY: valid tensor; ggml returns a static NUL-terminated name.
-        unsafe { std::ffi::CStr::from_ptr(sys::ggml_op_desc(self.raw())) }
-            .to_string_lossy()
-            .into_owned()
+        // SAFETY: a valid tensor.
+        unsafe { op_desc(self.raw()) }
     }
 
     /// Marks the tensor as a graph input (allocated before compute, not reused).

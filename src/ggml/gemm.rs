@@ -607,6 +607,24 @@ unsafe fn fold_gradient_scale(
     }
 }
 
+/// The tensor `t` shows whole from its start (itself if it is not a view;
+/// an offset would move the columns' queries): null for other views.
+///
+/// # Safety
+/// `t` must be a valid tensor or null.
+unsafe fn whole_view_source(t: *mut sys::ggml_tensor) -> *mut sys::ggml_tensor {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        if t.is_null() || (*t).view_src.is_null() {
+            t
+        } else if (*t).view_offs == 0 {
+            (*t).view_src
+        } else {
+            std::ptr::null_mut()
+        }
+    }
+}
+
 /// Marks the attention products around each softmax whose mask carries a
 /// causal offset (see [`Causal`]), so that [`run`] skips what the mask
 /// hides; returns how many it marked. P is the node that reads the mask
@@ -625,17 +643,7 @@ unsafe fn mark_causal(
     // SAFETY: forwarded from the caller; every pointer read is a node, a
     // node's source or a view's source.
     unsafe {
-        // The tensor a view shows whole from its start (an offset would
-        // move the columns' queries): none for other views.
-        let root = |t: *mut sys::ggml_tensor| {
-            if t.is_null() || (*t).view_src.is_null() {
-                t
-            } else if (*t).view_offs == 0 {
-                (*t).view_src
-            } else {
-                std::ptr::null_mut()
-            }
-        };
+        let root = |t| whole_view_source(t);
         let only = |t: *mut sys::ggml_tensor| consumers.get(&(t as *const _)) == Some(&1) && !external(t);
         // (off, queries, keys) of each P and dS.
         let mut probs = std::collections::HashMap::new();
@@ -752,11 +760,7 @@ unsafe fn fuse_soft_max(
             return false;
         };
         let (x, mask) = ((*node).src[0], (*node).src[1]);
-        let s = if !(*x).view_src.is_null() && (*x).view_offs == 0 {
-            (*x).view_src
-        } else {
-            x
-        };
+        let s = whole_view_source(x);
         let Some(u) = gemm_userdata(s) else {
             return false;
         };
@@ -906,6 +910,9 @@ unsafe fn causal_run(
             (at < hi).then(|| (std::mem::replace(&mut at, end), end))
         })
     };
+    // The softmax's scratch row, for every block.
+    #[cfg(target_arch = "x86_64")]
+    let mut w = vec![0f32; if soft_max.is_some() { r1 - r0 } else { 0 }];
     match pattern {
         Causal::Entries | Causal::KeysByColumn => {
             for (j0, j1) in blocks(c0, c1, true) {
@@ -917,7 +924,6 @@ unsafe fn causal_run(
                     // Whole columns (a softmax's rows), still in cache.
                     #[cfg(target_arch = "x86_64")]
                     if let Some(sm) = soft_max {
-                        let mut w = vec![0f32; r1 - r0];
                         for j in j0..j1 {
                             let col = pc.offset((j - c0) as isize * c_i1);
                             sm.column(j, nq, col, r1 - r0, seen, &mut w);
@@ -1100,6 +1106,20 @@ impl<'t> Epilogue<'t> {
             outer: userdata & EPILOGUE_INNER == 0,
             alpha: f32::from_bits((userdata as u64 >> 32) as u32),
         })
+    }
+
+    /// [`Epilogue::add`] over rows `r0..r1` of `d`'s result, every column.
+    ///
+    /// # Safety
+    /// As for [`Epilogue::add`]; `d` is the node's allocated result.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn add_rows(&self, d: &sys::ggml_tensor, (r0, r1): (usize, usize)) {
+        // SAFETY: forwarded from the caller; row r0 of a result with rows
+        // of F32 entries lies 4·r0 bytes into it.
+        unsafe {
+            let pc = (d.data as *mut u8).add(r0 * 4) as *mut f32;
+            self.add((r0, r1), (0, d.ne[1] as usize), pc, (d.nb[1] / 4) as isize);
+        }
     }
 
     /// Adds `alpha · (a·b)` to rows `r0..r1`, columns `c0..c1` of the
@@ -1317,12 +1337,7 @@ unsafe fn dequant_outer(
         });
         #[cfg(target_arch = "x86_64")]
         if let Some(e) = epilogue {
-            e.add(
-                (r0, r0 + m),
-                (0, n),
-                (d.data as *mut u8).add(r0 * 4) as *mut f32,
-                (d.nb[1] / 4) as isize,
-            );
+            e.add_rows(d, (r0, r0 + m));
         }
     }
 }
@@ -1377,12 +1392,7 @@ unsafe fn dequant_inner(
                 // The band's result is still in cache.
                 #[cfg(target_arch = "x86_64")]
                 if let Some(e) = &epilogue {
-                    e.add(
-                        (q0, q0 + qn),
-                        (0, n),
-                        (d.data as *mut u8).add(q0 * 4) as *mut f32,
-                        (d.nb[1] / 4) as isize,
-                    );
+                    e.add_rows(d, (q0, q0 + qn));
                 }
             }
         });
