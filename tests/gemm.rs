@@ -160,7 +160,7 @@ fn gemm_matches_a_loop_and_ggml() {
     const Q8_0: GgmlType = GgmlType::Q8_0;
     const BF16: GgmlType = GgmlType::BF16;
     type Case = (&'static str, Vec<(GgmlType, [i64; 4])>, Build);
-    let cases: [Case; 16] = [
+    let cases: [Case; 18] = [
         (
             "attention scores",
             vec![(F32, [64, 3, 40, 1]), (F32, [64, 9, 40, 1])],
@@ -238,6 +238,18 @@ fn gemm_matches_a_loop_and_ggml() {
             "forward, BF16 W",
             vec![(BF16, [64, 40, 1, 1]), (F32, [64, 36, 1, 1])],
             plain,
+        ),
+        // Sums split into passes whose lengths are no multiple of 8, result
+        // rows and columns no multiple of the register tile (16 × 6).
+        (
+            "forward, BF16 W, long sums",
+            vec![(BF16, [300, 37, 1, 1]), (F32, [300, 43, 1, 1])],
+            plain,
+        ),
+        (
+            "input gradient, F16 W, long sums",
+            vec![(F16, [37, 530, 1, 1]), (F32, [530, 43, 1, 1])],
+            input_grad,
         ),
     ];
     for (name, shapes, build) in cases {

@@ -1,8 +1,10 @@
 //! A training step's products on the CPU, run as a strided GEMM
 //! (matrixmultiply's packed, register-blocked kernels) in a ggml custom op
 //! wherever ggml's own kernels are slow: F32 OUT_PRODs, F32 MUL_MATs over
-//! enough tokens, and products with a frozen quantized weight, which is
-//! dequantized in bands of rows into F32 scratch.
+//! enough tokens, and products with a frozen quantized weight: on CPUs with
+//! AVX2 and FMA through [`super::packed`], which dequantizes the weight
+//! straight into its GEMM's panels, elsewhere dequantized in bands of rows
+//! into F32 scratch for matrixmultiply.
 //!
 //! ggml's CPU OUT_PROD is a loop of axpys over the result's rows: every
 //! multiply-add loads and stores the result, and when the result's rows are
@@ -1274,16 +1276,17 @@ unsafe extern "C" fn run(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_int, use
     }
 }
 
-/// Rows of a quantized `a` dequantized at a time (scratch: this many rows
-/// of one thread's share of the columns, ~300 KB for SmolLM2).
+/// Rows of a quantized `a` dequantized at a time where [`super::packed`]
+/// does not run (scratch: this many rows of one thread's share of the
+/// columns, ~300 KB for SmolLM2).
 const DEQUANT_ROWS: usize = 256;
 
 /// [`Product::DequantOuter`]: `dst[i0,i1] = Σ_k a[i0,k] · b[i1,k]` with a
 /// quantized 2-D `a` (`a[:,k]` is row k of the weight). Each thread takes a
 /// share of the quantization blocks along `i0` (the result's rows), so no
-/// thread dequantizes what another does, and accumulates bands of
-/// [`DEQUANT_ROWS`] rows of `a` into its rows of the result; then adds the
-/// node's epilogue, if any, to those rows.
+/// thread dequantizes what another does, and runs [`super::packed`] over
+/// them (or accumulates bands of [`DEQUANT_ROWS`] rows of `a` into them);
+/// then adds the node's epilogue, if any, to each band of its rows.
 ///
 /// # Safety
 /// As for [`run`]: allocated tensors of a node made by [`rewrite`].
@@ -1307,6 +1310,18 @@ unsafe fn dequant_outer(
         let (b0, b1) = (blocks * ith / nth, blocks * (ith + 1) / nth);
         let (r0, m) = (b0 * blck, (b1 - b0) * blck);
         if m == 0 {
+            return;
+        }
+        // B[p, i1] = b[i1, p].
+        #[cfg(target_arch = "x86_64")]
+        if packed(
+            a,
+            (b, b.nb[1], b.nb[0]),
+            d,
+            &epilogue,
+            super::packed::Orient::Columns,
+            (r0, r0 + m),
+        ) {
             return;
         }
         with_scratch(m * DEQUANT_ROWS.min(k), |scratch| {
@@ -1342,11 +1357,64 @@ unsafe fn dequant_outer(
     }
 }
 
+/// [`super::packed::product`] for rows `r0..r1` of `d`, the product of the
+/// 2-D weight `a` (as `orient` says) and `b` (the sum's terms `b_k` bytes
+/// apart, its columns `b_j`), adding `d`'s epilogue, if any, to each band
+/// of rows as soon as it is final. Returns false where that does not run.
+///
+/// # Safety
+/// As for [`run`], for a dequantized product; `r0..r1` this thread's rows
+/// (whole blocks of `a`'s rows for `Orient::Columns`).
+#[cfg(target_arch = "x86_64")]
+unsafe fn packed(
+    a: &sys::ggml_tensor,
+    (b, b_k, b_j): (&sys::ggml_tensor, usize, usize),
+    d: &sys::ggml_tensor,
+    epilogue: &Option<Epilogue<'_>>,
+    orient: super::packed::Orient,
+    rows: (usize, usize),
+) -> bool {
+    use super::packed::{product, Orient, Weight};
+    // SAFETY: forwarded from the caller: `a`'s type has a to_float
+    // (checked in `product`), the strides are `b`'s, and `d` holds F32.
+    unsafe {
+        let w = Weight {
+            data: a.data as *const u8,
+            row_bytes: a.nb[1],
+            deq: Dequantizer::new(a.type_).expect("checked in product"),
+            blck: sys::ggml_blck_size(a.type_) as usize,
+            blck_bytes: sys::ggml_type_size(a.type_),
+        };
+        let k = if orient == Orient::Rows { a.ne[0] } else { a.ne[1] } as usize;
+        let b = super::gemm_small::Strided {
+            p: b.data as *const f32,
+            rs: (b_k / 4) as isize,
+            cs: (b_j / 4) as isize,
+        };
+        let mut done = |q0: usize, q1: usize| {
+            if let Some(e) = epilogue {
+                e.add_rows(d, (q0, q1));
+            }
+        };
+        product(
+            &w,
+            orient,
+            rows,
+            k,
+            d.ne[1] as usize,
+            b,
+            d.data as *mut f32,
+            d.nb[1] / 4,
+            &mut done,
+        )
+    }
+}
+
 /// [`Product::DequantInner`]: `dst[i0,i1] = Σ_k a[k,i0] · b[k,i1]` with a
 /// quantized 2-D `a` (row i0 of the weight holds `a[:,i0]`). Each thread
-/// takes a share of the weight's rows (the result's rows) and runs them in
-/// bands of [`DEQUANT_ROWS`], adding the node's epilogue, if any, to each
-/// band as soon as it is computed.
+/// takes a share of the weight's rows (the result's rows) and runs them
+/// through [`super::packed`] (or in bands of [`DEQUANT_ROWS`]), adding the
+/// node's epilogue, if any, to each band as soon as it is computed.
 ///
 /// # Safety
 /// As for [`run`]: allocated tensors of a node made by [`rewrite`].
@@ -1365,6 +1433,17 @@ unsafe fn dequant_inner(
         let deq = Dequantizer::new(a.type_).expect("checked in product");
         let (k, rows, n) = (a.ne[0] as usize, a.ne[1] as usize, d.ne[1] as usize);
         let (r0, r1) = (rows * ith / nth, rows * (ith + 1) / nth);
+        #[cfg(target_arch = "x86_64")]
+        if packed(
+            a,
+            (b, b.nb[0], b.nb[1]),
+            d,
+            &epilogue,
+            super::packed::Orient::Rows,
+            (r0, r1),
+        ) {
+            return;
+        }
         with_scratch(k * DEQUANT_ROWS.min(r1 - r0), |scratch| {
             for q0 in (r0..r1).step_by(DEQUANT_ROWS) {
                 let qn = DEQUANT_ROWS.min(r1 - q0);

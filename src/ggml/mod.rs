@@ -13,6 +13,8 @@ mod gemm;
 #[cfg(target_arch = "x86_64")]
 mod gemm_small;
 pub mod llama;
+#[cfg(target_arch = "x86_64")]
+mod packed;
 mod types;
 
 pub use backend::{
