@@ -160,7 +160,7 @@ fn gemm_matches_a_loop_and_ggml() {
     const Q8_0: GgmlType = GgmlType::Q8_0;
     const BF16: GgmlType = GgmlType::BF16;
     type Case = (&'static str, Vec<(GgmlType, [i64; 4])>, Build);
-    let cases: [Case; 18] = [
+    let cases: [Case; 19] = [
         (
             "attention scores",
             vec![(F32, [64, 3, 40, 1]), (F32, [64, 9, 40, 1])],
@@ -200,6 +200,13 @@ fn gemm_matches_a_loop_and_ggml() {
             "input gradient",
             vec![(F32, [40, 56, 1, 1]), (F32, [56, 48, 1, 1])],
             input_grad,
+        ),
+        // An attention value's gradient: B's rows contiguous, sums of 300
+        // terms in passes.
+        (
+            "outer product, long sums",
+            vec![(F32, [70, 300, 1, 1]), (F32, [50, 300, 1, 1])],
+            lora_a_grad,
         ),
         // Through quantized (and F16) weights, dequantized in bands of rows
         // (300 rows: one full band of 256 and a partial one).
@@ -696,6 +703,34 @@ fn lora_scale_folds_into_the_gemm() {
         "both products on the GEMM, the SCALE folded once"
     );
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&y_fold), bits(&y_kept));
+
+    // A scale folded into a product with long sums and room for the
+    // register-tiled GEMM (both threads' columns fill its tiles): the same
+    // bits too, its sums taken in one pass.
+    let (wv, xv) = (vals(200 * 40), vals(200 * 60));
+    let run = |fold: bool| {
+        let backend = Backend::cpu(threads());
+        let ctx = Context::new(16, 16, false);
+        let w = ctx.new_tensor(GgmlType::F32, &[200, 40]).set_input();
+        let x = ctx.new_tensor(GgmlType::F32, &[200, 60]).set_input();
+        let wx = ctx.mul_mat(w, x);
+        if !fold {
+            wx.set_output();
+        }
+        let y = ctx.scale(wx, 0.37).set_output();
+        let mut gr = ctx.new_graph(16, false);
+        gr.build_forward(y);
+        let rewritten = gr.gemm_products();
+        let mut sched = Sched::new(std::slice::from_ref(&backend), 16);
+        sched.alloc(&gr).unwrap();
+        w.write_f32(&wv);
+        x.write_f32(&xv);
+        sched.compute(&gr).unwrap();
+        (rewritten, y.read_f32())
+    };
+    let ((n_fold, y_fold), (n_kept, y_kept)) = (run(true), run(false));
+    assert_eq!((n_fold, n_kept), (2, 1), "the SCALE folded into the long product");
     assert_eq!(bits(&y_fold), bits(&y_kept));
 }
 

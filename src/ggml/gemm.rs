@@ -863,21 +863,13 @@ unsafe fn causal_run(
     // C[i0, i1] = beta·C[i0, i1] + Σ_{ka ≤ p < kb} A[i0, p]·B[p, i1].
     let gemm = |(i0a, i0b): (usize, usize), (i1a, i1b): (usize, usize), (ka, kb): (usize, usize), beta: f32| unsafe {
         if i0a < i0b && i1a < i1b && ka < kb {
-            matrixmultiply::sgemm(
-                i0b - i0a,
-                kb - ka,
-                i1b - i1a,
+            f32_product(
                 1.0,
-                pa.offset((i0a - r0) as isize * a_i0 + ka as isize * a_k),
-                a_i0,
-                a_k,
-                pb.offset(ka as isize * b_k + (i1a - c0) as isize * b_i1),
-                b_k,
-                b_i1,
-                beta,
-                pc.offset((i0a - r0) as isize + (i1a - c0) as isize * c_i1),
-                1,
-                c_i1,
+                (i0b - i0a, kb - ka, i1b - i1a),
+                (pa.offset((i0a - r0) as isize * a_i0 + ka as isize * a_k), a_i0, a_k),
+                (pb.offset(ka as isize * b_k + (i1a - c0) as isize * b_i1), b_k, b_i1),
+                (pc.offset((i0a - r0) as isize + (i1a - c0) as isize * c_i1), c_i1),
+                beta != 0.0,
             );
         }
     };
@@ -946,6 +938,71 @@ unsafe fn causal_run(
                 from_query((r0, r1), (j0, j1), j0.saturating_sub(off));
             }
         }
+    }
+}
+
+/// `C = alpha·(A·B)`, or that added to C where `accumulate`, for F32
+/// operands at strides (`(pointer, row stride, column stride)` in
+/// elements; C's rows contiguous): through [`super::packed`] where the CPU
+/// has AVX2 and FMA and the product fills its register tiles, else
+/// matrixmultiply.
+///
+/// # Safety
+/// Every element the strides address is valid; C (`m × n`) is writable by
+/// this thread alone and overlaps neither input.
+unsafe fn f32_product(
+    alpha: f32,
+    (m, k, n): (usize, usize, usize),
+    (pa, a_r, a_c): (*const f32, isize, isize),
+    (pb, b_r, b_c): (*const f32, isize, isize),
+    (pc, c_c): (*mut f32, isize),
+    accumulate: bool,
+) {
+    // Smaller products (a LoRA gradient's rank-wide side) leave most of a
+    // 16 × 6 tile empty; matrixmultiply's 8 × 8 fits them better.
+    #[cfg(target_arch = "x86_64")]
+    if m >= 32 && n >= 24 && k >= 16 {
+        use super::gemm_small::Strided;
+        use super::packed::{product, Out, Source};
+        let a = Source::F32(Strided {
+            p: pa,
+            rs: a_r,
+            cs: a_c,
+        });
+        let b = Strided {
+            p: pb,
+            rs: b_r,
+            cs: b_c,
+        };
+        let out = Out {
+            c: pc,
+            ldc: c_c as usize,
+            alpha,
+            accumulate,
+        };
+        // SAFETY: forwarded from the caller.
+        if unsafe { product(a, (0, m), k, n, b, out, &mut |_, _| {}) } {
+            return;
+        }
+    }
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        matrixmultiply::sgemm(
+            m,
+            k,
+            n,
+            alpha,
+            pa,
+            a_r,
+            a_c,
+            pb,
+            b_r,
+            b_c,
+            if accumulate { 1.0 } else { 0.0 },
+            pc,
+            1,
+            c_c,
+        )
     }
 }
 
@@ -1222,22 +1279,8 @@ unsafe extern "C" fn run(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_int, use
                 }
                 let cs = s(d.nb[1]);
                 let gemm = || {
-                    matrixmultiply::sgemm(
-                        r1 - r0,
-                        k,
-                        c1 - c0,
-                        alpha,
-                        pa,
-                        s(a_i0),
-                        s(a_k),
-                        pb,
-                        s(b_k),
-                        s(b_i1),
-                        0.0,
-                        pc,
-                        1,
-                        cs,
-                    )
+                    let a = (pa, s(a_i0), s(a_k));
+                    f32_product(alpha, (r1 - r0, k, c1 - c0), a, (pb, s(b_k), s(b_i1)), (pc, cs), false)
                 };
                 #[cfg(target_arch = "x86_64")]
                 {
@@ -1374,7 +1417,7 @@ unsafe fn packed(
     orient: super::packed::Orient,
     rows: (usize, usize),
 ) -> bool {
-    use super::packed::{product, Orient, Weight};
+    use super::packed::{product, Orient, Out, Source, Weight};
     // SAFETY: forwarded from the caller: `a`'s type has a to_float
     // (checked in `product`), the strides are `b`'s, and `d` holds F32.
     unsafe {
@@ -1396,17 +1439,13 @@ unsafe fn packed(
                 e.add_rows(d, (q0, q1));
             }
         };
-        product(
-            &w,
-            orient,
-            rows,
-            k,
-            d.ne[1] as usize,
-            b,
-            d.data as *mut f32,
-            d.nb[1] / 4,
-            &mut done,
-        )
+        let out = Out {
+            c: d.data as *mut f32,
+            ldc: d.nb[1] / 4,
+            alpha: 1.0,
+            accumulate: false,
+        };
+        product(Source::Weight(&w, orient), rows, k, d.ne[1] as usize, b, out, &mut done)
     }
 }
 

@@ -74,27 +74,43 @@ pub(super) enum Orient {
     Columns,
 }
 
-/// `C[i, j] = Σ_p A[i, p]·B[p, j]` over result rows `i0..i1`, columns
-/// `j < n` and terms `p < k`, A given by `w` as `orient` says, `C[i, j]` at
-/// `c + i + j·ldc`. Calls `done(r0, r1)` as each band of rows becomes
-/// final (e.g. to add an epilogue while the band is in cache). Returns
-/// false, having done nothing, where the CPU lacks AVX2 or FMA.
+/// Where a product's A comes from.
+#[derive(Clone, Copy)]
+pub(super) enum Source<'w> {
+    /// A frozen weight, as [`Orient`] says.
+    Weight(&'w Weight, Orient),
+    /// F32 values: `A[i, p]` at `p + i·rs + p·cs` (elements).
+    F32(Strided),
+}
+
+/// Where a product goes: `C[i, j]` at `c + i + j·ldc`, set to `alpha` times
+/// the sum, or that added to it where `accumulate`.
+#[derive(Clone, Copy)]
+pub(super) struct Out {
+    pub c: *mut f32,
+    pub ldc: usize,
+    pub alpha: f32,
+    pub accumulate: bool,
+}
+
+/// `C[i, j] (+)= alpha·Σ_p A[i, p]·B[p, j]` (see [`Out`]) over result rows
+/// `i0..i1`, columns `j < n` and terms `p < k`. Calls `done(r0, r1)` as
+/// each band of rows becomes final (e.g. to add an epilogue while the band
+/// is in cache). Returns false, having done nothing, where the CPU lacks
+/// AVX2 or FMA.
 ///
 /// # Safety
-/// Every `A[i, p]` and `B[p, j]` addressed lies within its tensor; for
-/// `Orient::Columns`, `i0` and `i1` are whole blocks of the weight's rows
-/// (or `i1` its end); C's rows `i0..i1` of every column are writable by
-/// this thread alone and overlap neither input.
-#[allow(clippy::too_many_arguments)]
+/// Every `A[i, p]` and `B[p, j]` addressed lies within its tensor; for a
+/// weight under `Orient::Columns`, `i0` and `i1` are whole blocks of the
+/// weight's rows (or `i1` its end); C's rows `i0..i1` of every column are
+/// writable by this thread alone and overlap neither input.
 pub(super) unsafe fn product(
-    w: &Weight,
-    orient: Orient,
+    a: Source<'_>,
     (i0, i1): (usize, usize),
     k: usize,
     n: usize,
     b: Strided,
-    c: *mut f32,
-    ldc: usize,
+    out: Out,
     done: &mut dyn FnMut(usize, usize),
 ) -> bool {
     if !(std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")) {
@@ -102,84 +118,87 @@ pub(super) unsafe fn product(
     }
     if i1 > i0 && k > 0 && n > 0 {
         // SAFETY: forwarded from the caller; the CPU has AVX2 and FMA.
-        unsafe { run(w, orient, (i0, i1), k, n, b, c, ldc, done) };
+        unsafe { run(a, (i0, i1), k, n, b, out, done) };
     }
     true
 }
 
 /// Pass and band sizes: `kc` (terms per pass) starts passes at whole blocks
-/// of a row where the weight's rows run along the sum; `mc` (rows per band)
+/// of a row where a weight's rows run along the sum; `mc` (rows per band)
 /// starts bands at whole blocks where they run along the result's rows.
-fn blocking(w: &Weight, orient: Orient, k: usize) -> (usize, usize) {
+fn blocking(a: Source<'_>, k: usize) -> (usize, usize) {
     let passes = k.div_ceil(KC);
     let even = k.div_ceil(passes);
-    match orient {
-        Orient::Rows => (even.next_multiple_of(w.blck.max(8)).min(k), MC),
-        Orient::Columns => (even.next_multiple_of(8).min(k), MC.next_multiple_of(w.blck)),
-    }
+    let (kc, mc) = match a {
+        Source::Weight(w, Orient::Rows) => (even.next_multiple_of(w.blck.max(8)), MC),
+        Source::Weight(w, Orient::Columns) => (even.next_multiple_of(8), MC.next_multiple_of(w.blck)),
+        Source::F32(_) => (even.next_multiple_of(8), MC),
+    };
+    (kc.min(k), mc)
 }
 
 /// [`product`] on a CPU with AVX2 and FMA.
 #[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
 unsafe fn run(
-    w: &Weight,
-    orient: Orient,
+    a: Source<'_>,
     (i0, i1): (usize, usize),
     k: usize,
     n: usize,
     b: Strided,
-    c: *mut f32,
-    ldc: usize,
+    out: Out,
     done: &mut dyn FnMut(usize, usize),
 ) {
-    let (kc_max, mc_max) = blocking(w, orient, k);
+    let (kc_max, mc_max) = blocking(a, k);
     let panels = n.div_ceil(NR);
     let mc_pad = mc_max.next_multiple_of(MR);
     // B's panels (+ NR floats: the packing's last 8-wide store overshoots),
     // A's block, and a staging area for the dequantized rows.
     let (b_len, a_len) = (panels * NR * kc_max + 8, mc_pad * kc_max);
-    let stage_len = match orient {
-        Orient::Rows => MR * kc_max,
-        Orient::Columns => mc_pad,
+    let stage_len = match a {
+        Source::Weight(_, Orient::Rows) => MR * kc_max,
+        Source::Weight(_, Orient::Columns) => mc_pad,
+        Source::F32(_) => 0,
     };
+    let Out { c, ldc, alpha, .. } = out;
     with_scratch(b_len + a_len + stage_len, |s| {
         let (bp, rest) = s.split_at_mut(b_len);
         let (ap, stage) = rest.split_at_mut(a_len);
+        let (bp, ap, stage) = (bp.as_mut_ptr(), ap.as_mut_ptr(), stage.as_mut_ptr());
         let mut p0 = 0;
         while p0 < k {
             let kc = kc_max.min(k - p0);
-            let last = p0 + kc == k;
+            let (last, accumulate) = (p0 + kc == k, p0 > 0 || out.accumulate);
             // SAFETY (this block): every pointer below addresses the scratch
             // split above (sized for kc_max, mc_max), B's columns j < n and
-            // terms p0..p0+kc, the weight's values named by the caller, or
-            // C's rows i0..i1.
+            // terms p0..p0+kc, A's values named by the caller, or C's rows
+            // i0..i1.
             unsafe {
-                pack_b(b, p0, kc, n, bp.as_mut_ptr());
+                pack_b(b, p0, kc, n, bp);
                 let mut r0 = i0;
                 while r0 < i1 {
                     let mc = mc_max.min(i1 - r0);
-                    match orient {
-                        Orient::Rows => pack_rows(w, r0, mc, p0, kc, ap.as_mut_ptr(), stage.as_mut_ptr()),
-                        Orient::Columns => pack_columns(w, r0, mc, p0, kc, ap.as_mut_ptr(), stage.as_mut_ptr()),
+                    match a {
+                        Source::Weight(w, Orient::Rows) => pack_rows(w, r0, mc, p0, kc, ap, stage),
+                        Source::Weight(w, Orient::Columns) => pack_columns(w, r0, mc, p0, kc, ap, stage),
+                        Source::F32(x) => pack_f32(x, r0, mc, p0, kc, ap),
                     }
                     for jp in 0..panels {
                         let nn = NR.min(n - jp * NR);
-                        let bpanel = bp.as_ptr().add(jp * NR * kc);
+                        let bpanel = bp.add(jp * NR * kc);
                         for ip in 0..mc.div_ceil(MR) {
                             let mm = MR.min(mc - ip * MR);
-                            let apanel = ap.as_ptr().add(ip * MR * kc);
+                            let apanel = ap.add(ip * MR * kc);
                             let cp = c.add(r0 + ip * MR + jp * NR * ldc);
                             if mm == MR && nn == NR {
-                                kernel(kc, apanel, bpanel, cp, ldc, p0 > 0);
+                                kernel(kc, apanel, bpanel, (cp, ldc), alpha, accumulate);
                             } else {
                                 let mut tile = [0f32; MR * NR];
-                                kernel(kc, apanel, bpanel, tile.as_mut_ptr(), MR, false);
+                                kernel(kc, apanel, bpanel, (tile.as_mut_ptr(), MR), alpha, false);
                                 for j in 0..nn {
                                     for i in 0..mm {
                                         let d = cp.add(j * ldc + i);
                                         let v = tile[j * MR + i];
-                                        *d = if p0 > 0 { *d + v } else { v };
+                                        *d = if accumulate { *d + v } else { v };
                                     }
                                 }
                             }
@@ -196,11 +215,11 @@ unsafe fn run(
     })
 }
 
-/// The 16 × 6 tile `C (+)= A·B` over `k` terms: `a` a packed panel (16
-/// values per term), `b` a packed panel (6 per term); C's columns `ldc`
+/// The 16 × 6 tile `C (+)= alpha·A·B` over `k` terms: `a` a packed panel
+/// (16 values per term), `b` a packed panel (6 per term); C's columns `ldc`
 /// floats apart, added to where `accumulate`, else written.
 #[inline(always)]
-unsafe fn kernel(k: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, accumulate: bool) {
+unsafe fn kernel(k: usize, a: *const f32, b: *const f32, (c, ldc): (*mut f32, usize), alpha: f32, accumulate: bool) {
     // SAFETY: the caller passes panels of k terms and a 16 × 6 tile of C.
     unsafe {
         for j in 0..NR {
@@ -234,9 +253,12 @@ unsafe fn kernel(k: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize
             step!(a, b);
             (a, b, p) = (a.add(MR), b.add(NR), p + 1);
         }
+        // Scaling by 1 is exact: no case of its own.
+        let alpha = _mm256_set1_ps(alpha);
         for (j, acc) in acc.iter().enumerate() {
             let cj = c.add(j * ldc);
             for (h, &v) in acc.iter().enumerate() {
+                let v = _mm256_mul_ps(v, alpha);
                 let v = if accumulate {
                     _mm256_add_ps(_mm256_loadu_ps(cj.add(8 * h)), v)
                 } else {
@@ -287,7 +309,9 @@ fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
 }
 
 /// Packs terms `p0..p0+kc` of B's `n` columns into panels of 6 columns
-/// (`out[jp·6·kc + p·6 + j]`), the last padded with zeros.
+/// (`out[jp·6·kc + p·6 + j]`), the last padded with zeros: 8 × 8 blocks
+/// transposed where B's columns are contiguous, runs of 6 copied where its
+/// rows are, else one value at a time.
 ///
 /// # Safety
 /// Those terms of B are readable; `out` holds `⌈n/6⌉·6·kc + 8` floats.
@@ -313,6 +337,13 @@ unsafe fn pack_b(b: Strided, p0: usize, kc: usize, n: usize, out: *mut f32) {
                         _mm256_storeu_ps(dst.add((p + q) * NR), v);
                     }
                     p += 8;
+                }
+            } else if nn == NR && b.cs == 1 {
+                // Each term's six columns are contiguous already.
+                let row = col(0);
+                while p < kc {
+                    std::ptr::copy_nonoverlapping(row.offset(p as isize * b.rs), dst.add(p * NR), NR);
+                    p += 1;
                 }
             }
             for j in 0..NR {
@@ -392,6 +423,52 @@ unsafe fn pack_columns(w: &Weight, r0: usize, mc: usize, p0: usize, kc: usize, o
                 let src = stage.add(ip * MR);
                 _mm256_storeu_ps(dst, _mm256_loadu_ps(src));
                 _mm256_storeu_ps(dst.add(8), _mm256_loadu_ps(src.add(8)));
+            }
+        }
+    }
+}
+
+/// A's block for result rows `r0..r0+mc`, terms `p0..p0+kc`, from F32
+/// values: runs of 16 rows copied where A's columns are contiguous,
+/// 8 × 8 blocks transposed where its rows are, else one value at a time;
+/// the last panel padded with zero rows.
+///
+/// # Safety
+/// The rows and terms lie within A; `out` holds `⌈mc/16⌉·16·kc` floats.
+#[inline(always)]
+unsafe fn pack_f32(a: Strided, r0: usize, mc: usize, p0: usize, kc: usize, out: *mut f32) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        for ip in 0..mc.div_ceil(MR) {
+            let (rows, first) = (MR.min(mc - ip * MR), r0 + ip * MR);
+            let dst = out.add(ip * MR * kc);
+            let at = |i: usize, p: usize| a.p.offset((first + i) as isize * a.rs + (p0 + p) as isize * a.cs);
+            let mut p = 0;
+            if rows == MR && a.rs == 1 {
+                while p < kc {
+                    let src = at(0, p);
+                    _mm256_storeu_ps(dst.add(p * MR), _mm256_loadu_ps(src));
+                    _mm256_storeu_ps(dst.add(p * MR + 8), _mm256_loadu_ps(src.add(8)));
+                    p += 1;
+                }
+            } else if rows == MR && a.cs == 1 {
+                while p + 8 <= kc {
+                    for h in 0..2 {
+                        let mut r = [_mm256_setzero_ps(); 8];
+                        for (i, r) in r.iter_mut().enumerate() {
+                            *r = _mm256_loadu_ps(at(8 * h + i, p));
+                        }
+                        for (q, v) in transpose8(r).into_iter().enumerate() {
+                            _mm256_storeu_ps(dst.add((p + q) * MR + 8 * h), v);
+                        }
+                    }
+                    p += 8;
+                }
+            }
+            for p in p..kc {
+                for i in 0..MR {
+                    *dst.add(p * MR + i) = if i < rows { *at(i, p) } else { 0.0 };
+                }
             }
         }
     }
