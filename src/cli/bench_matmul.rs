@@ -1,7 +1,8 @@
 //! `gguf-peft bench --matmul-types …`: the frozen-weight matmul alone, per
 //! quant type — forward, ggml's stock input gradient (OUT_PROD), the
 //! matmul over a transposed F16 copy (GPUs, repacked CPU weights) and the
-//! CPU's GEMM over W dequantized in bands (the CPU's default).
+//! CPU's GEMM over W dequantized as it goes (the CPU's default), each
+//! product timed in a graph of its own.
 
 use crate::ggml::{Backend, Context, GgmlType, Sched};
 use crate::rng::Rng;
@@ -17,7 +18,7 @@ pub struct MatmulTimes {
     pub forward_gemm: f64,
     pub backward_stock: Option<f64>,
     pub backward_transposed: f64,
-    /// The input gradient on the GEMM over W dequantized in bands.
+    /// The input gradient on the CPU's GEMM, W dequantized into its panels.
     pub backward_gemm: f64,
 }
 
@@ -65,27 +66,26 @@ pub fn measure(ty: GgmlType, n: usize, tokens: usize, threads: usize, reps: usiz
     let xs: Vec<f32> = (0..n * tokens).map(|_| rng.normal()).collect();
     store.get("x").unwrap().write_f32(&xs);
     let mut sched = Sched::new(std::slice::from_ref(&backend), 64);
+    // Each graph holds only the product timed: the forward `W·x`, or the
+    // input gradient as a training step's backward computes it from an
+    // upstream gradient `dy` ([n, tokens], here x's values).
     let run = |sched: &mut Sched, backward: bool, mode: Mode| -> Result<f64> {
-        let ctx = Context::new(64, 64, backward);
-        let (w, x) = (store.get("w").unwrap(), store.get("x").unwrap().set_param());
-        let loss = ctx.sum(ctx.mul_mat(w, x)).set_loss().set_output();
-        let mut g = ctx.new_graph(64, backward);
-        g.build_forward(loss);
-        if backward {
-            g.build_backward(&ctx);
-            if mode == Mode::Transposed {
-                g.replace_weight_out_prods(|t| t.same(w).then(|| store.get("w.T").unwrap()));
-            }
+        let ctx = Context::new(64, 64, false);
+        let (w, x) = (store.get("w").unwrap(), store.get("x").unwrap());
+        let y = match (backward, mode) {
+            (false, _) => ctx.mul_mat(w, x),
+            (true, Mode::Transposed) => ctx.mul_mat(store.get("w.T").unwrap(), x),
+            (true, _) => ctx.out_prod(w, ctx.transpose(x)),
         }
+        .set_output();
+        let mut g = ctx.new_graph(64, false);
+        g.build_forward(y);
         if mode == Mode::Gemm {
             g.gemm_products();
         }
         sched.alloc(&g)?;
         let mut times = Vec::new();
         for _ in 0..reps + 1 {
-            if backward {
-                g.reset();
-            }
             let t0 = Instant::now();
             sched.compute(&g)?;
             times.push(t0.elapsed().as_secs_f64());
@@ -96,17 +96,17 @@ pub fn measure(ty: GgmlType, n: usize, tokens: usize, threads: usize, reps: usiz
     let forward = run(&mut sched, false, Mode::Stock)?;
     let forward_gemm = run(&mut sched, false, Mode::Gemm)?;
     let stock = match run(&mut sched, true, Mode::Stock) {
-        Ok(t) => Some((t - forward).max(0.0)),
+        Ok(t) => Some(t),
         Err(Error::Compute(crate::ggml::ComputeError::Unsupported(_))) => None,
         Err(e) => return Err(e),
     };
-    let transposed = run(&mut sched, true, Mode::Transposed)? - forward;
-    let gemm = run(&mut sched, true, Mode::Gemm)? - forward_gemm;
+    let transposed = run(&mut sched, true, Mode::Transposed)?;
+    let gemm = run(&mut sched, true, Mode::Gemm)?;
     Ok(MatmulTimes {
         forward,
         forward_gemm,
         backward_stock: stock,
-        backward_transposed: transposed.max(0.0),
-        backward_gemm: gemm.max(0.0),
+        backward_transposed: transposed,
+        backward_gemm: gemm,
     })
 }
