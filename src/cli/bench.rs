@@ -26,7 +26,8 @@ pub struct BenchArgs {
     /// (comma-separated, e.g. q4_0,q4_1,q4_K,q6_K,q8_0,f16,f32): forward
     /// (ggml's and as a training step runs it), and the input gradient three
     /// ways: ggml's stock OUT_PROD, over a transposed F16 copy, and the GEMM
-    /// over W dequantized in bands (speed-up: stock over the faster of the two).
+    /// over W dequantized as it goes, each timed in a graph of its own
+    /// (speed-up: stock over the faster of the two).
     #[arg(long)]
     matmul_types: Option<String>,
     /// N for --matmul-types.

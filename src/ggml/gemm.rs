@@ -1,10 +1,11 @@
-//! A training step's products on the CPU, run as a strided GEMM
-//! (matrixmultiply's packed, register-blocked kernels) in a ggml custom op
-//! wherever ggml's own kernels are slow: F32 OUT_PRODs, F32 MUL_MATs over
-//! enough tokens, and products with a frozen quantized weight: on CPUs with
-//! AVX2 and FMA through [`super::packed`], which dequantizes the weight
-//! straight into its GEMM's panels, elsewhere dequantized in bands of rows
-//! into F32 scratch for matrixmultiply.
+//! A training step's products on the CPU, run as a strided GEMM in a ggml
+//! custom op wherever ggml's own kernels are slow: F32 OUT_PRODs, F32
+//! MUL_MATs over enough tokens, and products with a frozen quantized
+//! weight. On CPUs with AVX2 and FMA the larger ones run on
+//! [`super::packed`]'s register-tiled GEMM, which dequantizes a weight
+//! straight into its panels; the rest (and other CPUs) on matrixmultiply's
+//! packed, register-blocked kernels, a quantized weight dequantized in
+//! bands of rows into F32 scratch first.
 //!
 //! ggml's CPU OUT_PROD is a loop of axpys over the result's rows: every
 //! multiply-add loads and stores the result, and when the result's rows are

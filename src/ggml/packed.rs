@@ -1,7 +1,8 @@
-//! A frozen weight's products on x86-64 with AVX2 and FMA: a packed GEMM
-//! whose A panels are filled straight from the weight's rows, dequantized
-//! block by block of the sum, instead of a band of the weight dequantized
-//! into F32 and then packed again by matrixmultiply.
+//! A training step's larger products on x86-64 with AVX2 and FMA: a packed
+//! GEMM of our own. Its A panels are filled straight from a frozen weight's
+//! rows, dequantized block by block of the sum (instead of a band of the
+//! weight dequantized into F32 and then packed again by matrixmultiply), or
+//! from F32 values at any strides (F32 weights, attention).
 //!
 //! matrixmultiply's kernel (8 × 8, three shuffles per term of the sum)
 //! shares the shuffle port with its multiply-adds. This kernel keeps a
