@@ -373,6 +373,32 @@ fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
     }
 }
 
+/// Writes 16 rows of terms (row `i`'s at `row(i)`, contiguous) into a
+/// panel (`dst[p·16 + i]`), 8 × 8 blocks at a time; returns how many terms
+/// it wrote (`kc` rounded down to 8), the rest left to the caller.
+///
+/// # Safety
+/// Each row holds `kc` readable floats; `dst` has room for `16·kc`.
+#[inline(always)]
+unsafe fn transpose16(row: impl Fn(usize) -> *const f32, kc: usize, dst: *mut f32) -> usize {
+    let mut p = 0;
+    while p + 8 <= kc {
+        for h in 0..2 {
+            let mut r = [_mm256_setzero_ps(); 8];
+            for (i, r) in r.iter_mut().enumerate() {
+                // SAFETY: p + 8 ≤ kc terms of row 8h + i < 16.
+                *r = unsafe { _mm256_loadu_ps(row(8 * h + i).add(p)) };
+            }
+            for (q, v) in transpose8(r).into_iter().enumerate() {
+                // SAFETY: term p + q < kc of the panel's 16.
+                unsafe { _mm256_storeu_ps(dst.add((p + q) * MR + 8 * h), v) };
+            }
+        }
+        p += 8;
+    }
+    p
+}
+
 /// Packs terms `p0..p0+kc` of B's `n` columns into panels of 6 columns
 /// (`out[jp·6·kc + p·6 + j]`), the last padded with zeros: 8 × 8 blocks
 /// transposed where B's columns are contiguous, runs of 6 copied where its
@@ -444,19 +470,7 @@ unsafe fn pack_rows(w: &Weight, r0: usize, mc: usize, p0: usize, kc: usize, out:
                 }
             }
             let dst = out.add(ip * MR * kc);
-            let mut p = 0;
-            while p + 8 <= kc {
-                for h in 0..2 {
-                    let mut r = [_mm256_setzero_ps(); 8];
-                    for (i, r) in r.iter_mut().enumerate() {
-                        *r = _mm256_loadu_ps(stage.add((8 * h + i) * kc + p));
-                    }
-                    for (q, v) in transpose8(r).into_iter().enumerate() {
-                        _mm256_storeu_ps(dst.add((p + q) * MR + 8 * h), v);
-                    }
-                }
-                p += 8;
-            }
+            let p = transpose16(|i| stage.add(i * kc), kc, dst);
             for p in p..kc {
                 for i in 0..MR {
                     *dst.add(p * MR + i) = *stage.add(i * kc + p);
@@ -517,18 +531,7 @@ unsafe fn pack_f32(a: Strided, r0: usize, mc: usize, p0: usize, kc: usize, out: 
                     p += 1;
                 }
             } else if rows == MR && a.cs == 1 {
-                while p + 8 <= kc {
-                    for h in 0..2 {
-                        let mut r = [_mm256_setzero_ps(); 8];
-                        for (i, r) in r.iter_mut().enumerate() {
-                            *r = _mm256_loadu_ps(at(8 * h + i, p));
-                        }
-                        for (q, v) in transpose8(r).into_iter().enumerate() {
-                            _mm256_storeu_ps(dst.add((p + q) * MR + 8 * h), v);
-                        }
-                    }
-                    p += 8;
-                }
+                p = transpose16(|i| at(i, 0), kc, dst);
             }
             for p in p..kc {
                 for i in 0..MR {
