@@ -127,17 +127,10 @@ fn run_matmul(a: &BenchArgs, types: &str, threads: usize) -> Result<()> {
     for name in types.split(',').map(str::trim) {
         let ty = GgmlType::from_name(name).ok_or_else(|| Error::Msg(format!("unknown ggml type '{name}'")))?;
         let m = super::bench_matmul::measure(ty, a.matmul_n, a.tokens, threads, a.steps)?;
-        // A backward is its graph's time less the forward's, measured
-        // apart: where the machine's noise makes that difference vanish
-        // (0.00) it stays out of the speed-up.
-        let best = [m.backward_transposed, m.backward_gemm]
-            .into_iter()
-            .filter(|t| *t > 0.0)
-            .reduce(f64::min);
-        let (stock, gain) = match (m.backward_stock, best) {
-            (Some(s), Some(b)) => (format!("{:.2}", s * 1e3), format!("{:.1}×", s / b)),
-            (Some(s), None) => (format!("{:.2}", s * 1e3), "-".into()),
-            (None, _) => ("unsupported".into(), "-".into()),
+        let best = m.backward_transposed.min(m.backward_gemm);
+        let (stock, gain) = match m.backward_stock {
+            Some(s) => (format!("{:.2}", s * 1e3), format!("{:.1}×", s / best)),
+            None => ("unsupported".into(), "-".into()),
         };
         println!(
             "{:>8} {:>8.2} {:>9.2} {:>15} {:>15.2} {:>9.2} {:>9}",

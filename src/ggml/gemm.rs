@@ -489,10 +489,13 @@ unsafe fn fold_add(
 
 /// Folds a SCALE of a GEMM node's result (LoRA's `s · B·(A·x)`) into the
 /// GEMM, which then computes `s · (a·b)`, and turns the SCALE into a view
-/// of it (no memory, no pass). Bit for bit the same values (the GEMM rounds
-/// its sums, then multiplies once, as SCALE does), one pass over the result
-/// fewer. Only where the SCALE is the GEMM's only consumer (`consumers`:
-/// how many nodes read each tensor).
+/// of it (no memory, no pass). Bit for bit the same values where the GEMM
+/// takes its sums in one pass (it rounds them, then multiplies once, as
+/// SCALE does: LoRA's sums of r terms); longer sums are scaled pass by pass
+/// (passes of 384 terms, 256 in matrixmultiply), within float rounding of
+/// the SCALE's values. One pass over the result fewer. Only where the SCALE
+/// is the GEMM's only consumer (`consumers`: how many nodes read each
+/// tensor).
 ///
 /// # Safety
 /// `node` must be a valid node (sources valid or null) of a graph that is

@@ -29,11 +29,14 @@ use std::arch::x86_64::*;
 const MR: usize = 16;
 /// Result columns per register tile.
 const NR: usize = 6;
-/// Most terms of the sum per pass: a B panel (`KC × NR`, 9 KiB) stays in
-/// L1 while the A block runs past it. (256 and 512 measured no different.)
+/// Most terms of the sum per pass (a multiple of 256-value quant blocks
+/// more where a weight's rows run along the sum): a B panel (`KC × NR`,
+/// 9 KiB) stays in L1 while the A block runs past it. (256 and 512
+/// measured no different.)
 const KC: usize = 384;
 /// Result rows per A block (`MC × KC`, 144 KiB, in L2; 144 and 192
-/// measured no different).
+/// measured no different), rounded up to whole quant blocks where those
+/// run along the result's rows (256 for K-quants).
 const MC: usize = 96;
 
 /// A frozen 2-D weight in its file layout: row `r` at `data + r·row_bytes`,
@@ -121,7 +124,7 @@ pub(super) enum Orient {
 pub(super) enum Source<'w> {
     /// A frozen weight, as [`Orient`] says.
     Weight(&'w Weight, Orient),
-    /// F32 values: `A[i, p]` at `p + i·rs + p·cs` (elements).
+    /// F32 values: `A[i, t]` at `p + i·rs + t·cs` (elements).
     F32(Strided),
 }
 
@@ -155,7 +158,8 @@ pub(super) unsafe fn product(
     out: Out,
     done: &mut dyn FnMut(usize, usize),
 ) -> bool {
-    if !(std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")) {
+    // An empty sum (C zeroed, or left as it is) is the callers' other path.
+    if k == 0 || !(std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")) {
         return false;
     }
     if i1 > i0 && k > 0 && n > 0 {
@@ -336,9 +340,12 @@ unsafe fn kernel(k: usize, a: *const f32, b: *const f32, (c, ldc): (*mut f32, us
 }
 
 /// Transposes an 8 × 8 block held as 8 row vectors.
+///
+/// # Safety
+/// The CPU has AVX (register shuffles only).
 #[inline(always)]
-fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
-    // SAFETY: register shuffles only (the callers enable AVX).
+unsafe fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
+    // SAFETY: forwarded from the caller.
     unsafe {
         let t = [
             _mm256_unpacklo_ps(r[0], r[1]),
@@ -389,7 +396,8 @@ unsafe fn transpose16(row: impl Fn(usize) -> *const f32, kc: usize, dst: *mut f3
                 // SAFETY: p + 8 ≤ kc terms of row 8h + i < 16.
                 *r = unsafe { _mm256_loadu_ps(row(8 * h + i).add(p)) };
             }
-            for (q, v) in transpose8(r).into_iter().enumerate() {
+            // SAFETY: the CPU has AVX (the caller's promise).
+            for (q, v) in unsafe { transpose8(r) }.into_iter().enumerate() {
                 // SAFETY: term p + q < kc of the panel's 16.
                 unsafe { _mm256_storeu_ps(dst.add((p + q) * MR + 8 * h), v) };
             }
