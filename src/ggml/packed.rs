@@ -162,7 +162,7 @@ pub(super) unsafe fn product(
     if k == 0 || !(std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")) {
         return false;
     }
-    if i1 > i0 && k > 0 && n > 0 {
+    if i1 > i0 && n > 0 {
         // SAFETY: forwarded from the caller; the CPU has AVX2 and FMA.
         unsafe { run(a, (i0, i1), k, n, b, out, done) };
     }
