@@ -666,6 +666,38 @@ fn vectorized_soft_max_matches_f64() {
     }
 }
 
+/// `0.37 · product(inputs)` over F32 inputs of the given shapes and values,
+/// after the GEMM's rewrites; where `fold` is false the product is an
+/// output too, so its SCALE cannot fold. Returns how many nodes the
+/// rewrites made and the scaled values.
+fn scaled_product(
+    fold: bool,
+    inputs: &[([i64; 2], &[f32])],
+    product: for<'a> fn(&'a Context, &[Tensor<'a>]) -> Tensor<'a>,
+) -> (usize, Vec<f32>) {
+    let backend = Backend::cpu(threads());
+    let ctx = Context::new(16, 16, false);
+    let xs: Vec<_> = inputs
+        .iter()
+        .map(|(ne, _)| ctx.new_tensor(GgmlType::F32, ne).set_input())
+        .collect();
+    let p = product(&ctx, &xs);
+    if !fold {
+        p.set_output();
+    }
+    let y = ctx.scale(p, 0.37).set_output();
+    let mut gr = ctx.new_graph(16, false);
+    gr.build_forward(y);
+    let rewritten = gr.gemm_products();
+    let mut sched = Sched::new(std::slice::from_ref(&backend), 16);
+    sched.alloc(&gr).unwrap();
+    for (x, (_, v)) in xs.iter().zip(inputs) {
+        x.write_f32(v);
+    }
+    sched.compute(&gr).unwrap();
+    (rewritten, y.read_f32())
+}
+
 /// LoRA's scale, `s · B·(A·x)`, folded into the GEMM that computes `B·(A·x)`
 /// (one node and one pass fewer): the same bits as the separate SCALE node,
 /// which stays where the product's result has another use.
@@ -674,29 +706,10 @@ fn lora_scale_folds_into_the_gemm() {
     let mut rng = Rng::new(17);
     let mut vals = |n: usize| (0..n).map(|_| rng.normal()).collect::<Vec<f32>>();
     let (av, bv, xv) = (vals(48 * 8), vals(8 * 40), vals(48 * 36));
-    let run = |fold: bool| {
-        let backend = Backend::cpu(threads());
-        let ctx = Context::new(16, 16, false);
-        let a = ctx.new_tensor(GgmlType::F32, &[48, 8]).set_input();
-        let b = ctx.new_tensor(GgmlType::F32, &[8, 40]).set_input();
-        let x = ctx.new_tensor(GgmlType::F32, &[48, 36]).set_input();
-        let bax = ctx.mul_mat(b, ctx.mul_mat(a, x));
-        if !fold {
-            bax.set_output();
-        }
-        let y = ctx.scale(bax, 0.37).set_output();
-        let mut gr = ctx.new_graph(16, false);
-        gr.build_forward(y);
-        let rewritten = gr.gemm_products();
-        let mut sched = Sched::new(std::slice::from_ref(&backend), 16);
-        sched.alloc(&gr).unwrap();
-        a.write_f32(&av);
-        b.write_f32(&bv);
-        x.write_f32(&xv);
-        sched.compute(&gr).unwrap();
-        (rewritten, y.read_f32())
-    };
-    let ((n_fold, y_fold), (n_kept, y_kept)) = (run(true), run(false));
+    let inputs = [([48, 8], &av[..]), ([8, 40], &bv[..]), ([48, 36], &xv[..])];
+    let bax: for<'a> fn(&'a Context, &[Tensor<'a>]) -> Tensor<'a> = |c, x| c.mul_mat(x[1], c.mul_mat(x[0], x[2]));
+    let ((n_fold, y_fold), (n_kept, y_kept)) =
+        (scaled_product(true, &inputs, bax), scaled_product(false, &inputs, bax));
     assert_eq!(
         (n_fold, n_kept),
         (3, 2),
@@ -709,27 +722,9 @@ fn lora_scale_folds_into_the_gemm() {
     // register-tiled GEMM (each of up to four threads' columns fill its
     // tiles): the same bits too, its sums taken in one pass.
     let (wv, xv) = (vals(200 * 40), vals(200 * 100));
-    let run = |fold: bool| {
-        let backend = Backend::cpu(threads());
-        let ctx = Context::new(16, 16, false);
-        let w = ctx.new_tensor(GgmlType::F32, &[200, 40]).set_input();
-        let x = ctx.new_tensor(GgmlType::F32, &[200, 100]).set_input();
-        let wx = ctx.mul_mat(w, x);
-        if !fold {
-            wx.set_output();
-        }
-        let y = ctx.scale(wx, 0.37).set_output();
-        let mut gr = ctx.new_graph(16, false);
-        gr.build_forward(y);
-        let rewritten = gr.gemm_products();
-        let mut sched = Sched::new(std::slice::from_ref(&backend), 16);
-        sched.alloc(&gr).unwrap();
-        w.write_f32(&wv);
-        x.write_f32(&xv);
-        sched.compute(&gr).unwrap();
-        (rewritten, y.read_f32())
-    };
-    let ((n_fold, y_fold), (n_kept, y_kept)) = (run(true), run(false));
+    let inputs = [([200, 40], &wv[..]), ([200, 100], &xv[..])];
+    let wx: for<'a> fn(&'a Context, &[Tensor<'a>]) -> Tensor<'a> = |c, x| c.mul_mat(x[0], x[1]);
+    let ((n_fold, y_fold), (n_kept, y_kept)) = (scaled_product(true, &inputs, wx), scaled_product(false, &inputs, wx));
     assert_eq!((n_fold, n_kept), (2, 1), "the SCALE folded into the long product");
     assert_eq!(bits(&y_fold), bits(&y_kept));
 }

@@ -649,7 +649,6 @@ unsafe fn mark_causal(
     // SAFETY: forwarded from the caller; every pointer read is a node, a
     // node's source or a view's source.
     unsafe {
-        let root = |t| whole_view_source(t);
         let only = |t: *mut sys::ggml_tensor| consumers.get(&(t as *const _)) == Some(&1) && !external(t);
         // (off, queries, keys) of each P and dS.
         let mut probs = std::collections::HashMap::new();
@@ -672,7 +671,7 @@ unsafe fn mark_causal(
                 continue;
             };
             probs.insert(node as *const sys::ggml_tensor, info);
-            let (x, s) = ((*node).src[0], root((*node).src[0]));
+            let (x, s) = ((*node).src[0], whole_view_source((*node).src[0]));
             if gemm_userdata(s).is_some() && only(s) && (x == s || only(x)) {
                 entries.insert(s as *const sys::ggml_tensor, info);
             }
@@ -707,7 +706,10 @@ unsafe fn mark_causal(
                 let c = ((*node).ne[1] as usize, (*node).nb[1]);
                 keys(d, c, info).then_some((Causal::Entries, info))
             } else {
-                match (probs.get(&(root(a) as *const _)), probs.get(&(root(b) as *const _))) {
+                match (
+                    probs.get(&(whole_view_source(a) as *const _)),
+                    probs.get(&(whole_view_source(b) as *const _)),
+                ) {
                     (Some(&info), None) if keys(i0, ak, info) => Some((Causal::ColumnsByRow, info)),
                     (None, Some(&info)) if keys(bk, i1, info) => Some((Causal::KeysByColumn, info)),
                     (None, Some(&info)) if keys(i1, bk, info) => Some((Causal::ColumnsByColumn, info)),
@@ -1349,7 +1351,6 @@ unsafe fn dequant_outer(
     // row range read lies within `a`'s rows (whole blocks), every write
     // within this thread's rows of `dst`.
     unsafe {
-        let deq = Dequantizer::new(a.type_).expect("checked in product");
         let blck = sys::ggml_blck_size(a.type_) as usize;
         let blck_bytes = sys::ggml_type_size(a.type_);
         let (k, n) = (a.ne[1] as usize, d.ne[1] as usize);
@@ -1371,6 +1372,7 @@ unsafe fn dequant_outer(
         ) {
             return;
         }
+        let deq = Dequantizer::new(a.type_).expect("checked in product");
         with_scratch(m * DEQUANT_ROWS.min(k), |scratch| {
             for k0 in (0..k).step_by(DEQUANT_ROWS) {
                 let kn = DEQUANT_ROWS.min(k - k0);
@@ -1473,7 +1475,6 @@ unsafe fn dequant_inner(
     // row read is a whole row of `a`, every write one of this thread's rows
     // of `dst`.
     unsafe {
-        let deq = Dequantizer::new(a.type_).expect("checked in product");
         let (k, rows, n) = (a.ne[0] as usize, a.ne[1] as usize, d.ne[1] as usize);
         let (r0, r1) = (rows * ith / nth, rows * (ith + 1) / nth);
         #[cfg(target_arch = "x86_64")]
@@ -1487,6 +1488,7 @@ unsafe fn dequant_inner(
         ) {
             return;
         }
+        let deq = Dequantizer::new(a.type_).expect("checked in product");
         with_scratch(k * DEQUANT_ROWS.min(r1 - r0), |scratch| {
             for q0 in (r0..r1).step_by(DEQUANT_ROWS) {
                 let qn = DEQUANT_ROWS.min(r1 - q0);
@@ -1524,9 +1526,10 @@ unsafe fn dequant_inner(
 type Scratch = std::cell::RefCell<Vec<f32>>;
 
 thread_local! {
-    /// Each thread's dequantization buffer, kept between products so that
-    /// a training step does not allocate (and zero) one per product; ggml's
-    /// worker threads live as long as their backend.
+    /// Each thread's GEMM scratch (packed panels, dequantized bands), kept
+    /// between products so that a graph does not allocate (and zero) one
+    /// per product. ggml built without OpenMP starts its worker threads
+    /// anew for each graph it computes, so theirs is made once per graph.
     static SCRATCH: Scratch = const { std::cell::RefCell::new(Vec::new()) };
     /// A second one, for the short product a GEMM adds to its result (see
     /// [`EPILOGUE`]) while its dequantized band still holds the first.

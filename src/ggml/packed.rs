@@ -51,6 +51,15 @@ pub(super) struct Weight {
     pub blck_bytes: usize,
 }
 
+/// The bytes of a weight one band of a pass reads: `len` bytes from
+/// `offset` into each of `count` rows from `row`.
+struct Span {
+    row: usize,
+    count: usize,
+    offset: usize,
+    len: usize,
+}
+
 impl Weight {
     /// `n` values of row `r` from value `v` on (`v` and `n` whole blocks)
     /// into `dst`.
@@ -65,18 +74,7 @@ impl Weight {
             self.deq.row(src, dst, n);
         }
     }
-}
 
-/// The bytes of a weight one band of a pass reads: `len` bytes from
-/// `offset` into each of `count` rows from `row`.
-struct Span {
-    row: usize,
-    count: usize,
-    offset: usize,
-    len: usize,
-}
-
-impl Weight {
     /// What the band of result rows `r0..r0+mc`, terms `p0..p0+kc` reads
     /// where the weight's rows are the sum's terms (`Orient::Columns`).
     fn column_span(&self, (r0, mc): (usize, usize), (p0, kc): (usize, usize)) -> Span {
