@@ -969,7 +969,7 @@ unsafe fn f32_product(
     #[cfg(target_arch = "x86_64")]
     if m >= 32 && n >= 24 && k >= 16 {
         use super::gemm_small::Strided;
-        use super::packed::{product, Out, Source};
+        use super::packed::{product, Out, Source, Team};
         let a = Source::F32(Strided {
             p: pa,
             rs: a_r,
@@ -987,7 +987,7 @@ unsafe fn f32_product(
             accumulate,
         };
         // SAFETY: forwarded from the caller.
-        if unsafe { product(a, (0, m), k, n, b, out, &mut |_, _| {}) } {
+        if unsafe { product(a, (0, m), (k, n), b, out, Team::alone(), &mut |_, _| {}) } {
             return;
         }
     }
@@ -1354,12 +1354,6 @@ unsafe fn dequant_outer(
         let blck = sys::ggml_blck_size(a.type_) as usize;
         let blck_bytes = sys::ggml_type_size(a.type_);
         let (k, n) = (a.ne[1] as usize, d.ne[1] as usize);
-        let blocks = a.ne[0] as usize / blck;
-        let (b0, b1) = (blocks * ith / nth, blocks * (ith + 1) / nth);
-        let (r0, m) = (b0 * blck, (b1 - b0) * blck);
-        if m == 0 {
-            return;
-        }
         // B[p, i1] = b[i1, p].
         #[cfg(target_arch = "x86_64")]
         if packed(
@@ -1368,8 +1362,14 @@ unsafe fn dequant_outer(
             d,
             &epilogue,
             super::packed::Orient::Columns,
-            (r0, r0 + m),
+            (ith, nth),
         ) {
+            return;
+        }
+        let blocks = a.ne[0] as usize / blck;
+        let (b0, b1) = (blocks * ith / nth, blocks * (ith + 1) / nth);
+        let (r0, m) = (b0 * blck, (b1 - b0) * blck);
+        if m == 0 {
             return;
         }
         let deq = Dequantizer::new(a.type_).expect("checked in product");
@@ -1406,14 +1406,15 @@ unsafe fn dequant_outer(
     }
 }
 
-/// [`super::packed::product`] for rows `r0..r1` of `d`, the product of the
-/// 2-D weight `a` (as `orient` says) and `b` (the sum's terms `b_k` bytes
-/// apart, its columns `b_j`), adding `d`'s epilogue, if any, to each band
-/// of rows as soon as it is final. Returns false where that does not run.
+/// [`super::packed::product`] of `d`, the product of the 2-D weight `a`
+/// (as `orient` says) and `b` (the sum's terms `b_k` bytes apart, its
+/// columns `b_j`), as thread `ith` of the `nth` sharing it, adding `d`'s
+/// epilogue, if any, to each band of rows as soon as it is final. Returns
+/// false where that does not run.
 ///
 /// # Safety
-/// As for [`run`], for a dequantized product; `r0..r1` this thread's rows
-/// (whole blocks of `a`'s rows for `Orient::Columns`).
+/// As for [`run`], for a dequantized product, called by each of the `nth`
+/// threads.
 #[cfg(target_arch = "x86_64")]
 unsafe fn packed(
     a: &sys::ggml_tensor,
@@ -1421,9 +1422,9 @@ unsafe fn packed(
     d: &sys::ggml_tensor,
     epilogue: &Option<Epilogue<'_>>,
     orient: super::packed::Orient,
-    rows: (usize, usize),
+    (ith, nth): (usize, usize),
 ) -> bool {
-    use super::packed::{product, Orient, Out, Source, Weight};
+    use super::packed::{product, Orient, Out, Source, Team, Weight};
     // SAFETY: forwarded from the caller: `a`'s type has a to_float
     // (checked in `product`), the strides are `b`'s, and `d` holds F32.
     unsafe {
@@ -1451,7 +1452,21 @@ unsafe fn packed(
             alpha: 1.0,
             accumulate: false,
         };
-        product(Source::Weight(&w, orient), rows, k, d.ne[1] as usize, b, out, &mut done)
+        let team = Team {
+            key: d as *const sys::ggml_tensor as usize,
+            ith,
+            nth,
+        };
+        let rows = d.ne[0] as usize;
+        product(
+            Source::Weight(&w, orient),
+            (0, rows),
+            (k, d.ne[1] as usize),
+            b,
+            out,
+            team,
+            &mut done,
+        )
     }
 }
 
@@ -1476,7 +1491,6 @@ unsafe fn dequant_inner(
     // of `dst`.
     unsafe {
         let (k, rows, n) = (a.ne[0] as usize, a.ne[1] as usize, d.ne[1] as usize);
-        let (r0, r1) = (rows * ith / nth, rows * (ith + 1) / nth);
         #[cfg(target_arch = "x86_64")]
         if packed(
             a,
@@ -1484,10 +1498,11 @@ unsafe fn dequant_inner(
             d,
             &epilogue,
             super::packed::Orient::Rows,
-            (r0, r1),
+            (ith, nth),
         ) {
             return;
         }
+        let (r0, r1) = (rows * ith / nth, rows * (ith + 1) / nth);
         let deq = Dequantizer::new(a.type_).expect("checked in product");
         with_scratch(k * DEQUANT_ROWS.min(r1 - r0), |scratch| {
             for q0 in (r0..r1).step_by(DEQUANT_ROWS) {

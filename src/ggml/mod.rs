@@ -15,6 +15,8 @@ mod gemm_small;
 pub mod llama;
 #[cfg(target_arch = "x86_64")]
 mod packed;
+#[cfg(target_arch = "x86_64")]
+mod share;
 mod types;
 
 pub use backend::{

@@ -23,6 +23,8 @@
 use super::dequant::Dequantizer;
 use super::gemm::with_scratch;
 use super::gemm_small::Strided;
+use super::share::Schedule;
+pub(super) use super::share::Team;
 use std::arch::x86_64::*;
 
 /// Result rows per register tile (two AVX vectors).
@@ -34,10 +36,12 @@ const NR: usize = 6;
 /// 9 KiB) stays in L1 while the A block runs past it. (256 and 512
 /// measured no different.)
 const KC: usize = 384;
-/// Result rows per A block (`MC × KC`, 144 KiB, in L2; 144 and 192
-/// measured no different), rounded up to whole quant blocks where those
-/// run along the result's rows (256 for K-quants).
-const MC: usize = 96;
+/// Result rows per band, at most: an A block (`MC × KC`, 72 KiB) in L2.
+/// Rounded up to whole quant blocks where those run along the result's
+/// rows (256 for K-quants). 48 ran 1–4 % faster than 96 (and than 32)
+/// through a step's products, interleaved in one process, with the bands
+/// shared out among threads ([`super::share`]).
+const MC: usize = 48;
 
 /// A frozen 2-D weight in its file layout: row `r` at `data + r·row_bytes`,
 /// of a type `deq` turns into F32 in blocks of `blck` values (`blck_bytes`
@@ -140,20 +144,23 @@ pub(super) struct Out {
 /// `i0..i1`, columns `j < n` and terms `p < k`. Calls `done(r0, r1)` as
 /// each band of rows becomes final (e.g. to add an epilogue while the band
 /// is in cache). Returns false, having done nothing, where the CPU lacks
-/// AVX2 or FMA.
+/// AVX2 or FMA. `team` names this call's thread among those running the
+/// same product (each calling this with the same arguments), which share
+/// its bands of rows out among them ([`super::share`]).
 ///
 /// # Safety
 /// Every `A[i, p]` and `B[p, j]` addressed lies within its tensor; for a
 /// weight under `Orient::Columns`, `i0` and `i1` are whole blocks of the
 /// weight's rows (or `i1` its end); C's rows `i0..i1` of every column are
-/// writable by this thread alone and overlap neither input.
+/// writable by the team alone and overlap neither input; every thread of
+/// the team calls this (a thread may wait on another's band).
 pub(super) unsafe fn product(
     a: Source<'_>,
     (i0, i1): (usize, usize),
-    k: usize,
-    n: usize,
+    (k, n): (usize, usize),
     b: Strided,
     out: Out,
+    team: Team,
     done: &mut dyn FnMut(usize, usize),
 ) -> bool {
     // An empty sum (C zeroed, or left as it is) is the callers' other path.
@@ -162,7 +169,7 @@ pub(super) unsafe fn product(
     }
     if i1 > i0 && n > 0 {
         // SAFETY: forwarded from the caller; the CPU has AVX2 and FMA.
-        unsafe { run(a, (i0, i1), k, n, b, out, done) };
+        unsafe { run(a, (i0, i1), (k, n), b, out, team, done) };
     }
     true
 }
@@ -170,13 +177,18 @@ pub(super) unsafe fn product(
 /// Pass and band sizes: `kc` (terms per pass) starts passes at whole blocks
 /// of a row where a weight's rows run along the sum; `mc` (rows per band)
 /// starts bands at whole blocks where they run along the result's rows.
-fn blocking(a: Source<'_>, k: usize) -> (usize, usize) {
+/// Bands are at most [`MC`] rows, and fewer where that leaves a thread of
+/// `nth` under eight bands of the `m` rows to share: taken one at a time,
+/// they even out threads running at different speeds to within an eighth
+/// of a share (three bands each ran 5 % slower).
+fn blocking(a: Source<'_>, m: usize, k: usize, nth: usize) -> (usize, usize) {
     let passes = k.div_ceil(KC);
     let even = k.div_ceil(passes);
+    let shared = if nth > 1 { m.div_ceil(8 * nth) } else { m }.min(MC);
     let (kc, mc) = match a {
-        Source::Weight(w, Orient::Rows) => (even.next_multiple_of(w.blck.max(8)), MC),
-        Source::Weight(w, Orient::Columns) => (even.next_multiple_of(8), MC.next_multiple_of(w.blck)),
-        Source::F32(_) => (even.next_multiple_of(8), MC),
+        Source::Weight(w, Orient::Rows) => (even.next_multiple_of(w.blck.max(8)), shared.next_multiple_of(MR)),
+        Source::Weight(w, Orient::Columns) => (even.next_multiple_of(8), shared.next_multiple_of(w.blck)),
+        Source::F32(_) => (even.next_multiple_of(8), shared.next_multiple_of(MR)),
     };
     (kc.min(k), mc)
 }
@@ -186,13 +198,14 @@ fn blocking(a: Source<'_>, k: usize) -> (usize, usize) {
 unsafe fn run(
     a: Source<'_>,
     (i0, i1): (usize, usize),
-    k: usize,
-    n: usize,
+    (k, n): (usize, usize),
     b: Strided,
     out: Out,
+    team: Team,
     done: &mut dyn FnMut(usize, usize),
 ) {
-    let (kc_max, mc_max) = blocking(a, k);
+    let (kc_max, mc_max) = blocking(a, i1 - i0, k, team.nth);
+    let (bands, passes) = ((i1 - i0).div_ceil(mc_max), k.div_ceil(kc_max));
     let panels = n.div_ceil(NR);
     let mc_pad = mc_max.next_multiple_of(MR);
     // B's panels (+ NR floats: the packing's last 8-wide store overshoots),
@@ -204,23 +217,29 @@ unsafe fn run(
         Source::F32(_) => 0,
     };
     let Out { c, ldc, alpha, .. } = out;
+    let band = |i: usize| (i0 + i * mc_max, mc_max.min(i1 - i0 - i * mc_max));
+    let pass = |p: usize| (p * kc_max, kc_max.min(k - p * kc_max));
+    let mut schedule = Schedule::new(team, bands, passes);
     with_scratch(b_len + a_len + stage_len, |s| {
         let (bp, rest) = s.split_at_mut(b_len);
         let (ap, stage) = rest.split_at_mut(a_len);
         let (bp, ap, stage) = (bp.as_mut_ptr(), ap.as_mut_ptr(), stage.as_mut_ptr());
-        let mut p0 = 0;
-        while p0 < k {
-            let kc = kc_max.min(k - p0);
-            let (last, accumulate) = (p0 + kc == k, p0 > 0 || out.accumulate);
-            // SAFETY (this block): every pointer below addresses the scratch
-            // split above (sized for kc_max, mc_max), B's columns j < n and
-            // terms p0..p0+kc, A's values named by the caller, or C's rows
-            // i0..i1.
-            unsafe {
-                pack_b(b, p0, kc, n, bp);
-                let mut r0 = i0;
-                while r0 < i1 {
-                    let mc = mc_max.min(i1 - r0);
+        for q in 0..passes {
+            let (p0, kc) = pass(q);
+            let (last, accumulate) = (q + 1 == passes, q > 0 || out.accumulate);
+            let mut b_packed = false;
+            while let Some(taken) = schedule.take(q) {
+                let (r0, mc) = band(taken.band);
+                // SAFETY (this block): every pointer below addresses the
+                // scratch split above (sized for kc_max, mc_max), B's columns
+                // j < n and terms p0..p0+kc, A's values named by the caller,
+                // or C's rows of a band this thread took (its earlier passes
+                // done).
+                unsafe {
+                    if !b_packed {
+                        pack_b(b, p0, kc, n, bp);
+                        b_packed = true;
+                    }
                     match a {
                         Source::Weight(w, Orient::Rows) => pack_rows(w, r0, mc, p0, kc, ap, stage),
                         Source::Weight(w, Orient::Columns) => pack_columns(w, r0, mc, p0, kc, ap, stage),
@@ -232,16 +251,9 @@ unsafe fn run(
                     // asked for in shares, one per B panel, while this band
                     // runs (+7–8 % on such products over weights in memory,
                     // interleaved; no gain where a band reads along rows).
-                    let next = if r0 + mc < i1 {
-                        Some(((r0 + mc, mc_max.min(i1 - r0 - mc)), (p0, kc)))
-                    } else if p0 + kc < k {
-                        Some(((i0, mc_max.min(i1 - i0)), (p0 + kc, kc_max.min(k - p0 - kc))))
-                    } else {
-                        None
-                    };
-                    let ahead = match (a, next) {
-                        (Source::Weight(w, Orient::Columns), Some((band, pass))) => {
-                            Some((w, w.column_span(band, pass)))
+                    let ahead = match (a, schedule.after(taken, q)) {
+                        (Source::Weight(w, Orient::Columns), Some((i, q))) => {
+                            Some((w, w.column_span(band(i), pass(q))))
                         }
                         _ => None,
                     };
@@ -271,15 +283,15 @@ unsafe fn run(
                             }
                         }
                     }
-                    if last {
-                        done(r0, r0 + mc);
-                    }
-                    r0 += mc;
                 }
+                if last {
+                    done(r0, r0 + mc);
+                }
+                schedule.done(taken.band, q);
             }
-            p0 += kc;
         }
-    })
+    });
+    schedule.finish();
 }
 
 /// The 16 × 6 tile `C (+)= alpha·A·B` over `k` terms: `a` a packed panel
