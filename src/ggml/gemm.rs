@@ -152,7 +152,8 @@ const PLUS: usize = 1 << 9;
 const CAUSAL: usize = 1 << 10;
 
 /// Set in a GEMM node's userdata when the node adds a short product to its
-/// own result, each part as soon as it is computed and still in cache
+/// own result, each part as soon as it is computed and still in cache (the
+/// packed GEMM runs it as one more pass on each final tile)
 /// (LoRA's `s·B·(A·x)` on a frozen weight's `W·x`, `A·d` on its input
 /// gradient: see [`fold_add`]). The short product's operands are `src[2]`
 /// and `src[3]`, its scale's bits the upper 32 bits of the userdata, and
@@ -987,7 +988,7 @@ unsafe fn f32_product(
             accumulate,
         };
         // SAFETY: forwarded from the caller.
-        if unsafe { product(a, (0, m), (k, n), b, out, Team::alone(), &mut |_, _| {}) } {
+        if unsafe { product(a, (0, m), (k, n), b, out, Team::alone(), None) } {
             return;
         }
     }
@@ -1173,6 +1174,29 @@ impl<'t> Epilogue<'t> {
         })
     }
 
+    /// The epilogue as the packed GEMM's extra product (its A indexed by
+    /// the result's rows, its B by the result's columns).
+    #[cfg(target_arch = "x86_64")]
+    fn extra(&self) -> super::packed::Extra {
+        use super::gemm_small::Strided;
+        let (k, a_i0, a_k, b_k, b_i1) = strides(self.outer, self.a, self.b);
+        let s = |nb: usize| (nb / 4) as isize;
+        super::packed::Extra {
+            a: Strided {
+                p: self.a.data as *const f32,
+                rs: s(a_i0),
+                cs: s(a_k),
+            },
+            b: Strided {
+                p: self.b.data as *const f32,
+                rs: s(b_k),
+                cs: s(b_i1),
+            },
+            k,
+            alpha: self.alpha,
+        }
+    }
+
     /// [`Epilogue::add`] over rows `r0..r1` of `d`'s result, every column.
     ///
     /// # Safety
@@ -1331,11 +1355,12 @@ unsafe extern "C" fn run(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_int, use
 const DEQUANT_ROWS: usize = 256;
 
 /// [`Product::DequantOuter`]: `dst[i0,i1] = Σ_k a[i0,k] · b[i1,k]` with a
-/// quantized 2-D `a` (`a[:,k]` is row k of the weight). Each thread takes a
-/// share of the quantization blocks along `i0` (the result's rows), so no
-/// thread dequantizes what another does, and runs [`super::packed`] over
-/// them (or accumulates bands of [`DEQUANT_ROWS`] rows of `a` into them);
-/// then adds the node's epilogue, if any, to each band of its rows.
+/// quantized 2-D `a` (`a[:,k]` is row k of the weight). The threads share
+/// out [`super::packed`]'s bands of the result's rows (whole quantization
+/// blocks along `i0`), so no thread dequantizes what another does. Where
+/// that does not run, each takes a fixed share of the blocks, accumulates
+/// bands of [`DEQUANT_ROWS`] rows of `a` into it, then adds the node's
+/// epilogue, if any.
 ///
 /// # Safety
 /// As for [`run`]: allocated tensors of a node made by [`rewrite`].
@@ -1409,8 +1434,8 @@ unsafe fn dequant_outer(
 /// [`super::packed::product`] of `d`, the product of the 2-D weight `a`
 /// (as `orient` says) and `b` (the sum's terms `b_k` bytes apart, its
 /// columns `b_j`), as thread `ith` of the `nth` sharing it, adding `d`'s
-/// epilogue, if any, to each band of rows as soon as it is final. Returns
-/// false where that does not run.
+/// epilogue, if any, to each tile as soon as it is final. Returns false
+/// where that does not run.
 ///
 /// # Safety
 /// As for [`run`], for a dequantized product, called by each of the `nth`
@@ -1441,11 +1466,7 @@ unsafe fn packed(
             rs: (b_k / 4) as isize,
             cs: (b_j / 4) as isize,
         };
-        let mut done = |q0: usize, q1: usize| {
-            if let Some(e) = epilogue {
-                e.add_rows(d, (q0, q1));
-            }
-        };
+        let extra = epilogue.as_ref().map(Epilogue::extra);
         let out = Out {
             c: d.data as *mut f32,
             ldc: d.nb[1] / 4,
@@ -1465,16 +1486,17 @@ unsafe fn packed(
             b,
             out,
             team,
-            &mut done,
+            extra,
         )
     }
 }
 
 /// [`Product::DequantInner`]: `dst[i0,i1] = Σ_k a[k,i0] · b[k,i1]` with a
-/// quantized 2-D `a` (row i0 of the weight holds `a[:,i0]`). Each thread
-/// takes a share of the weight's rows (the result's rows) and runs them
-/// through [`super::packed`] (or in bands of [`DEQUANT_ROWS`]), adding the
-/// node's epilogue, if any, to each band as soon as it is computed.
+/// quantized 2-D `a` (row i0 of the weight holds `a[:,i0]`). The threads
+/// share out [`super::packed`]'s bands of the weight's rows (the result's
+/// rows); where that does not run, each takes a fixed share in bands of
+/// [`DEQUANT_ROWS`], adding the node's epilogue, if any, to each band as
+/// soon as it is computed.
 ///
 /// # Safety
 /// As for [`run`]: allocated tensors of a node made by [`rewrite`].

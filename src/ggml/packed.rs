@@ -140,10 +140,24 @@ pub(super) struct Out {
     pub accumulate: bool,
 }
 
+/// A short product added to the result after the sum (LoRA's `s·B·(A·x)`
+/// next to `W·x`): `C[i, j] += alpha·Σ_p A[i, p]·B[p, j]` over `k` terms,
+/// A's rows those of the result. Run as one more pass of the kernel on each
+/// tile as soon as the tile is final, it gives the values of a separate
+/// product, scale and add, bit for bit (each sum in order from zero, then
+/// scaled, then added), at a fraction of the cost of a second pass over
+/// the result.
+#[derive(Clone, Copy)]
+pub(super) struct Extra {
+    pub a: Strided,
+    pub b: Strided,
+    pub k: usize,
+    pub alpha: f32,
+}
+
 /// `C[i, j] (+)= alpha·Σ_p A[i, p]·B[p, j]` (see [`Out`]) over result rows
-/// `i0..i1`, columns `j < n` and terms `p < k`. Calls `done(r0, r1)` as
-/// each band of rows becomes final (e.g. to add an epilogue while the band
-/// is in cache). Returns false, having done nothing, where the CPU lacks
+/// `i0..i1`, columns `j < n` and terms `p < k`, then `extra` added to it.
+/// Returns false, having done nothing, where the CPU lacks
 /// AVX2 or FMA. `team` names this call's thread among those running the
 /// same product (each calling this with the same arguments), which share
 /// its bands of rows out among them ([`super::share`]).
@@ -161,7 +175,7 @@ pub(super) unsafe fn product(
     b: Strided,
     out: Out,
     team: Team,
-    done: &mut dyn FnMut(usize, usize),
+    extra: Option<Extra>,
 ) -> bool {
     // An empty sum (C zeroed, or left as it is) is the callers' other path.
     if k == 0 || !(std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")) {
@@ -169,7 +183,7 @@ pub(super) unsafe fn product(
     }
     if i1 > i0 && n > 0 {
         // SAFETY: forwarded from the caller; the CPU has AVX2 and FMA.
-        unsafe { run(a, (i0, i1), (k, n), b, out, team, done) };
+        unsafe { run(a, (i0, i1), (k, n), b, out, team, extra) };
     }
     true
 }
@@ -202,7 +216,7 @@ unsafe fn run(
     b: Strided,
     out: Out,
     team: Team,
-    done: &mut dyn FnMut(usize, usize),
+    extra: Option<Extra>,
 ) {
     let (kc_max, mc_max) = blocking(a, i1 - i0, k, team.nth);
     let (bands, passes) = ((i1 - i0).div_ceil(mc_max), k.div_ceil(kc_max));
@@ -216,14 +230,25 @@ unsafe fn run(
         Source::Weight(_, Orient::Columns) => mc_pad,
         Source::F32(_) => 0,
     };
+    // The extra product's B panels and A block.
+    let ke = extra.map_or(0, |e| e.k);
+    let (be_len, ae_len) = if ke > 0 {
+        (panels * NR * ke + 8, mc_pad * ke)
+    } else {
+        (0, 0)
+    };
     let Out { c, ldc, alpha, .. } = out;
     let band = |i: usize| (i0 + i * mc_max, mc_max.min(i1 - i0 - i * mc_max));
     let pass = |p: usize| (p * kc_max, kc_max.min(k - p * kc_max));
     let mut schedule = Schedule::new(team, bands, passes);
-    with_scratch(b_len + a_len + stage_len, |s| {
+    with_scratch(b_len + a_len + stage_len + be_len + ae_len, |s| {
         let (bp, rest) = s.split_at_mut(b_len);
-        let (ap, stage) = rest.split_at_mut(a_len);
+        let (ap, rest) = rest.split_at_mut(a_len);
+        let (stage, rest) = rest.split_at_mut(stage_len);
+        let (bpe, ape) = rest.split_at_mut(be_len);
         let (bp, ap, stage) = (bp.as_mut_ptr(), ap.as_mut_ptr(), stage.as_mut_ptr());
+        let (bpe, ape) = (bpe.as_mut_ptr(), ape.as_mut_ptr());
+        let mut be_packed = false;
         for q in 0..passes {
             let (p0, kc) = pass(q);
             let (last, accumulate) = (q + 1 == passes, q > 0 || out.accumulate);
@@ -239,6 +264,14 @@ unsafe fn run(
                     if !b_packed {
                         pack_b(b, p0, kc, n, bp);
                         b_packed = true;
+                    }
+                    let extra = extra.filter(|_| last && ke > 0);
+                    if let Some(e) = extra {
+                        if !be_packed {
+                            pack_b(e.b, 0, ke, n, bpe);
+                            be_packed = true;
+                        }
+                        pack_f32(e.a, r0, mc, 0, ke, ape);
                     }
                     match a {
                         Source::Weight(w, Orient::Rows) => pack_rows(w, r0, mc, p0, kc, ap, stage),
@@ -268,24 +301,33 @@ unsafe fn run(
                             let mm = MR.min(mc - ip * MR);
                             let apanel = ap.add(ip * MR * kc);
                             let cp = c.add(r0 + ip * MR + jp * NR * ldc);
-                            if mm == MR && nn == NR {
-                                kernel(kc, apanel, bpanel, (cp, ldc), alpha, accumulate);
-                            } else {
-                                let mut tile = [0f32; MR * NR];
-                                kernel(kc, apanel, bpanel, (tile.as_mut_ptr(), MR), alpha, false);
-                                for j in 0..nn {
-                                    for i in 0..mm {
-                                        let d = cp.add(j * ldc + i);
-                                        let v = tile[j * MR + i];
-                                        *d = if accumulate { *d + v } else { v };
+                            // One run of the kernel on this tile: `add`s to C,
+                            // or sets it (a tile at the result's edges goes
+                            // through a whole one).
+                            macro_rules! tile {
+                                ($k:expr, $pa:expr, $pb:expr, $alpha:expr, $add:expr) => {
+                                    if mm == MR && nn == NR {
+                                        kernel($k, $pa, $pb, (cp, ldc), $alpha, $add);
+                                    } else {
+                                        let mut tile = [0f32; MR * NR];
+                                        kernel($k, $pa, $pb, (tile.as_mut_ptr(), MR), $alpha, false);
+                                        for j in 0..nn {
+                                            for i in 0..mm {
+                                                let d = cp.add(j * ldc + i);
+                                                let v = tile[j * MR + i];
+                                                *d = if $add { *d + v } else { v };
+                                            }
+                                        }
                                     }
-                                }
+                                };
+                            }
+                            tile!(kc, apanel, bpanel, alpha, accumulate);
+                            // The extra product, on the tile now final.
+                            if let Some(e) = extra {
+                                tile!(ke, ape.add(ip * MR * ke), bpe.add(jp * NR * ke), e.alpha, true);
                             }
                         }
                     }
-                }
-                if last {
-                    done(r0, r0 + mc);
                 }
                 schedule.done(taken.band, q);
             }
