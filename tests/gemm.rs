@@ -810,6 +810,101 @@ fn sums_with_a_short_product_fold_into_one_node() {
     }
 }
 
+/// A frozen weight's product added to a tensor computed before it — a
+/// residual sum `d + W·x (+ LoRA)` in the forward, a sum of input gradients
+/// `d + Wᵀ·dy` in the backward — folds into the product, which adds `d` to
+/// each tile once it is final: the ADD becomes a view, with the ADD's
+/// values bit for bit, over sums in two passes and tiles at the edges.
+/// Where `d` is computed after the product (an ADD of them in the other
+/// order), the ADD stays.
+#[test]
+fn sums_with_a_frozen_product_fold_into_it() {
+    let mut rng = Rng::new(37);
+    let mut vals = |n: i64| (0..n).map(|_| rng.normal()).collect::<Vec<f32>>();
+    // Forward: W [416, 45] (two passes of the sum), x 36 tokens; backward:
+    // W [64, 416] (its rows the sum's terms), dy 36 tokens.
+    let (wf, xf, db) = (vals(416 * 45), vals(416 * 36), vals(64 * 36));
+    let (wb, dyb, df) = (vals(64 * 416), vals(416 * 36), vals(45 * 36));
+    let (av, bv) = (vals(416 * 8), vals(8 * 45));
+    let run = |fold: bool, forward: bool, lora: bool, d_first: bool| {
+        let backend = Backend::cpu(threads());
+        let ctx = Context::new(32, 32, false);
+        let input = |ty: GgmlType, ne: [i64; 2], v: &[f32]| (ctx.new_tensor(ty, &ne).set_input(), ty, v.to_vec());
+        let (w, x, d) = if forward {
+            (
+                input(GgmlType::Q4_1, [416, 45], &wf),
+                input(GgmlType::F32, [416, 36], &xf),
+                input(GgmlType::F32, [45, 36], &df),
+            )
+        } else {
+            (
+                input(GgmlType::Q4_1, [64, 416], &wb),
+                input(GgmlType::F32, [416, 36], &dyb),
+                input(GgmlType::F32, [64, 36], &db),
+            )
+        };
+        let (a, b) = (input(GgmlType::F32, [416, 8], &av), input(GgmlType::F32, [8, 45], &bv));
+        let mut product = if forward {
+            ctx.mul_mat(w.0, x.0)
+        } else {
+            ctx.out_prod(w.0, ctx.transpose(x.0))
+        };
+        if lora && forward {
+            product = ctx.add(product, ctx.scale(ctx.mul_mat(b.0, ctx.mul_mat(a.0, x.0)), 0.37));
+        }
+        // d: a node of the graph, before the product where it comes first.
+        let d_node = ctx.scale(d.0, 1.5);
+        let sum = if d_first {
+            ctx.add(d_node, product)
+        } else {
+            ctx.add(product, d_node)
+        };
+        if !fold {
+            product.set_output();
+        }
+        let y = ctx.scale(sum, 2.0).set_output();
+        let mut gr = ctx.new_graph(32, false);
+        gr.build_forward(y);
+        gr.gemm_products();
+        let mut sched = Sched::new(std::slice::from_ref(&backend), 32);
+        sched.alloc(&gr).unwrap();
+        for (t, ty, v) in [w, x, d, a, b] {
+            if !t.is_allocated() {
+                continue;
+            }
+            match ty {
+                GgmlType::F32 => t.write_f32(&v),
+                ty => t.write_bytes(&ty.from_f32(&v, t.ne()[0] as usize)),
+            }
+        }
+        sched.compute(&gr).unwrap();
+        (sum.op_desc(), y.read_f32())
+    };
+    for (forward, lora, d_first) in [
+        (true, false, true),
+        (true, true, true),
+        (false, false, true),
+        (true, true, false),
+        (false, false, false),
+    ] {
+        let case = format!("forward {forward}, LoRA {lora}, d first {d_first}");
+        let ((op, y_fold), (kept_op, y_kept)) = (run(true, forward, lora, d_first), run(false, forward, lora, d_first));
+        let want = if d_first { "VIEW" } else { "ADD" };
+        assert_eq!(
+            (op.as_str(), kept_op.as_str()),
+            (want, "ADD"),
+            "{case}: the ADD folded where d runs first"
+        );
+        assert_eq!(y_fold.len(), y_kept.len(), "{case}");
+        let diff = y_fold
+            .iter()
+            .zip(&y_kept)
+            .filter(|(a, b)| a.to_bits() != b.to_bits())
+            .count();
+        assert_eq!(diff, 0, "{case}: values differ");
+    }
+}
+
 /// Input gradients that sum several adapters' short products — a chain
 /// `(Wᵀ·dy + A₁·d₁) + A₂·d₂` as ggml accumulates them, a nested
 /// `Wᵀ·dy + (A₁·d₁ + A₂·d₂)`, over many tokens and over few (the GEMM then

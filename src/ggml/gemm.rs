@@ -152,10 +152,10 @@ const PLUS: usize = 1 << 9;
 const CAUSAL: usize = 1 << 10;
 
 /// Set in a GEMM node's userdata when the node adds a short product to its
-/// own result, each part as soon as it is computed and still in cache (the
-/// packed GEMM runs it as one more pass on each final tile)
+/// own result, each part as soon as it is computed and still in cache
 /// (LoRA's `s·B·(A·x)` on a frozen weight's `W·x`, `A·d` on its input
-/// gradient: see [`fold_add`]). The short product's operands are `src[2]`
+/// gradient: see [`fold_add`]; the packed GEMM runs it as one more pass on
+/// each final tile). The short product's operands are `src[2]`
 /// and `src[3]`, its scale's bits the upper 32 bits of the userdata, and
 /// [`EPILOGUE_INNER`] says whether it is an inner (MUL_MAT) or an outer
 /// (OUT_PROD) product.
@@ -163,6 +163,21 @@ const EPILOGUE: usize = 1 << 13;
 
 /// See [`EPILOGUE`].
 const EPILOGUE_INNER: usize = 1 << 14;
+
+/// Set in a frozen weight's GEMM node's userdata when its result is its
+/// product (and epilogue) plus `src[4]`, laid out as the result: a folded
+/// `ADD(d, W·x)` (a residual sum in the forward, a sum of input gradients
+/// in the backward). See [`fold_addend`].
+const ADDEND: usize = 1 << 15;
+
+/// The tensor a node marked [`ADDEND`] adds to its result, if it is one.
+///
+/// # Safety
+/// `d` must be a node made by [`rewrite`] (and maybe [`fold_addend`]).
+unsafe fn addend_of(d: &sys::ggml_tensor, userdata: usize) -> Option<&sys::ggml_tensor> {
+    // SAFETY: fold_addend set src[4] with the flag.
+    (userdata & ADDEND != 0).then(|| unsafe { &*d.src[4] })
+}
 
 /// What an attention product under a causal mask may skip. Queries are the
 /// columns of the softmax's rows modulo `n_queries` (grouped-query
@@ -484,6 +499,88 @@ unsafe fn fold_add(
         if q_src != q {
             make_view(q_src, q, p);
         }
+        true
+    }
+}
+
+/// Folds `ADD(d, g)` (either order), where g is a frozen weight's product
+/// (with LoRA's epilogue or not) read by nothing else, into g, which then
+/// adds d to each tile of its result once the tile is final ([`ADDEND`]):
+/// the residual sums after the attention's output and the FFN's down
+/// projection in the forward, the sums of input gradients in the backward.
+/// Bit for bit the ADD's values, one pass over the result and one buffer
+/// fewer. Only where d (F32, laid out as the ADD) is computed before g runs
+/// (`pos`: each node's place once the earlier folds' moves are made), so g
+/// can read it; the ADD becomes a view of g.
+///
+/// # Safety
+/// As for [`fold_add`], after the other folds ran.
+#[cfg(all(target_pointer_width = "64", target_arch = "x86_64"))]
+unsafe fn fold_addend(
+    node: *mut sys::ggml_tensor,
+    readers: &std::collections::HashMap<*const sys::ggml_tensor, Vec<*mut sys::ggml_tensor>>,
+    pos: &std::collections::HashMap<*const sys::ggml_tensor, usize>,
+) -> bool {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        let simd = std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
+        if !simd || (*node).op != sys::GGML_OP_ADD || !(*node).view_src.is_null() || external(node) {
+            return false;
+        }
+        let same = |t: *mut sys::ggml_tensor| {
+            (*t).type_ == sys::GGML_TYPE_F32 && (*t).ne == (*node).ne && (*t).nb == (*node).nb
+        };
+        // g: a frozen weight's product, maybe behind a view of all of it.
+        let frozen = |t: *mut sys::ggml_tensor| {
+            let (g, u) = gemm_behind(t)?;
+            let kind = u & 0xFF;
+            let dequant = kind == Product::DequantOuter as usize || kind == Product::DequantInner as usize;
+            (dequant && u & (PLUS | CAUSAL | ADDEND) == 0 && same(g)).then_some((g, u))
+        };
+        let (x, y) = ((*node).src[0], (*node).src[1]);
+        let (src, (g, u), d) = match (frozen(y), frozen(x)) {
+            (Some(f), _) => (y, f, x),
+            (None, Some(f)) => (x, f, y),
+            _ => return false,
+        };
+        // Nothing but the ADD reads g's values: every reader of g, or of a
+        // view of g, is such a view or the ADD.
+        let shows_g = |t: *mut sys::ggml_tensor| t == g || (*t).view_src == g;
+        let only_add = [g]
+            .into_iter()
+            .chain(
+                readers
+                    .get(&(g as *const _))
+                    .into_iter()
+                    .flatten()
+                    .copied()
+                    .filter(|&r| shows_g(r)),
+            )
+            .all(|t| {
+                !external(t)
+                    && readers
+                        .get(&(t as *const _))
+                        .into_iter()
+                        .flatten()
+                        .all(|&r| r == node || shows_g(r))
+            });
+        // d's values exist once d (or what it is a view of) has run; a
+        // tensor that is no node (a leaf) exists from the start.
+        let ready = |t: *mut sys::ggml_tensor| {
+            let t = if (*t).view_src.is_null() { t } else { (*t).view_src };
+            pos.get(&(t as *const _)).copied()
+        };
+        let before = match (ready(d), pos.get(&(g as *const _))) {
+            (Some(a), Some(&b)) => a < b,
+            (None, Some(_)) => true,
+            _ => false,
+        };
+        if !only_add || !before || !same(d) || d == g || (*d).view_src == g || !(*g).src[4].is_null() {
+            return false;
+        }
+        make_custom(g, run, -1, (u | ADDEND) as *mut c_void);
+        (*g).src[4] = d;
+        make_view(node, src, g);
         true
     }
 }
@@ -986,6 +1083,7 @@ unsafe fn f32_product(
             ldc: c_c as usize,
             alpha,
             accumulate,
+            addend: None,
         };
         // SAFETY: forwarded from the caller.
         if unsafe { product(a, (0, m), (k, n), b, out, Team::alone(), None) } {
@@ -1017,8 +1115,9 @@ unsafe fn f32_product(
 /// (see [`fold_add`]).
 pub(super) type Move = (*mut sys::ggml_tensor, *mut sys::ggml_tensor);
 
-/// Folds LoRA's scales and adds into the GEMM nodes among `nodes` (a
-/// graph's, in order; see [`fold_scale`] and [`fold_add`]) and marks the
+/// Folds LoRA's scales and adds, and the sums a frozen weight's product
+/// ends in, into the GEMM nodes among `nodes` (a graph's, in order; see
+/// [`fold_scale`], [`fold_add`] and [`fold_addend`]) and marks the
 /// attention products under causal masks ([`mark_causal`]); returns how
 /// many nodes it folded or marked. The caller must then move each node of
 /// `moves` right before its second node in the graph's order.
@@ -1067,7 +1166,31 @@ pub(super) unsafe fn fold(nodes: &[*mut sys::ggml_tensor], moves: &mut Vec<Move>
         let adds = 0;
         // SAFETY: forwarded from the caller.
         unsafe { collapse_views(nodes) };
-        causal + scales + gradient_scales + adds
+        // After the folds above (which rewired readers and moved nodes):
+        // the ADDs of a frozen weight's product to another tensor.
+        #[cfg(target_arch = "x86_64")]
+        let addends = {
+            let readers = self::readers(nodes);
+            let mut order = nodes.to_vec();
+            for &(node, before) in moves.iter() {
+                let at = |t| order.iter().position(|&n| n == t).expect("a node of the graph");
+                let (from, to) = (at(node), at(before));
+                if from < to {
+                    order[from..to].rotate_left(1);
+                }
+            }
+            let pos = order.iter().enumerate().map(|(i, &n)| (n as *const _, i)).collect();
+            let n = nodes
+                .iter()
+                .filter(|&&n| unsafe { fold_addend(n, &readers, &pos) })
+                .count();
+            // SAFETY: forwarded from the caller.
+            unsafe { collapse_views(nodes) };
+            n
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let addends = 0;
+        causal + scales + gradient_scales + adds + addends
     }
     #[cfg(not(target_pointer_width = "64"))]
     0
@@ -1255,11 +1378,12 @@ unsafe extern "C" fn run(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_int, use
         let (kind, alpha, plus) = unpack(userdata);
         let causal = causal_of(userdata as usize);
         let epilogue = Epilogue::of(d, userdata as usize);
+        let addend = addend_of(d, userdata as usize);
         if kind == Product::DequantOuter as usize {
-            return dequant_outer(a, b, d, epilogue, ith as usize, nth as usize);
+            return dequant_outer(a, b, d, (epilogue, addend), ith as usize, nth as usize);
         }
         if kind == Product::DequantInner as usize {
-            return dequant_inner(a, b, d, epilogue, ith as usize, nth as usize);
+            return dequant_inner(a, b, d, (epilogue, addend), ith as usize, nth as usize);
         }
         let (k, a_i0, a_k, b_k, b_i1) = strides(kind == Product::Outer as usize, a, b);
         let (m, n) = (d.ne[0] as usize, d.ne[1] as usize);
@@ -1368,7 +1492,7 @@ unsafe fn dequant_outer(
     a: &sys::ggml_tensor,
     b: &sys::ggml_tensor,
     d: &sys::ggml_tensor,
-    epilogue: Option<Epilogue<'_>>,
+    (epilogue, addend): (Option<Epilogue<'_>>, Option<&sys::ggml_tensor>),
     ith: usize,
     nth: usize,
 ) {
@@ -1385,7 +1509,7 @@ unsafe fn dequant_outer(
             a,
             (b, b.nb[1], b.nb[0]),
             d,
-            &epilogue,
+            (&epilogue, addend),
             super::packed::Orient::Columns,
             (ith, nth),
         ) {
@@ -1428,14 +1552,35 @@ unsafe fn dequant_outer(
         if let Some(e) = epilogue {
             e.add_rows(d, (r0, r0 + m));
         }
+        add_rows(d, addend, (r0, r0 + m));
+    }
+}
+
+/// Adds `addend` (laid out as `d`), if any, to rows `r0..r1` of `d`'s
+/// result, every column: a folded ADD where the packed GEMM does not run.
+///
+/// # Safety
+/// `d` and `addend` are allocated, with the same shape and strides; no
+/// other thread writes those rows.
+unsafe fn add_rows(d: &sys::ggml_tensor, addend: Option<&sys::ggml_tensor>, (r0, r1): (usize, usize)) {
+    let Some(x) = addend else { return };
+    for j in 0..d.ne[1] as usize {
+        // SAFETY: forwarded from the caller: column j's rows r0..r1 of both.
+        unsafe {
+            let c = (d.data as *mut u8).add(j * d.nb[1]) as *mut f32;
+            let s = (x.data as *const u8).add(j * x.nb[1]) as *const f32;
+            for i in r0..r1 {
+                *c.add(i) += *s.add(i);
+            }
+        }
     }
 }
 
 /// [`super::packed::product`] of `d`, the product of the 2-D weight `a`
 /// (as `orient` says) and `b` (the sum's terms `b_k` bytes apart, its
 /// columns `b_j`), as thread `ith` of the `nth` sharing it, adding `d`'s
-/// epilogue, if any, to each tile as soon as it is final. Returns false
-/// where that does not run.
+/// epilogue and addend, if any, to each tile as soon as it is final.
+/// Returns false where that does not run.
 ///
 /// # Safety
 /// As for [`run`], for a dequantized product, called by each of the `nth`
@@ -1445,7 +1590,7 @@ unsafe fn packed(
     a: &sys::ggml_tensor,
     (b, b_k, b_j): (&sys::ggml_tensor, usize, usize),
     d: &sys::ggml_tensor,
-    epilogue: &Option<Epilogue<'_>>,
+    (epilogue, addend): (&Option<Epilogue<'_>>, Option<&sys::ggml_tensor>),
     orient: super::packed::Orient,
     (ith, nth): (usize, usize),
 ) -> bool {
@@ -1472,6 +1617,7 @@ unsafe fn packed(
             ldc: d.nb[1] / 4,
             alpha: 1.0,
             accumulate: false,
+            addend: addend.map(|x| x.data as *const f32),
         };
         let team = Team {
             key: d as *const sys::ggml_tensor as usize,
@@ -1504,7 +1650,7 @@ unsafe fn dequant_inner(
     a: &sys::ggml_tensor,
     b: &sys::ggml_tensor,
     d: &sys::ggml_tensor,
-    epilogue: Option<Epilogue<'_>>,
+    (epilogue, addend): (Option<Epilogue<'_>>, Option<&sys::ggml_tensor>),
     ith: usize,
     nth: usize,
 ) {
@@ -1518,7 +1664,7 @@ unsafe fn dequant_inner(
             a,
             (b, b.nb[0], b.nb[1]),
             d,
-            &epilogue,
+            (&epilogue, addend),
             super::packed::Orient::Rows,
             (ith, nth),
         ) {
@@ -1555,6 +1701,7 @@ unsafe fn dequant_inner(
                 if let Some(e) = &epilogue {
                     e.add_rows(d, (q0, q0 + qn));
                 }
+                add_rows(d, addend, (q0, q0 + qn));
             }
         });
     }

@@ -131,13 +131,16 @@ pub(super) enum Source<'w> {
 }
 
 /// Where a product goes: `C[i, j]` at `c + i + j·ldc`, set to `alpha` times
-/// the sum, or that added to it where `accumulate`.
+/// the sum, or that added to it where `accumulate`; then `addend` (laid
+/// out as C) added to each tile once it is final (a folded ADD: C's final
+/// values plus D's, bit for bit the ADD's).
 #[derive(Clone, Copy)]
 pub(super) struct Out {
     pub c: *mut f32,
     pub ldc: usize,
     pub alpha: f32,
     pub accumulate: bool,
+    pub addend: Option<*const f32>,
 }
 
 /// A short product added to the result after the sum (LoRA's `s·B·(A·x)`
@@ -326,6 +329,10 @@ unsafe fn run(
                             if let Some(e) = extra {
                                 tile!(ke, ape.add(ip * MR * ke), bpe.add(jp * NR * ke), e.alpha, true);
                             }
+                            if let Some(d) = out.addend.filter(|_| last) {
+                                let dp = d.add(r0 + ip * MR + jp * NR * ldc);
+                                add_tile((cp, dp), ldc, (mm, nn));
+                            }
                         }
                     }
                 }
@@ -334,6 +341,31 @@ unsafe fn run(
         }
     });
     schedule.finish();
+}
+
+/// `C += D` over an `mm × nn` tile (at most 16 × 6) of two results laid
+/// out alike, columns `ld` floats apart.
+///
+/// # Safety
+/// The tile lies within both; the CPU has AVX.
+#[inline(always)]
+unsafe fn add_tile((c, d): (*mut f32, *const f32), ld: usize, (mm, nn): (usize, usize)) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        for j in 0..nn {
+            let (cj, dj) = (c.add(j * ld), d.add(j * ld));
+            if mm == MR {
+                for h in 0..2 {
+                    let v = _mm256_add_ps(_mm256_loadu_ps(cj.add(8 * h)), _mm256_loadu_ps(dj.add(8 * h)));
+                    _mm256_storeu_ps(cj.add(8 * h), v);
+                }
+            } else {
+                for i in 0..mm {
+                    *cj.add(i) += *dj.add(i);
+                }
+            }
+        }
+    }
 }
 
 /// The 16 × 6 tile `C (+)= alpha·A·B` over `k` terms: `a` a packed panel
