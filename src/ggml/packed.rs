@@ -159,11 +159,12 @@ pub(super) struct Extra {
 }
 
 /// `C[i, j] (+)= alpha·Σ_p A[i, p]·B[p, j]` (see [`Out`]) over result rows
-/// `i0..i1`, columns `j < n` and terms `p < k`, then `extra` added to it.
-/// Returns false, having done nothing, where the CPU lacks
-/// AVX2 or FMA. `team` names this call's thread among those running the
-/// same product (each calling this with the same arguments), which share
-/// its bands of rows out among them ([`super::share`]).
+/// `i0..i1`, columns `j < n` and terms `p < k`, then `extra` and `out`'s
+/// addend added to each tile once it is final. Returns false, having done
+/// nothing, where the CPU lacks AVX2 or FMA. `team` names this call's
+/// thread among those running the same product (each calling this with the
+/// same arguments), which share its bands of rows out among them
+/// ([`super::share`]).
 ///
 /// # Safety
 /// Every `A[i, p]` and `B[p, j]` addressed lies within its tensor; for a
