@@ -1014,13 +1014,7 @@ impl<'a> Graph<'a> {
         // `nodes`); moving a node later keeps every source before its
         // reader, as `fold` guarantees of its moves.
         let order = unsafe { std::slice::from_raw_parts_mut(sys::ggml_graph_nodes(g), nodes.len()) };
-        for (node, before) in moves {
-            let at = |t| order.iter().position(|&n| n == t).expect("a node of the graph");
-            let (from, to) = (at(node), at(before));
-            if from < to {
-                order[from..to].rotate_left(1);
-            }
-        }
+        super::gemm::apply_moves(order, &moves);
         rewritten + folded
     }
 

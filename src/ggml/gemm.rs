@@ -1115,6 +1115,18 @@ unsafe fn f32_product(
 /// (see [`fold_add`]).
 pub(super) type Move = (*mut sys::ggml_tensor, *mut sys::ggml_tensor);
 
+/// Moves each first node of `moves` right before its second in `order` (a
+/// graph's nodes as they run), where it stands earlier.
+pub(super) fn apply_moves(order: &mut [*mut sys::ggml_tensor], moves: &[Move]) {
+    for &(node, before) in moves {
+        let at = |t| order.iter().position(|&n| n == t).expect("a node of the graph");
+        let (from, to) = (at(node), at(before));
+        if from < to {
+            order[from..to].rotate_left(1);
+        }
+    }
+}
+
 /// Folds LoRA's scales and adds, and the sums a frozen weight's product
 /// ends in, into the GEMM nodes among `nodes` (a graph's, in order; see
 /// [`fold_scale`], [`fold_add`] and [`fold_addend`]) and marks the
@@ -1172,13 +1184,7 @@ pub(super) unsafe fn fold(nodes: &[*mut sys::ggml_tensor], moves: &mut Vec<Move>
         let addends = {
             let readers = self::readers(nodes);
             let mut order = nodes.to_vec();
-            for &(node, before) in moves.iter() {
-                let at = |t| order.iter().position(|&n| n == t).expect("a node of the graph");
-                let (from, to) = (at(node), at(before));
-                if from < to {
-                    order[from..to].rotate_left(1);
-                }
-            }
+            apply_moves(&mut order, moves);
             let pos = order.iter().enumerate().map(|(i, &n)| (n as *const _, i)).collect();
             let n = nodes
                 .iter()
