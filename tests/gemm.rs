@@ -15,6 +15,8 @@ use gguf_peft::rng::Rng;
 /// `outer` is OUT_PROD (`Σ_k a[i,k]·b[j,k]`), else MUL_MAT (`Σ_k a[k,i]·b[k,j]`).
 type Built<'a> = (bool, Tensor<'a>, Tensor<'a>, Tensor<'a>);
 type Build = for<'a> fn(&'a Context, &[Tensor<'a>]) -> Built<'a>;
+/// A named product over inputs of these types and shapes.
+type Case = (&'static str, Vec<(GgmlType, [i64; 4])>, Build);
 
 /// The product's result, on random inputs of `shapes`, with the GEMM on or
 /// off, and the f64 loop's result from the operands' logical values.
@@ -98,9 +100,14 @@ fn run_backward_remat<'a>(
 
 /// The product by definition, `a` broadcast over dims 2 and 3 (GQA).
 fn reference(outer: bool, a: Tensor<'_>, b: Tensor<'_>, ne: [i64; 4]) -> Vec<f64> {
+    reference_rounded(outer, a, b, ne, |x| x as f64)
+}
+
+/// [`reference`] over the operands' values passed through `round`.
+fn reference_rounded(outer: bool, a: Tensor<'_>, b: Tensor<'_>, ne: [i64; 4], round: fn(f32) -> f64) -> Vec<f64> {
     let (av, bv, an, bn) = (values(a), values(b), a.ne(), b.ne());
     let at =
-        |v: &[f32], n: [i64; 4], i: [i64; 4]| v[(i[0] + n[0] * (i[1] + n[1] * (i[2] + n[2] * i[3]))) as usize] as f64;
+        |v: &[f32], n: [i64; 4], i: [i64; 4]| round(v[(i[0] + n[0] * (i[1] + n[1] * (i[2] + n[2] * i[3]))) as usize]);
     let k = if outer { an[1] } else { an[0] };
     let (r2, r3) = (ne[2] / an[2], ne[3] / an[3]);
     let mut out = Vec::new();
@@ -125,6 +132,83 @@ fn reference(outer: bool, a: Tensor<'_>, b: Tensor<'_>, ne: [i64; 4]) -> Vec<f64
         }
     }
     out
+}
+
+/// A frozen weight marked for bf16 products gives, through the packed GEMM,
+/// the f64 sums of its values and the other operand's rounded to bf16
+/// (`half`'s rounding, to nearest even) within F32 summation error, both
+/// ways round (the forward `W·x`, the input gradient `Wᵀ·dy`): sums over
+/// two passes, an odd number of terms (a pair padded with zero), edge
+/// tiles, either layout of dy. Plain F32 sums miss the bound by two
+/// orders of magnitude, so the rounding is seen to happen.
+#[test]
+fn bf16_products_match_a_loop_over_rounded_operands() {
+    if !gguf_peft::ggml::bf16_products_supported() {
+        eprintln!("skipped: this CPU has no AVX512-BF16 (the products stay F32, tested elsewhere)");
+        return;
+    }
+    const Q4_1: GgmlType = GgmlType::Q4_1;
+    const F32: GgmlType = GgmlType::F32;
+    let round = |x: f32| half::bf16::from_f32(x).to_f64();
+    let cases: [Case; 6] = [
+        (
+            "forward, Q4_1",
+            vec![(Q4_1, [416, 45, 1, 1]), (F32, [416, 41, 1, 1])],
+            plain,
+        ),
+        (
+            "forward, BF16, odd sum",
+            vec![(GgmlType::BF16, [45, 37, 1, 1]), (F32, [45, 36, 1, 1])],
+            plain,
+        ),
+        (
+            "input gradient, Q4_1",
+            vec![(Q4_1, [64, 416, 1, 1]), (F32, [416, 41, 1, 1])],
+            input_grad,
+        ),
+        (
+            "input gradient, F16, odd sum",
+            vec![(GgmlType::F16, [37, 45, 1, 1]), (F32, [45, 36, 1, 1])],
+            input_grad,
+        ),
+        (
+            "input gradient, Q8_0",
+            vec![(GgmlType::Q8_0, [96, 300, 1, 1]), (F32, [300, 40, 1, 1])],
+            input_grad,
+        ),
+        // dy's rows (each term's columns) contiguous.
+        (
+            "input gradient, dy untransposed",
+            vec![(Q4_1, [64, 416, 1, 1]), (F32, [41, 416, 1, 1])],
+            lora_a_grad,
+        ),
+    ];
+    for (case, inputs, build) in cases {
+        let backend = Backend::cpu(threads());
+        let ctx = Context::new(64, 64, false);
+        let ins: Vec<Tensor> = inputs
+            .iter()
+            .map(|(ty, ne)| ctx.new_tensor(*ty, ne).set_input())
+            .collect();
+        ins[0].set_bf16_products();
+        let (outer, a, b, out) = build(&ctx, &ins);
+        out.set_output();
+        let mut g = ctx.new_graph(64, false);
+        g.build_forward(out);
+        assert_eq!(g.gemm_products(), 1, "{case}: the product is rewritten");
+        let mut sched = Sched::new(std::slice::from_ref(&backend), 64);
+        sched.alloc(&g).unwrap();
+        fill(&ins);
+        sched.compute(&g).unwrap();
+        let (got, want) = (out.read_f32(), reference_rounded(outer, a, b, out.ne(), round));
+        let rms = (want.iter().map(|w| w * w).sum::<f64>() / want.len() as f64).sqrt();
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(&g, w)| (g as f64 - w).abs() / rms)
+            .fold(0.0, f64::max);
+        assert!(worst < 1e-5, "{case}: off by {worst:e} of the rms {rms}");
+    }
 }
 
 /// Attention scores: keys `[hd, kv heads, tokens]` and queries `[hd, heads,
@@ -159,7 +243,6 @@ fn gemm_matches_a_loop_and_ggml() {
     const Q4_K: GgmlType = GgmlType::Q4_K;
     const Q8_0: GgmlType = GgmlType::Q8_0;
     const BF16: GgmlType = GgmlType::BF16;
-    type Case = (&'static str, Vec<(GgmlType, [i64; 4])>, Build);
     let cases: [Case; 19] = [
         (
             "attention scores",

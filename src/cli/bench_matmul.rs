@@ -40,7 +40,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// Measures `y = W x` with W `[n, n]` of type `ty` and x `[n, tokens]`.
 pub fn measure(ty: GgmlType, n: usize, tokens: usize, threads: usize, reps: usize) -> Result<MatmulTimes> {
-    if n % ty.block_size() as usize != 0 {
+    if !n.is_multiple_of(ty.block_size() as usize) {
         return Err(Error::Msg(format!(
             "--matmul-n {n} is not a multiple of {ty}'s block size"
         )));

@@ -446,6 +446,16 @@ impl<'a> Tensor<'a> {
         self
     }
 
+    /// Lets the CPU's training products over this frozen weight run with
+    /// bf16 operands: its values and the other operand's rounded to bf16
+    /// (8 bits of mantissa), their products summed in F32, twice as fast
+    /// where the CPU has AVX512-BF16 (elsewhere the mark changes nothing).
+    pub fn set_bf16_products(self) -> Self {
+        // SAFETY: a valid tensor; see `gemm::set_bf16`.
+        unsafe { super::gemm::set_bf16(self.raw()) };
+        self
+    }
+
     /// Marks the tensor as a graph output (never overwritten during compute).
     pub fn set_output(self) -> Self {
         // SAFETY: flag update on a valid tensor.

@@ -258,6 +258,20 @@ pub(super) unsafe fn set_causal_offset(t: *mut sys::ggml_tensor, off: usize) {
     }
 }
 
+/// The tag of a frozen weight whose products take bf16 operands (see
+/// [`set_bf16`]).
+const BF16_TAG: i32 = 0x6266_3136;
+
+/// Records on a weight leaf that the packed GEMM may round its values and
+/// the other operand to bf16 (F32 sums) in its products.
+///
+/// # Safety
+/// `t` must be a valid tensor.
+pub(super) unsafe fn set_bf16(t: *mut sys::ggml_tensor) {
+    // SAFETY: forwarded from the caller.
+    unsafe { tag_leaf(t, BF16_TAG, 1) };
+}
+
 /// The causal offset recorded on `t` by [`set_causal_offset`].
 ///
 /// # Safety
@@ -797,7 +811,7 @@ unsafe fn mark_causal(
             let ((i0, ak), (bk, i1)) = (dims(a, !outer), dims(b, outer));
             // Key dimension x and query-column dimension y of a P or dS.
             let keys = |x: (usize, usize), y: (usize, usize), (_, nq, n_kv): (usize, usize, usize)| {
-                x == (n_kv, 4) && y.1 == 4 * n_kv && y.0 % nq == 0
+                x == (n_kv, 4) && y.1 == 4 * n_kv && y.0.is_multiple_of(nq)
             };
             let found = if let Some(&info) = entries.get(&(node as *const _)) {
                 let d = ((*node).ne[0] as usize, (*node).nb[0]);
@@ -1610,6 +1624,7 @@ unsafe fn packed(
             deq: Dequantizer::new(a.type_).expect("checked in product"),
             blck: sys::ggml_blck_size(a.type_) as usize,
             blck_bytes: sys::ggml_type_size(a.type_),
+            bf16: leaf_tag(a, BF16_TAG).is_some(),
         };
         let k = if orient == Orient::Rows { a.ne[0] } else { a.ne[1] } as usize;
         let b = super::gemm_small::Strided {

@@ -28,6 +28,16 @@ pub use types::{f32_bytes, GgmlType};
 
 use llama_cpp_sys_2 as sys;
 
+/// Whether this CPU runs the training products over weights marked
+/// [`Tensor::set_bf16_products`] in bf16 (it has AVX512-BF16); elsewhere
+/// they stay F32.
+pub fn bf16_products_supported() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return packed::bf16_supported();
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 /// Maps a file privately (copy-on-write: nothing is ever written back, and
 /// pages are only read unless someone writes), so that CPU weights can point
 /// straight into it.

@@ -53,6 +53,9 @@ pub(super) struct Weight {
     pub deq: Dequantizer,
     pub blck: usize,
     pub blck_bytes: usize,
+    /// Run the products with bf16 operands (f32 sums) where the CPU can
+    /// ([`bf16_supported`]).
+    pub bf16: bool,
 }
 
 /// The bytes of a weight one band of a pass reads: `len` bytes from
@@ -186,10 +189,23 @@ pub(super) unsafe fn product(
         return false;
     }
     if i1 > i0 && n > 0 {
-        // SAFETY: forwarded from the caller; the CPU has AVX2 and FMA.
-        unsafe { run(a, (i0, i1), (k, n), b, out, team, extra) };
+        if matches!(a, Source::Weight(w, _) if w.bf16) && bf16_supported() {
+            // SAFETY: forwarded from the caller; the CPU has the features.
+            unsafe { run::<true>(a, (i0, i1), (k, n), b, out, team, extra) };
+        } else {
+            // SAFETY: forwarded from the caller; the CPU has AVX2 and FMA.
+            unsafe { run::<false>(a, (i0, i1), (k, n), b, out, team, extra) };
+        }
     }
     true
+}
+
+/// Whether this CPU runs a [`Weight::bf16`] product in bf16: AVX512-BF16's
+/// dot products of pairs (twice the multiply-adds of F32's per
+/// instruction), with AVX512BW and VL for the packing.
+pub(crate) fn bf16_supported() -> bool {
+    use std::arch::is_x86_feature_detected as has;
+    has!("avx2") && has!("fma") && has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512bf16")
 }
 
 /// Pass and band sizes: `kc` (terms per pass) starts passes at whole blocks
@@ -211,9 +227,22 @@ fn blocking(a: Source<'_>, m: usize, k: usize, nth: usize) -> (usize, usize) {
     (kc.min(k), mc)
 }
 
-/// [`product`] on a CPU with AVX2 and FMA.
+/// Panel depth (in 4-byte slots) of `kc` terms: one float per term, or one
+/// pair of bf16 values per two terms (the last padded with a zero).
+#[inline(always)]
+fn depth<const BF16: bool>(kc: usize) -> usize {
+    if BF16 {
+        kc.div_ceil(2)
+    } else {
+        kc
+    }
+}
+
+/// [`product`] on a CPU with AVX2 and FMA; where `BF16` (the CPU then
+/// [`bf16_supported`]), A's and B's panels hold pairs of bf16 values and
+/// the kernel sums their products in F32 (the extra product stays F32).
 #[target_feature(enable = "avx2,fma")]
-unsafe fn run(
+unsafe fn run<const BF16: bool>(
     a: Source<'_>,
     (i0, i1): (usize, usize),
     (k, n): (usize, usize),
@@ -228,10 +257,11 @@ unsafe fn run(
     let mc_pad = mc_max.next_multiple_of(MR);
     // B's panels (+ NR floats: the packing's last 8-wide store overshoots),
     // A's block, and a staging area for the dequantized rows.
-    let (b_len, a_len) = (panels * NR * kc_max + 8, mc_pad * kc_max);
+    let (b_len, a_len) = (panels * NR * depth::<BF16>(kc_max) + 8, mc_pad * depth::<BF16>(kc_max));
     let stage_len = match a {
         Source::Weight(_, Orient::Rows) => MR * kc_max,
-        Source::Weight(_, Orient::Columns) => mc_pad,
+        // Two of the weight's rows at a time in bf16 (a pair of terms).
+        Source::Weight(_, Orient::Columns) => mc_pad * if BF16 { 2 } else { 1 },
         Source::F32(_) => 0,
     };
     // The extra product's B panels and A block.
@@ -255,6 +285,7 @@ unsafe fn run(
         let mut be_packed = false;
         for q in 0..passes {
             let (p0, kc) = pass(q);
+            let kd = depth::<BF16>(kc);
             let (last, accumulate) = (q + 1 == passes, q > 0 || out.accumulate);
             let mut b_packed = false;
             while let Some(taken) = schedule.take(q) {
@@ -266,7 +297,11 @@ unsafe fn run(
                 // done).
                 unsafe {
                     if !b_packed {
-                        pack_b(b, p0, kc, n, bp);
+                        if BF16 {
+                            pack_b_bf16(b, p0, kc, n, bp);
+                        } else {
+                            pack_b(b, p0, kc, n, bp);
+                        }
                         b_packed = true;
                     }
                     let extra = extra.filter(|_| last && ke > 0);
@@ -278,6 +313,8 @@ unsafe fn run(
                         pack_f32(e.a, r0, mc, 0, ke, ape);
                     }
                     match a {
+                        Source::Weight(w, Orient::Rows) if BF16 => pack_rows_bf16(w, r0, mc, p0, kc, ap, stage),
+                        Source::Weight(w, Orient::Columns) if BF16 => pack_columns_bf16(w, r0, mc, p0, kc, ap, stage),
                         Source::Weight(w, Orient::Rows) => pack_rows(w, r0, mc, p0, kc, ap, stage),
                         Source::Weight(w, Orient::Columns) => pack_columns(w, r0, mc, p0, kc, ap, stage),
                         Source::F32(x) => pack_f32(x, r0, mc, p0, kc, ap),
@@ -300,21 +337,21 @@ unsafe fn run(
                             w.prefetch(span, (jp * per).min(span.count)..((jp + 1) * per).min(span.count));
                         }
                         let nn = NR.min(n - jp * NR);
-                        let bpanel = bp.add(jp * NR * kc);
+                        let bpanel = bp.add(jp * NR * kd);
                         for ip in 0..mc.div_ceil(MR) {
                             let mm = MR.min(mc - ip * MR);
-                            let apanel = ap.add(ip * MR * kc);
+                            let apanel = ap.add(ip * MR * kd);
                             let cp = c.add(r0 + ip * MR + jp * NR * ldc);
                             // One run of the kernel on this tile: `add`s to C,
                             // or sets it (a tile at the result's edges goes
                             // through a whole one).
                             macro_rules! tile {
-                                ($k:expr, $pa:expr, $pb:expr, $alpha:expr, $add:expr) => {
+                                ($kernel:ident, $k:expr, $pa:expr, $pb:expr, $alpha:expr, $add:expr) => {
                                     if mm == MR && nn == NR {
-                                        kernel($k, $pa, $pb, (cp, ldc), $alpha, $add);
+                                        $kernel($k, $pa, $pb, (cp, ldc), $alpha, $add);
                                     } else {
                                         let mut tile = [0f32; MR * NR];
-                                        kernel($k, $pa, $pb, (tile.as_mut_ptr(), MR), $alpha, false);
+                                        $kernel($k, $pa, $pb, (tile.as_mut_ptr(), MR), $alpha, false);
                                         for j in 0..nn {
                                             for i in 0..mm {
                                                 let d = cp.add(j * ldc + i);
@@ -325,10 +362,14 @@ unsafe fn run(
                                     }
                                 };
                             }
-                            tile!(kc, apanel, bpanel, alpha, accumulate);
+                            if BF16 {
+                                tile!(kernel_bf16, kd, apanel, bpanel, alpha, accumulate);
+                            } else {
+                                tile!(kernel, kd, apanel, bpanel, alpha, accumulate);
+                            }
                             // The extra product, on the tile now final.
                             if let Some(e) = extra {
-                                tile!(ke, ape.add(ip * MR * ke), bpe.add(jp * NR * ke), e.alpha, true);
+                                tile!(kernel, ke, ape.add(ip * MR * ke), bpe.add(jp * NR * ke), e.alpha, true);
                             }
                             if let Some(d) = out.addend.filter(|_| last) {
                                 let dp = d.add(r0 + ip * MR + jp * NR * ldc);
@@ -629,6 +670,262 @@ unsafe fn pack_f32(a: Strided, r0: usize, mc: usize, p0: usize, kc: usize, out: 
             for p in p..kc {
                 for i in 0..MR {
                     *dst.add(p * MR + i) = if i < rows { *at(i, p) } else { 0.0 };
+                }
+            }
+        }
+    }
+}
+
+/// The 16 × 6 tile `C (+)= alpha·A·B` over `kp` pairs of terms, as
+/// [`kernel`] with panels of bf16 pairs ([`pack_b_bf16`] and the `_bf16`
+/// packings of A): each pair's two products summed into the F32
+/// accumulator by one dot-product instruction.
+///
+/// # Safety
+/// As for [`kernel`]; the CPU has AVX512-BF16 and VL.
+#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512bf16")]
+unsafe fn kernel_bf16(
+    kp: usize,
+    a: *const f32,
+    b: *const f32,
+    (c, ldc): (*mut f32, usize),
+    alpha: f32,
+    accumulate: bool,
+) {
+    // Pairs of bf16 values travel as 32-bit slots of the F32 panels.
+    #[inline(always)]
+    fn bh(v: __m256) -> __m256bh {
+        // SAFETY: both are 256 bits of plain data.
+        unsafe { std::mem::transmute::<__m256, __m256bh>(v) }
+    }
+    // SAFETY: the caller passes panels of kp pairs and a 16 × 6 tile of C.
+    unsafe {
+        for j in 0..NR {
+            _mm_prefetch::<_MM_HINT_T0>(c.add(j * ldc) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(c.add(j * ldc + MR - 1) as *const i8);
+        }
+        let mut acc = [[_mm256_setzero_ps(); 2]; NR];
+        macro_rules! step {
+            ($a:expr, $b:expr) => {{
+                let (a, b) = ($a, $b);
+                let (a0, a1) = (bh(_mm256_loadu_ps(a)), bh(_mm256_loadu_ps(a.add(8))));
+                for (j, acc) in acc.iter_mut().enumerate() {
+                    let bj = bh(_mm256_broadcast_ss(&*b.add(j)));
+                    acc[0] = _mm256_dpbf16_ps(acc[0], a0, bj);
+                    acc[1] = _mm256_dpbf16_ps(acc[1], a1, bj);
+                }
+            }};
+        }
+        let (mut a, mut b) = (a, b);
+        let mut p = 0;
+        while p + 4 <= kp {
+            for u in 0..4 {
+                step!(a.add(u * MR), b.add(u * NR));
+            }
+            (a, b, p) = (a.add(4 * MR), b.add(4 * NR), p + 4);
+        }
+        while p < kp {
+            step!(a, b);
+            (a, b, p) = (a.add(MR), b.add(NR), p + 1);
+        }
+        let alpha = _mm256_set1_ps(alpha);
+        for (j, acc) in acc.iter().enumerate() {
+            let cj = c.add(j * ldc);
+            for (h, &v) in acc.iter().enumerate() {
+                let v = _mm256_mul_ps(v, alpha);
+                let v = if accumulate {
+                    _mm256_add_ps(_mm256_loadu_ps(cj.add(8 * h)), v)
+                } else {
+                    v
+                };
+                _mm256_storeu_ps(cj.add(8 * h), v);
+            }
+        }
+    }
+}
+
+/// The first `n` (≤ 16) of 16 floats at `p` rounded to bf16 (to nearest,
+/// ties to even), as 8 slots of two values each (the first in the low
+/// half); the rest read as zeros.
+///
+/// # Safety
+/// `n` floats are readable at `p`; the CPU has AVX512-BF16.
+#[inline]
+#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512bf16")]
+unsafe fn bf16_pairs(p: *const f32, n: usize) -> __m256 {
+    // SAFETY: forwarded from the caller; masked lanes are not read.
+    unsafe {
+        let v = _mm512_maskz_loadu_ps(((1u32 << n) - 1) as u16, p);
+        std::mem::transmute::<__m256bh, __m256>(_mm512_cvtneps_pbh(v))
+    }
+}
+
+/// Rounds `n` floats at `p` to bf16 in place: slot `i` (4 bytes from `p`)
+/// becomes the pair of values `2i` and `2i + 1` (a zero after an odd last).
+///
+/// # Safety
+/// `p` holds `n` floats; the CPU has AVX512-BF16.
+#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512bf16")]
+unsafe fn to_bf16_in_place(p: *mut f32, n: usize) {
+    let mut i = 0;
+    while i < n {
+        // SAFETY: forwarded from the caller. The 8 slots written end at
+        // float i/2 + 8 ≤ i for i ≥ 16, and for i = 0 after their 16 floats
+        // were read: nothing unread is overwritten.
+        unsafe { _mm256_storeu_ps(p.add(i / 2), bf16_pairs(p.add(i), 16.min(n - i))) };
+        i += 16;
+    }
+}
+
+/// [`pack_rows`] with the terms rounded to bf16 pairs: panel `ip` holds
+/// slot `q·16 + i` = terms `2q`, `2q + 1` of its row `i`.
+///
+/// # Safety
+/// As for [`pack_rows`]; the CPU has AVX512-BF16, BW and VL.
+#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512bf16")]
+unsafe fn pack_rows_bf16(w: &Weight, r0: usize, mc: usize, p0: usize, kc: usize, out: *mut f32, stage: *mut f32) {
+    let kp = kc.div_ceil(2);
+    // SAFETY: forwarded from the caller; each row's kp slots lie within its
+    // kc floats of the stage.
+    unsafe {
+        for ip in 0..mc.div_ceil(MR) {
+            let rows = MR.min(mc - ip * MR);
+            for i in 0..MR {
+                let s = stage.add(i * kc);
+                if i < rows {
+                    w.dequant(r0 + ip * MR + i, p0, kc, s);
+                    to_bf16_in_place(s, kc);
+                } else {
+                    std::ptr::write_bytes(s, 0, kp);
+                }
+            }
+            let dst = out.add(ip * MR * kp);
+            let q = transpose16(|i| stage.add(i * kc), kp, dst);
+            let (dst, stage) = (dst as *mut u32, stage as *const u32);
+            for q in q..kp {
+                for i in 0..MR {
+                    *dst.add(q * MR + i) = *stage.add(i * kc + q);
+                }
+            }
+        }
+    }
+}
+
+/// [`pack_columns`] with the terms rounded to bf16 pairs: two of the
+/// weight's rows (terms `2q`, `2q + 1`) dequantized at a time and
+/// interleaved into the panels' slots `q·16 + i`.
+///
+/// # Safety
+/// As for [`pack_columns`], with `stage` holding `2·⌈mc/16⌉·16` floats;
+/// the CPU has AVX512-BF16, BW and VL.
+#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512bf16")]
+unsafe fn pack_columns_bf16(w: &Weight, r0: usize, mc: usize, p0: usize, kc: usize, out: *mut f32, stage: *mut f32) {
+    let (kp, padded) = (kc.div_ceil(2), mc.next_multiple_of(MR));
+    // Slot i of the result: value i of the first row, then of the second.
+    let interleave = _mm512_set_epi16(
+        31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1,
+        16, 0,
+    );
+    // SAFETY: forwarded from the caller: rows p0..p0+kc of the weight,
+    // values r0..r0+mc of each, into a stage of two padded rows.
+    unsafe {
+        let (first, second) = (stage, stage.add(padded));
+        std::ptr::write_bytes(first.add(mc), 0, padded - mc);
+        std::ptr::write_bytes(second.add(mc), 0, padded - mc);
+        for q in 0..kp {
+            w.dequant(p0 + 2 * q, r0, mc, first);
+            if 2 * q + 1 < kc {
+                w.dequant(p0 + 2 * q + 1, r0, mc, second);
+            } else {
+                std::ptr::write_bytes(second, 0, mc);
+            }
+            for ip in 0..padded / MR {
+                let (lo, hi) = (
+                    _mm512_loadu_ps(first.add(ip * MR)),
+                    _mm512_loadu_ps(second.add(ip * MR)),
+                );
+                let both = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+                let v = _mm512_permutexvar_epi16(interleave, both);
+                _mm512_storeu_si512(out.add(ip * MR * kp + q * MR) as *mut __m512i, v);
+            }
+        }
+    }
+}
+
+/// Terms `2q`, `2q + 1` of a column rounded to bf16, as one slot (a zero
+/// where the second is missing).
+///
+/// # Safety
+/// The CPU has AVX512-BF16 and VL.
+#[inline]
+#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512bf16")]
+unsafe fn bf16_pair(x0: f32, x1: f32) -> u32 {
+    // SAFETY: register operations only.
+    unsafe {
+        let v = _mm_cvtneps_pbh(_mm_setr_ps(x0, x1, 0.0, 0.0));
+        _mm_cvtsi128_si32(std::mem::transmute::<__m128bh, __m128i>(v)) as u32
+    }
+}
+
+/// [`pack_b`] with the terms rounded to bf16 pairs: panel `jp` holds slot
+/// `q·6 + j` = terms `2q`, `2q + 1` of its column `j` (zeros past the
+/// last column or term).
+///
+/// # Safety
+/// As for [`pack_b`], `out` holding `⌈n/6⌉·6·⌈kc/2⌉ + 8` slots; the CPU
+/// has AVX512-BF16, BW and VL.
+#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512bf16")]
+unsafe fn pack_b_bf16(b: Strided, p0: usize, kc: usize, n: usize, out: *mut f32) {
+    let kp = kc.div_ceil(2);
+    // Slot i: value i of the first row, then of the second (8 of each).
+    let interleave = _mm256_set_epi16(15, 7, 14, 6, 13, 5, 12, 4, 11, 3, 10, 2, 9, 1, 8, 0);
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        for jp in 0..n.div_ceil(NR) {
+            let dst = out.add(jp * NR * kp);
+            let nn = NR.min(n - jp * NR);
+            let col = |j: usize| b.p.offset((p0 as isize) * b.rs + ((jp * NR + j) as isize) * b.cs);
+            let mut q = 0;
+            if nn == NR && b.rs == 1 {
+                // Runs of 16 terms of the six columns as 8 slots each,
+                // transposed; each store of 8 overshoots by 2, which the
+                // next store (or panel) rewrites.
+                let cols: [*const f32; NR] = std::array::from_fn(col);
+                while 2 * q + 16 <= kc {
+                    let mut r = [_mm256_setzero_ps(); 8];
+                    for (r, cj) in r.iter_mut().zip(cols) {
+                        *r = bf16_pairs(cj.add(2 * q), 16);
+                    }
+                    for (u, v) in transpose8(r).into_iter().enumerate() {
+                        _mm256_storeu_ps(dst.add((q + u) * NR), v);
+                    }
+                    q += 8;
+                }
+            } else if nn == NR && b.cs == 1 {
+                // Each term's six columns are contiguous: two terms'
+                // rounded and interleaved (8-wide stores, as above).
+                let row = |p: usize| col(0).offset(p as isize * b.rs);
+                while q < kp {
+                    let lo = _mm256_maskz_loadu_ps(0x3F, row(2 * q));
+                    let hi = if 2 * q + 1 < kc {
+                        _mm256_maskz_loadu_ps(0x3F, row(2 * q + 1))
+                    } else {
+                        _mm256_setzero_ps()
+                    };
+                    let both = std::mem::transmute::<__m256bh, __m256i>(_mm256_cvtne2ps_pbh(hi, lo));
+                    let v = _mm256_permutexvar_epi16(interleave, both);
+                    _mm256_storeu_si256(dst.add(q * NR) as *mut __m256i, v);
+                    q += 1;
+                }
+            }
+            let dst = dst as *mut u32;
+            for j in 0..NR {
+                let cj = if j < nn { Some(col(j)) } else { None };
+                for q in q..kp {
+                    *dst.add(q * NR + j) = cj.map_or(0, |cj| {
+                        let x = |p: usize| if p < kc { *cj.offset(p as isize * b.rs) } else { 0.0 };
+                        bf16_pair(x(2 * q), x(2 * q + 1))
+                    });
                 }
             }
         }

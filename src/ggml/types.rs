@@ -97,7 +97,7 @@ impl GgmlType {
     /// Bytes of one row of `n` elements, if `n` is a whole number of blocks.
     pub fn row_bytes(self, n: u64) -> Option<u64> {
         let bs = self.block_size();
-        (bs > 0 && n % bs == 0).then(|| n / bs * self.type_size())
+        (bs > 0 && n.is_multiple_of(bs)).then(|| n / bs * self.type_size())
     }
 
     /// Bytes of a tensor of shape `ne` (ggml order).
@@ -154,7 +154,7 @@ impl GgmlType {
         if self == Self::F32 {
             return f32_bytes(src);
         }
-        assert!(n_per_row > 0 && src.len() % n_per_row == 0);
+        assert!(n_per_row > 0 && src.len().is_multiple_of(n_per_row));
         let nrows = src.len() / n_per_row;
         let row = self.row_bytes(n_per_row as u64).expect("whole blocks") as usize;
         let mut out = vec![0u8; row * nrows];

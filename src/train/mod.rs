@@ -476,7 +476,7 @@ pub fn train(
             eval_loss: None,
         };
         let last = state.step == total;
-        if do_eval && (last || (cfg.eval_every > 0 && state.step % cfg.eval_every == 0)) {
+        if do_eval && (last || (cfg.eval_every > 0 && state.step.is_multiple_of(cfg.eval_every))) {
             let e = eval_loss(model, method, &mut sched, run.eval)?;
             m.eval_loss = Some(e);
             out.last_eval = Some(e);
@@ -484,7 +484,7 @@ pub fn train(
         metrics::append(&metrics_path, &m)?;
         on_step(&m, total);
         let interrupted = run.stop.load(Ordering::SeqCst) || run.stop_after == Some(state.step);
-        if last || interrupted || (cfg.save_every > 0 && state.step % cfg.save_every == 0) {
+        if last || interrupted || (cfg.save_every > 0 && state.step.is_multiple_of(cfg.save_every)) {
             out.last_checkpoint = Some(checkpoint::save(run.out_dir, &state, method, cfg)?);
         }
         if interrupted && !last {
