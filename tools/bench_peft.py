@@ -9,6 +9,9 @@ figures. Run both in one sitting to compare:
 
 `--method prompt|prefix --num-virtual-tokens N` benchmarks prompt tuning or
 prefix tuning instead of LoRA (`gguf-peft bench --method ...` likewise).
+`--bf16` runs the passes under torch's CPU autocast to bfloat16 (the
+weights' products in bf16, master weights and optimizer in fp32): the
+counterpart of `gguf-peft bench --base-compute bf16`.
 
 Needs: pip install torch transformers peft gguf sentencepiece
 """
@@ -32,8 +35,11 @@ def main():
     ap.add_argument("--alpha", type=float, default=16.0)
     ap.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--bf16", action="store_true", help="autocast the passes to bfloat16")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
+
+    import contextlib
 
     import torch
     from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
@@ -59,19 +65,26 @@ def main():
     ids = torch.randint(0, vocab, (1, a.tokens))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
 
+    def cast():
+        if a.bf16:
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     fwd = []
     model.eval()
     with torch.no_grad():
         for i in range(a.warmup + a.steps):
             t0 = time.perf_counter()
-            model(input_ids=ids)
+            with cast():
+                model(input_ids=ids)
             if i >= a.warmup:
                 fwd.append(time.perf_counter() - t0)
     train = []
     model.train()
     for i in range(a.warmup + a.steps):
         t0 = time.perf_counter()
-        out = model(input_ids=ids, labels=ids)
+        with cast():
+            out = model(input_ids=ids, labels=ids)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         opt.step()
@@ -84,12 +97,14 @@ def main():
     if a.json:
         print(json.dumps({
             "stack": f"peft {__import__('peft').__version__} / transformers {__import__('transformers').__version__} / torch {torch.__version__}",
+            "precision": "bf16 autocast" if a.bf16 else "fp32",
             "method": what, "threads": a.threads, "tokens": n, "steps": a.steps, "trainable_params": n_train,
             "forward_tokens_per_s": n / fm, "forward_s": {"median": fm, "min": min(fwd), "max": max(fwd)},
             "train_tokens_per_s": n / tm, "train_step_s": {"median": tm, "min": min(train), "max": max(train)},
             "train_over_forward": tm / fm, "peak_rss_bytes": rss}, indent=2))
         return
-    print(f"PEFT + torch {torch.__version__} fp32, {what}, {n_train} trainable, {a.threads} threads")
+    precision = "bf16 autocast" if a.bf16 else "fp32"
+    print(f"PEFT + torch {torch.__version__} {precision}, {what}, {n_train} trainable, {a.threads} threads")
     print(f"forward    {n / fm:8.1f} tokens/s   step {fm:.3f} s (min {min(fwd):.3f}, max {max(fwd):.3f}) over {a.steps} steps of {n} tokens")
     print(f"train      {n / tm:8.1f} tokens/s   step {tm:.3f} s (min {min(train):.3f}, max {max(train):.3f})")
     print(f"train step / forward pass: {tm / fm:.2f}")

@@ -5,7 +5,7 @@
 use super::ComputeArgs;
 use crate::data::Example;
 use crate::ggml::GgmlType;
-use crate::model::{Batch, WeightLayout};
+use crate::model::Batch;
 use crate::peft::lora::LoraConfig;
 use crate::peft::prefix::PrefixConfig;
 use crate::peft::prompt_tuning::{PromptInit, PromptTuningConfig};
@@ -57,8 +57,10 @@ pub struct BenchArgs {
     /// Comma-separated LoRA targets.
     #[arg(long, default_value = "attn_q,attn_k,attn_v,attn_output,ffn_gate,ffn_up,ffn_down")]
     targets: String,
-    /// How the frozen base is held: native (file types) or f32.
-    #[arg(long, default_value = "native", value_parser = ["native", "f32"])]
+    /// How the frozen base is held: native (file types), f32, bf16 (native,
+    /// the CPU's products over it with bf16 operands and F32 sums) or auto
+    /// (bf16 where the CPU has AVX512-BF16, else native), as in finetune.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "native", "f32", "bf16"])]
     base_compute: String,
     /// Input gradients through frozen weights: `transposed` (on the CPU the
     /// GEMM reads Wᵀ from the weights, kept in their plain layout, no
@@ -152,15 +154,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
         return run_matmul(&a, types, threads);
     }
     let model_path = a.model.clone().expect("required by clap");
-    let layout = if a.base_compute == "f32" {
-        WeightLayout::F32
-    } else {
-        WeightLayout::Native
-    };
+    let backend = a.compute.backend()?;
+    let layout = super::base_layout(&a.base_compute, &backend);
     if a.steps == 0 || a.tokens < 2 {
         return Err(Error::Msg("--steps must be ≥ 1 and --tokens ≥ 2".into()));
     }
-    let (mut model, _tok) = super::load_with(&model_path, a.compute.backend()?, layout)?;
+    let (mut model, _tok) = super::load_with(&model_path, backend, layout)?;
     model.repack = !a.no_repack;
     model.gemm_products = !a.no_gemm;
     let t_bytes = super::prepare_backward(&mut model, &a.backward)? as u64;
@@ -275,7 +274,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let weights = model.weights_bytes() as u64 + t_bytes;
     if a.json {
         let j = serde_json::json!({
-            "model": model_path, "base_compute": a.base_compute, "backward": a.backward, "threads": threads, "tokens": a.tokens,
+            "model": model_path, "base_compute": super::layout_name(layout), "backward": a.backward, "threads": threads, "tokens": a.tokens,
             "steps": a.steps, "warmup": a.warmup, "method": what, "trainable_params": method.n_trainable(),
             "forward_tokens_per_s": n / fm, "forward_s": {"median": fm, "min": fmin, "max": fmax},
             "train_tokens_per_s": n / tm, "train_step_s": {"median": tm, "min": tmin, "max": tmax},
@@ -290,7 +289,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     println!(
         "model {} ({} base{}, {} backward{}{}, {} of weights), {}, {} trainable, {} threads",
         model_path.display(),
-        a.base_compute,
+        super::layout_name(layout),
         match model.weights_repacked() {
             0 => String::new(),
             n => format!(" with {n} matrices repacked"),

@@ -242,6 +242,31 @@ pub(crate) fn load(path: &std::path::Path, compute: &ComputeArgs) -> Result<(Mod
     load_with(path, compute.backend()?, crate::model::WeightLayout::Native)
 }
 
+/// The layout `--base-compute` names: `auto` is `bf16` on a CPU whose
+/// products run in bf16 (AVX512-BF16: about twice the speed of exact F32
+/// products, with the operands rounded as torch's bf16 autocast or QLoRA's
+/// bf16 compute dtype round them), else `native`.
+pub(crate) fn base_layout(choice: &str, backend: &Backend) -> crate::model::WeightLayout {
+    use crate::model::WeightLayout;
+    match choice {
+        "f32" => WeightLayout::F32,
+        "bf16" => WeightLayout::Bf16,
+        "native" => WeightLayout::Native,
+        _ if backend.is_cpu() && crate::ggml::bf16_products_supported() => WeightLayout::Bf16,
+        _ => WeightLayout::Native,
+    }
+}
+
+/// How `--base-compute` names `layout`.
+pub(crate) fn layout_name(layout: crate::model::WeightLayout) -> &'static str {
+    use crate::model::WeightLayout;
+    match layout {
+        WeightLayout::Native => "native",
+        WeightLayout::F32 => "f32",
+        WeightLayout::Bf16 => "bf16",
+    }
+}
+
 /// Loads a model in `layout` and its tokenizer on `backend`.
 pub(crate) fn load_with(
     path: &std::path::Path,
