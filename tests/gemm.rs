@@ -1144,8 +1144,11 @@ fn causal_attention_products_skip_what_the_mask_hides() {
             let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
             let worst = got.iter().zip(want).fold(0f32, |a, (x, y)| a.max((x - y).abs()));
             println!("{nkv} KV heads, {what}: largest difference {worst:.2e} (values up to {scale:.2e})");
+            // Summation-order rounding only: the 8-wide heads' unmasked
+            // products run on other kernels (try_narrow) than the causal
+            // ones, over sums of up to 450 terms.
             assert!(
-                scale > 0.0 && worst <= 1e-6 * scale,
+                scale > 0.0 && worst <= 4e-6 * scale,
                 "{what}: {worst:.2e} off (values up to {scale:.2e})"
             );
         }

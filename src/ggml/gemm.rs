@@ -1458,7 +1458,7 @@ unsafe extern "C" fn run(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_int, use
                 };
                 #[cfg(target_arch = "x86_64")]
                 {
-                    use super::gemm_small::{try_product, Strided};
+                    use super::gemm_small::{try_narrow, try_product, Strided};
                     let (sa, sb) = (
                         Strided {
                             p: pa,
@@ -1479,7 +1479,9 @@ unsafe extern "C" fn run(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_int, use
                         // fold_add marks only sums of at most 16 terms, on
                         // CPUs with AVX2 and FMA.
                         super::gemm_small::add_small_k(alpha, r1 - r0, k, c1 - c0, sa, sb, pd, pc, cs);
-                    } else if !try_product(alpha, r1 - r0, k, c1 - c0, sa, sb, pc, cs) {
+                    } else if !try_product(alpha, r1 - r0, k, c1 - c0, sa, sb, pc, cs)
+                        && !try_narrow(alpha, r1 - r0, k, c1 - c0, sa, sb, pc, cs)
+                    {
                         gemm();
                     }
                     if let Some(e) = &epilogue {

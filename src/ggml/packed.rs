@@ -470,7 +470,7 @@ unsafe fn kernel(k: usize, a: *const f32, b: *const f32, (c, ldc): (*mut f32, us
 /// # Safety
 /// The CPU has AVX (register shuffles only).
 #[inline(always)]
-unsafe fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
+pub(super) unsafe fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
     // SAFETY: forwarded from the caller.
     unsafe {
         let t = [
