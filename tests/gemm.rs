@@ -153,7 +153,7 @@ fn bf16_products_match_a_loop_over_rounded_operands() {
     let cases: [Case; 6] = [
         (
             "forward, Q4_1",
-            vec![(Q4_1, [416, 45, 1, 1]), (F32, [416, 41, 1, 1])],
+            vec![(Q4_1, [832, 45, 1, 1]), (F32, [832, 41, 1, 1])],
             plain,
         ),
         (
@@ -163,7 +163,7 @@ fn bf16_products_match_a_loop_over_rounded_operands() {
         ),
         (
             "input gradient, Q4_1",
-            vec![(Q4_1, [64, 416, 1, 1]), (F32, [416, 41, 1, 1])],
+            vec![(Q4_1, [64, 832, 1, 1]), (F32, [832, 41, 1, 1])],
             input_grad,
         ),
         (
@@ -179,7 +179,7 @@ fn bf16_products_match_a_loop_over_rounded_operands() {
         // dy's rows (each term's columns) contiguous.
         (
             "input gradient, dy untransposed",
-            vec![(Q4_1, [64, 416, 1, 1]), (F32, [41, 416, 1, 1])],
+            vec![(Q4_1, [64, 832, 1, 1]), (F32, [41, 832, 1, 1])],
             lora_a_grad,
         ),
     ];
