@@ -248,11 +248,19 @@ pub(crate) fn load(path: &std::path::Path, compute: &ComputeArgs) -> Result<(Mod
 /// bf16 compute dtype round them), else `native`.
 pub(crate) fn base_layout(choice: &str, backend: &Backend) -> crate::model::WeightLayout {
     use crate::model::WeightLayout;
+    let bf16 = backend.is_cpu() && crate::ggml::bf16_products_supported();
     match choice {
         "f32" => WeightLayout::F32,
-        "bf16" => WeightLayout::Bf16,
+        "bf16" => {
+            if !bf16 {
+                eprintln!(
+                    "note: --base-compute bf16 takes effect on CPUs with AVX512-BF16 only; here it runs as native"
+                );
+            }
+            WeightLayout::Bf16
+        }
         "native" => WeightLayout::Native,
-        _ if backend.is_cpu() && crate::ggml::bf16_products_supported() => WeightLayout::Bf16,
+        _ if bf16 => WeightLayout::Bf16,
         _ => WeightLayout::Native,
     }
 }
