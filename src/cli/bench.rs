@@ -216,21 +216,23 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     // Inference over quantized weights keeps ggml's kernels, while the
     // training step's forward runs on the GEMM: time that forward too, so
-    // that the train / forward ratio compares the same products.
+    // that the train / forward ratio compares the same products. The two
+    // alternate, so that both see the machine alike (on a shared machine
+    // either phase may run 10 % faster or slower than the other for
+    // seconds at a time).
     let mut fwd_trained = Vec::new();
-    if model.gemm_products && model.backend().is_cpu() && model.has_quantized_weights() {
-        for i in 0..a.warmup + a.steps {
+    let as_trained = model.gemm_products && model.backend().is_cpu() && model.has_quantized_weights();
+    let ocfg = OptimConfig::default();
+    let mut st = TrainState::fresh(method, 0);
+    let mut train = Vec::new();
+    for i in 0..a.warmup + a.steps {
+        if as_trained {
             let t0 = Instant::now();
             forward_as_trained(&model, method, &mut sched, &batch)?;
             if i >= a.warmup {
                 fwd_trained.push(t0.elapsed().as_secs_f64());
             }
         }
-    }
-    let ocfg = OptimConfig::default();
-    let mut st = TrainState::fresh(method, 0);
-    let mut train = Vec::new();
-    for i in 0..a.warmup + a.steps {
         let t0 = Instant::now();
         let (_, _, grads) = micro_batch_grads(&model, method, &mut sched, &[&ex], a.grad_checkpointing)?;
         st.update(&ocfg, ocfg.lr, grads, method);
