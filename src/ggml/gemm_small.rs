@@ -141,23 +141,14 @@ unsafe fn tall_rows<const N: usize>(
     // within A, B and C (the caller's promise).
     unsafe {
         for i0 in (0..m8).step_by(8) {
-            let mut acc = [_mm256_setzero_ps(); N];
-            let (mut pa, mut pb) = (a.p.add(i0), b.p);
-            for _ in 0..k {
-                let x = _mm256_loadu_ps(pa);
-                for (j, acc) in acc.iter_mut().enumerate() {
-                    *acc = _mm256_fmadd_ps(x, _mm256_set1_ps(*pb.offset(j as isize * b.cs)), *acc);
-                }
-                (pa, pb) = (pa.offset(a.cs), pb.offset(b.rs));
-            }
+            let acc = outer_sums::<N>(k, (a.p.add(i0), a.cs), (b.p, b.rs, b.cs));
             for (j, acc) in acc.iter().enumerate() {
                 _mm256_storeu_ps(c.offset(i0 as isize + j as isize * csc), _mm256_mul_ps(*acc, av));
             }
         }
         for i in m8..m {
             for j in 0..N {
-                let s = (0..k).fold(0f32, |s, p| a.at(i, p).mul_add(b.at(p, j), s));
-                *c.offset(i as isize + j as isize * csc) = s * alpha;
+                *c.offset(i as isize + j as isize * csc) = dot(k, a, b, (i, j)) * alpha;
             }
         }
     }
@@ -182,16 +173,11 @@ unsafe fn tall_columns<const M: usize>(
     // within A, B and C (the caller's promise).
     unsafe {
         for j0 in (0..n8).step_by(8) {
-            let mut acc = [_mm256_setzero_ps(); 8];
-            let (mut pa, mut pb) = (a.p, b.p.offset(j0 as isize * b.cs));
-            for _ in 0..k {
-                let y = _mm256_loadu_ps(pb);
-                for (i, acc) in acc.iter_mut().enumerate().take(M) {
-                    *acc = _mm256_fmadd_ps(y, _mm256_set1_ps(*pa.offset(i as isize * a.rs)), *acc);
-                }
-                (pa, pb) = (pa.offset(a.cs), pb.offset(b.rs));
+            let mut rows = [_mm256_setzero_ps(); 8];
+            let acc = outer_sums::<M>(k, (b.p.offset(j0 as isize * b.cs), b.rs), (a.p, a.cs, a.rs));
+            for (r, acc) in rows.iter_mut().zip(acc) {
+                *r = _mm256_mul_ps(acc, av);
             }
-            let rows = acc.map(|v| _mm256_mul_ps(v, av));
             if M == 8 {
                 for (u, v) in super::packed::transpose8(rows).into_iter().enumerate() {
                     _mm256_storeu_ps(c.offset((j0 + u) as isize * csc), v);
@@ -210,11 +196,51 @@ unsafe fn tall_columns<const M: usize>(
         }
         for j in n8..n {
             for i in 0..M {
-                let s = (0..k).fold(0f32, |s, p| a.at(i, p).mul_add(b.at(p, j), s));
-                *c.offset(i as isize + j as isize * csc) = s * alpha;
+                *c.offset(i as isize + j as isize * csc) = dot(k, a, b, (i, j)) * alpha;
             }
         }
     }
+}
+
+/// `W` sums over `k` terms of a vector of 8 contiguous values (from `v`,
+/// `v_step` apart from one term to the next) times each of `W` values
+/// (from `s`, `s_step` apart from one term to the next, `s_stride` apart
+/// within a term), broadcast: term by term in order, with fused
+/// multiply-adds.
+///
+/// # Safety
+/// Every value addressed is readable; the CPU has AVX2 and FMA (the
+/// caller's features: inlined, no closures).
+#[inline(always)]
+unsafe fn outer_sums<const W: usize>(
+    k: usize,
+    (v, v_step): (*const f32, isize),
+    (s, s_step, s_stride): (*const f32, isize, isize),
+) -> [__m256; W] {
+    let mut acc = [_mm256_setzero_ps(); W];
+    let (mut v, mut s) = (v, s);
+    for _ in 0..k {
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            let x = _mm256_loadu_ps(v);
+            for (w, acc) in acc.iter_mut().enumerate() {
+                *acc = _mm256_fmadd_ps(x, _mm256_set1_ps(*s.offset(w as isize * s_stride)), *acc);
+            }
+            (v, s) = (v.offset(v_step), s.offset(s_step));
+        }
+    }
+    acc
+}
+
+/// `C[i, j]`'s sum over `k` terms one at a time, in order with fused
+/// multiply-adds (as [`outer_sums`] sums each lane).
+///
+/// # Safety
+/// Row `i` of A and column `j` of B hold `k` readable values.
+#[inline(always)]
+unsafe fn dot(k: usize, a: Strided, b: Strided, (i, j): (usize, usize)) -> f32 {
+    // SAFETY: forwarded from the caller.
+    (0..k).fold(0f32, |s, p| unsafe { a.at(i, p).mul_add(b.at(p, j), s) })
 }
 
 /// Horizontal sum of 8 lanes.

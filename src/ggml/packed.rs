@@ -415,6 +415,25 @@ unsafe fn add_tile((c, d): (*mut f32, *const f32), ld: usize, (mm, nn): (usize, 
     }
 }
 
+/// Runs `$step!(a, b)` over `$k` terms (or pairs) of the panels `$a`
+/// (16 slots a term) and `$b` (6 a term), four at a time.
+macro_rules! over_terms {
+    ($k:expr, $a:expr, $b:expr, $step:ident) => {{
+        let (mut a, mut b) = ($a, $b);
+        let mut p = 0;
+        while p + 4 <= $k {
+            for u in 0..4 {
+                $step!(a.add(u * MR), b.add(u * NR));
+            }
+            (a, b, p) = (a.add(4 * MR), b.add(4 * NR), p + 4);
+        }
+        while p < $k {
+            $step!(a, b);
+            (a, b, p) = (a.add(MR), b.add(NR), p + 1);
+        }
+    }};
+}
+
 /// The 16 × 6 tile `C (+)= alpha·A·B` over `k` terms: `a` a packed panel
 /// (16 values per term), `b` a packed panel (6 per term); C's columns `ldc`
 /// floats apart, added to where `accumulate`, else written.
@@ -422,11 +441,7 @@ unsafe fn add_tile((c, d): (*mut f32, *const f32), ld: usize, (mm, nn): (usize, 
 unsafe fn kernel(k: usize, a: *const f32, b: *const f32, (c, ldc): (*mut f32, usize), alpha: f32, accumulate: bool) {
     // SAFETY: the caller passes panels of k terms and a 16 × 6 tile of C.
     unsafe {
-        for j in 0..NR {
-            // The tile's columns are far apart; fetch them while summing.
-            _mm_prefetch::<_MM_HINT_T0>(c.add(j * ldc) as *const i8);
-            _mm_prefetch::<_MM_HINT_T0>(c.add(j * ldc + MR - 1) as *const i8);
-        }
+        prefetch_tile(c, ldc);
         let mut acc = [[_mm256_setzero_ps(); 2]; NR];
         // One term: a macro, not a closure, so that it is compiled with
         // the caller's AVX2 and FMA.
@@ -441,19 +456,37 @@ unsafe fn kernel(k: usize, a: *const f32, b: *const f32, (c, ldc): (*mut f32, us
                 }
             }};
         }
-        let (mut a, mut b) = (a, b);
-        let mut p = 0;
-        while p + 4 <= k {
-            for u in 0..4 {
-                step!(a.add(u * MR), b.add(u * NR));
-            }
-            (a, b, p) = (a.add(4 * MR), b.add(4 * NR), p + 4);
+        over_terms!(k, a, b, step);
+        store_tile(&acc, (c, ldc), alpha, accumulate);
+    }
+}
+
+/// Asks for a 16 × 6 tile of C (columns `ldc` floats apart, far apart)
+/// while the kernel sums.
+///
+/// # Safety
+/// The CPU has SSE (prefetches do not fault).
+#[inline(always)]
+unsafe fn prefetch_tile(c: *mut f32, ldc: usize) {
+    for j in 0..NR {
+        // SAFETY: address arithmetic for a hint only.
+        unsafe {
+            _mm_prefetch::<_MM_HINT_T0>(c.wrapping_add(j * ldc) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(c.wrapping_add(j * ldc + MR - 1) as *const i8);
         }
-        while p < k {
-            step!(a, b);
-            (a, b, p) = (a.add(MR), b.add(NR), p + 1);
-        }
-        // Scaling by 1 is exact: no case of its own.
+    }
+}
+
+/// Writes `alpha·acc` into the 16 × 6 tile at `c` (columns `ldc` floats
+/// apart), added to it where `accumulate`. Scaling by 1 is exact: no case
+/// of its own.
+///
+/// # Safety
+/// The tile lies within C; the CPU has AVX.
+#[inline(always)]
+unsafe fn store_tile(acc: &[[__m256; 2]; NR], (c, ldc): (*mut f32, usize), alpha: f32, accumulate: bool) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
         let alpha = _mm256_set1_ps(alpha);
         for (j, acc) in acc.iter().enumerate() {
             let cj = c.add(j * ldc);
@@ -705,10 +738,7 @@ unsafe fn kernel_bf16(
     }
     // SAFETY: the caller passes panels of kp pairs and a 16 × 6 tile of C.
     unsafe {
-        for j in 0..NR {
-            _mm_prefetch::<_MM_HINT_T0>(c.add(j * ldc) as *const i8);
-            _mm_prefetch::<_MM_HINT_T0>(c.add(j * ldc + MR - 1) as *const i8);
-        }
+        prefetch_tile(c, ldc);
         let mut acc = [[_mm256_setzero_ps(); 2]; NR];
         macro_rules! step {
             ($a:expr, $b:expr) => {{
@@ -721,31 +751,8 @@ unsafe fn kernel_bf16(
                 }
             }};
         }
-        let (mut a, mut b) = (a, b);
-        let mut p = 0;
-        while p + 4 <= kp {
-            for u in 0..4 {
-                step!(a.add(u * MR), b.add(u * NR));
-            }
-            (a, b, p) = (a.add(4 * MR), b.add(4 * NR), p + 4);
-        }
-        while p < kp {
-            step!(a, b);
-            (a, b, p) = (a.add(MR), b.add(NR), p + 1);
-        }
-        let alpha = _mm256_set1_ps(alpha);
-        for (j, acc) in acc.iter().enumerate() {
-            let cj = c.add(j * ldc);
-            for (h, &v) in acc.iter().enumerate() {
-                let v = _mm256_mul_ps(v, alpha);
-                let v = if accumulate {
-                    _mm256_add_ps(_mm256_loadu_ps(cj.add(8 * h)), v)
-                } else {
-                    v
-                };
-                _mm256_storeu_ps(cj.add(8 * h), v);
-            }
-        }
+        over_terms!(kp, a, b, step);
+        store_tile(&acc, (c, ldc), alpha, accumulate);
     }
 }
 
