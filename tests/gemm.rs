@@ -1155,6 +1155,74 @@ fn causal_attention_products_skip_what_the_mask_hides() {
     }
 }
 
+/// In a training graph whose frozen weights run their products in bf16,
+/// attention's causal products round their operands to bf16 too (as
+/// torch's bf16 autocast does): the output and the gradients of the
+/// queries, keys and values stay within bf16 rounding of the F32 run's, and
+/// differ from them by far more than F32 summation order would.
+#[test]
+fn attention_in_a_bf16_graph_runs_in_bf16() {
+    if !gguf_peft::ggml::bf16_products_supported() {
+        eprintln!("skipped: this CPU has no AVX512-BF16 (attention stays F32, tested elsewhere)");
+        return;
+    }
+    let (nh, nkv, hd, n, np) = (4i64, 2i64, 64i64, 150i64, 5i64);
+    let keys = n + np;
+    let mut rng = Rng::new(41);
+    let mut vals = |len: i64| (0..len).map(|_| rng.normal()).collect::<Vec<f32>>();
+    let (qv, kv, vv, rv) = (
+        vals(hd * n * nh),
+        vals(hd * keys * nkv),
+        vals(hd * keys * nkv),
+        vals(hd * n * nh),
+    );
+    let mut mv = vec![f32::NEG_INFINITY; (keys * n) as usize];
+    for i in 0..n {
+        mv[(i * keys) as usize..(i * keys + np + i + 1) as usize].fill(0.0);
+    }
+    let hd_or_keys = |t: Tensor<'_>| t.ne()[0];
+    let run = |bf16: bool| {
+        let ctx = Context::new(64, 64, true);
+        let q = ctx.new_tensor(GgmlType::F32, &[hd, n, nh]).set_input().set_param();
+        let k = ctx.new_tensor(GgmlType::F32, &[hd, keys, nkv]).set_input().set_param();
+        let vt = ctx.new_tensor(GgmlType::F32, &[keys, hd, nkv]).set_input().set_param();
+        let r = ctx.new_tensor(GgmlType::F32, &[hd, n, nh]).set_input();
+        let m = ctx
+            .new_tensor(GgmlType::F32, &[keys, n])
+            .set_input()
+            .set_causal_offset(np as usize);
+        // A weight of the graph marked for bf16 products (its own product
+        // is beside the point).
+        let w = ctx.new_tensor(GgmlType::F32, &[1]).set_input();
+        let w = if bf16 { w.set_bf16_products() } else { w };
+        let grouped = |t| ctx.reshape(t, &[hd_or_keys(t), n * (nh / nkv), nkv]);
+        let s = ctx.reshape(ctx.mul_mat(k, grouped(q)), &[keys, n, nh]);
+        let p = ctx.soft_max_ext(s, Some(m), 0.125);
+        let o = ctx.reshape(ctx.mul_mat(vt, grouped(p)), &[hd, n, nh]).set_output();
+        let loss = ctx.add(ctx.sum(ctx.mul(o, r)), ctx.sum(w)).set_loss().set_output();
+        let (gr, _sched, _) = run_backward(&ctx, loss, true, || {
+            for (t, v) in [(q, &qv), (k, &kv), (vt, &vv), (r, &rv), (m, &mv)] {
+                t.write_f32(v);
+            }
+            w.write_f32(&[0.0]);
+        });
+        let grads = [q, k, vt].map(|t| gr.grad(t).unwrap().read_f32());
+        (o.read_f32(), grads)
+    };
+    let ((o_bf, g_bf), (o_f32, g_f32)) = (run(true), run(false));
+    for (what, got, want) in [
+        ("output", &o_bf, &o_f32),
+        ("dQ", &g_bf[0], &g_f32[0]),
+        ("dK", &g_bf[1], &g_f32[1]),
+        ("dV", &g_bf[2], &g_f32[2]),
+    ] {
+        let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let worst = got.iter().zip(want).fold(0f32, |a, (x, y)| a.max((x - y).abs())) / scale;
+        println!("{what}: bf16 against F32 {worst:.2e} of the largest value");
+        assert!(worst > 1e-4 && worst < 2e-2, "{what}: {worst:.2e}");
+    }
+}
+
 /// LoRA's backward scales the output gradient (`dz = s·dy`) before the
 /// products for B's gradient and the rank-r intermediate's; the GEMM folds
 /// that scale into both products. The gradients of A, B and the input match

@@ -170,6 +170,12 @@ const EPILOGUE_INNER: usize = 1 << 14;
 /// in the backward). See [`fold_addend`].
 const ADDEND: usize = 1 << 15;
 
+/// Set in an attention product's userdata (one marked [`CAUSAL`]) in a
+/// graph whose frozen weights run their products in bf16 (see
+/// [`set_bf16`]): its operands are rounded to bf16 too, as torch's bf16
+/// autocast rounds attention's.
+const BF16_OPERANDS: usize = 1 << 16;
+
 /// The tensor a node marked [`ADDEND`] adds to its result, if it is one.
 ///
 /// # Safety
@@ -788,6 +794,12 @@ unsafe fn mark_causal(
                 entries.insert(s as *const sys::ggml_tensor, info);
             }
         }
+        // A graph over weights marked for bf16 products, on a CPU that
+        // runs them.
+        let bf16 = super::packed::bf16_supported()
+            && nodes
+                .iter()
+                .any(|&n| (*n).src.iter().any(|&s| leaf_tag(s, BF16_TAG).is_some()));
         let mut marked = 0;
         for &node in nodes {
             let Some(u) = gemm_userdata(node) else {
@@ -839,7 +851,7 @@ unsafe fn mark_causal(
                 node,
                 run,
                 -1,
-                (kind | CAUSAL | (pattern as usize) << 11 | hi) as *mut c_void,
+                (kind | CAUSAL | (pattern as usize) << 11 | if bf16 { BF16_OPERANDS } else { 0 } | hi) as *mut c_void,
             );
             marked += 1;
         }
@@ -964,7 +976,7 @@ impl<'t> SoftMax<'t> {
 /// As for [`run`]: the pointers and strides address one slice's operands.
 #[allow(clippy::type_complexity)]
 unsafe fn causal_run(
-    ((pattern, off, nq), soft_max): ((Causal, usize, usize), Option<SoftMax<'_>>),
+    ((pattern, off, nq), soft_max, bf16): ((Causal, usize, usize), Option<SoftMax<'_>>, bool),
     (r0, r1): (usize, usize),
     (c0, c1): (usize, usize),
     k: usize,
@@ -987,7 +999,7 @@ unsafe fn causal_run(
                 (pa.offset((i0a - r0) as isize * a_i0 + ka as isize * a_k), a_i0, a_k),
                 (pb.offset(ka as isize * b_k + (i1a - c0) as isize * b_i1), b_k, b_i1),
                 (pc.offset((i0a - r0) as isize + (i1a - c0) as isize * c_i1), c_i1),
-                beta != 0.0,
+                (beta != 0.0, bf16),
             );
         }
     };
@@ -1074,7 +1086,7 @@ unsafe fn f32_product(
     (pa, a_r, a_c): (*const f32, isize, isize),
     (pb, b_r, b_c): (*const f32, isize, isize),
     (pc, c_c): (*mut f32, isize),
-    accumulate: bool,
+    (accumulate, bf16): (bool, bool),
 ) {
     // Smaller products (a LoRA gradient's rank-wide side) leave most of a
     // 16 × 6 tile empty; matrixmultiply's 8 × 8 fits them better.
@@ -1082,11 +1094,12 @@ unsafe fn f32_product(
     if m >= 32 && n >= 24 && k >= 16 {
         use super::gemm_small::Strided;
         use super::packed::{product, Out, Source, Team};
-        let a = Source::F32(Strided {
+        let sa = Strided {
             p: pa,
             rs: a_r,
             cs: a_c,
-        });
+        };
+        let a = if bf16 { Source::F32Bf16(sa) } else { Source::F32(sa) };
         let b = Strided {
             p: pb,
             rs: b_r,
@@ -1441,7 +1454,7 @@ unsafe extern "C" fn run(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_int, use
                 if let Some(c) = causal {
                     let b_ops = (pb, s(b_k), s(b_i1));
                     causal_run(
-                        (c, soft_max),
+                        (c, soft_max, userdata as usize & BF16_OPERANDS != 0),
                         (r0, r1),
                         (c0, c1),
                         k,
@@ -1454,7 +1467,14 @@ unsafe extern "C" fn run(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_int, use
                 let cs = s(d.nb[1]);
                 let gemm = || {
                     let a = (pa, s(a_i0), s(a_k));
-                    f32_product(alpha, (r1 - r0, k, c1 - c0), a, (pb, s(b_k), s(b_i1)), (pc, cs), false)
+                    f32_product(
+                        alpha,
+                        (r1 - r0, k, c1 - c0),
+                        a,
+                        (pb, s(b_k), s(b_i1)),
+                        (pc, cs),
+                        (false, false),
+                    )
                 };
                 #[cfg(target_arch = "x86_64")]
                 {
