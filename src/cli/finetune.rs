@@ -165,10 +165,10 @@ pub struct FinetuneArgs {
     /// exactly, except Q6_K, F16, Q2_K and Q3_K weights' forward, which
     /// rounds activations as llama.cpp does), `f32` (dequantized once at
     /// load: 4 bytes per weight, exact everywhere), `bf16` (native, with the
-    /// CPU's products over the base taking bf16 operands with F32 sums, as
-    /// torch's bf16 autocast: about twice their speed on CPUs with
-    /// AVX512-BF16, such as Zen 4 or Sapphire Rapids) or `auto` (`bf16`
-    /// where the CPU has AVX512-BF16, else `native`).
+    /// CPU's products over the base, and attention's, taking bf16
+    /// operands with F32 sums, as torch's bf16 autocast: about twice their
+    /// speed on CPUs with AVX512-BF16, such as Zen 4 or Sapphire Rapids)
+    /// or `auto` (`bf16` where the CPU has AVX512-BF16, else `native`).
     #[arg(long, default_value = "auto", value_parser = ["auto", "native", "f32", "bf16"])]
     base_compute: String,
     /// Input gradients through the frozen weights: `transposed` (on the CPU

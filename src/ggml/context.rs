@@ -450,6 +450,8 @@ impl<'a> Tensor<'a> {
     /// bf16 operands: its values and the other operand's rounded to bf16
     /// (8 bits of mantissa), their products summed in F32, twice as fast
     /// where the CPU has AVX512-BF16 (elsewhere the mark changes nothing).
+    /// A training graph that reads such a weight runs its attention's
+    /// causal products with bf16 operands too.
     pub fn set_bf16_products(self) -> Self {
         // SAFETY: a valid tensor; see `gemm::set_bf16`.
         unsafe { super::gemm::set_bf16(self.raw()) };

@@ -50,8 +50,9 @@ pub enum WeightLayout {
     /// As `Native`, with the CPU's training products over the weights
     /// taking bf16 operands (the weight's values and the activations or
     /// their gradients rounded to 8 bits of mantissa, sums in F32, as
-    /// torch's bf16 autocast or QLoRA's `bnb_4bit_compute_dtype`): twice
-    /// the products' speed on CPUs with AVX512-BF16, the same as `Native`
+    /// torch's bf16 autocast or QLoRA's `bnb_4bit_compute_dtype`), and
+    /// attention's products in training graphs likewise: twice the
+    /// products' speed on CPUs with AVX512-BF16, the same as `Native`
     /// elsewhere.
     Bf16,
 }
