@@ -796,7 +796,7 @@ unsafe fn mark_causal(
         }
         // A graph over weights marked for bf16 products, on a CPU that
         // runs them.
-        let bf16 = super::packed::bf16_supported()
+        let bf16 = super::bf16_products_supported()
             && nodes
                 .iter()
                 .any(|&n| (*n).src.iter().any(|&s| leaf_tag(s, BF16_TAG).is_some()));
@@ -1074,7 +1074,8 @@ unsafe fn causal_run(
 /// `C = alpha·(A·B)`, or that added to C where `accumulate`, for F32
 /// operands at strides (`(pointer, row stride, column stride)` in
 /// elements; C's rows contiguous): through [`super::packed`] where the CPU
-/// has AVX2 and FMA and the product fills its register tiles, else
+/// has AVX2 and FMA and the product fills its register tiles (with the
+/// operands rounded to bf16 where `bf16` and the CPU runs that), else
 /// matrixmultiply.
 ///
 /// # Safety
