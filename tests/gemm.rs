@@ -1079,44 +1079,9 @@ fn causal_attention_products_skip_what_the_mask_hides() {
     // GEMM's tiles, sums over two query heads added pass by pass. (Each
     // case's probabilities are over the 256 KiB below which they are not
     // recomputed.)
-    for (nh, nkv, hd) in [(3i64, 1i64, 8i64), (8, 2, 8), (4, 2, 64)] {
-        let (n, np) = (150i64, 5i64);
-        let keys = n + np;
-        let mut rng = Rng::new(23);
-        let mut vals = |len: i64| (0..len).map(|_| rng.normal()).collect::<Vec<f32>>();
-        let (qv, kv, vv, rv) = (
-            vals(hd * n * nh),
-            vals(hd * keys * nkv),
-            vals(hd * keys * nkv),
-            vals(hd * n * nh),
-        );
-        // Query i sees the prefix and keys up to its own (off = np).
-        let mut mv = vec![f32::NEG_INFINITY; (keys * n) as usize];
-        for i in 0..n {
-            mv[(i * keys) as usize..(i * keys + np + i + 1) as usize].fill(0.0);
-        }
-        let hd_or_keys = |t: Tensor<'_>| t.ne()[0];
-        let run = |causal: bool, remat: bool| {
-            let ctx = Context::new(64, 64, true);
-            let q = ctx.new_tensor(GgmlType::F32, &[hd, n, nh]).set_input().set_param();
-            let k = ctx.new_tensor(GgmlType::F32, &[hd, keys, nkv]).set_input().set_param();
-            let vt = ctx.new_tensor(GgmlType::F32, &[keys, hd, nkv]).set_input().set_param();
-            let r = ctx.new_tensor(GgmlType::F32, &[hd, n, nh]).set_input();
-            let m = ctx.new_tensor(GgmlType::F32, &[keys, n]).set_input();
-            let m = if causal { m.set_causal_offset(np as usize) } else { m };
-            let grouped = |t| ctx.reshape(t, &[hd_or_keys(t), n * (nh / nkv), nkv]);
-            let s = ctx.reshape(ctx.mul_mat(k, grouped(q)), &[keys, n, nh]);
-            let p = ctx.soft_max_ext(s, Some(m), 0.35);
-            let o = ctx.reshape(ctx.mul_mat(vt, grouped(p)), &[hd, n, nh]).set_output();
-            let loss = ctx.sum(ctx.mul(o, r)).set_loss().set_output();
-            let (gr, _sched, rewritten, recomputed) = run_backward_remat(&ctx, loss, true, remat, || {
-                for (t, v) in [(q, &qv), (k, &kv), (vt, &vv), (r, &rv), (m, &mv)] {
-                    t.write_f32(v);
-                }
-            });
-            let grads = [q, k, vt].map(|t| gr.grad(t).unwrap().read_f32());
-            (rewritten, recomputed, o.read_f32(), grads, p.op_desc())
-        };
+    for heads in [(3i64, 1i64, 8i64), (8, 2, 8), (4, 2, 64)] {
+        let nkv = heads.1;
+        let run = |causal: bool, remat: bool| attention_step(heads, 23, 0.35, (causal, remat, false));
         let ((n_causal, _, o_causal, g_causal, p_causal), (n_plain, _, o_plain, g_plain, p_plain)) =
             (run(true, false), run(false, false));
         assert_eq!(
@@ -1135,14 +1100,7 @@ fn causal_attention_products_skip_what_the_mask_hides() {
         for (what, (p, q)) in ["dQ", "dK", "dV"].iter().zip(g_remat.iter().zip(&g_causal)) {
             assert_eq!(differ(p, q), 0, "{what}: rematerialized values differ");
         }
-        for (what, got, want) in [
-            ("output", &o_causal, &o_plain),
-            ("dQ", &g_causal[0], &g_plain[0]),
-            ("dK", &g_causal[1], &g_plain[1]),
-            ("dV", &g_causal[2], &g_plain[2]),
-        ] {
-            let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
-            let worst = got.iter().zip(want).fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+        for (what, (worst, scale)) in attention_differences((&o_causal, &g_causal), (&o_plain, &g_plain)) {
             println!("{nkv} KV heads, {what}: largest difference {worst:.2e} (values up to {scale:.2e})");
             // Summation-order rounding only: the 8-wide heads' unmasked
             // products run on other kernels (try_narrow) than the causal
@@ -1153,6 +1111,91 @@ fn causal_attention_products_skip_what_the_mask_hides() {
             );
         }
     }
+}
+
+/// Query heads, KV heads, head size.
+type Heads = (i64, i64, i64);
+
+/// What [`attention_step`] gives: the GEMM nodes rewritten, the values
+/// recomputed, the output, the gradients of Q, K and V, and the
+/// probabilities' op.
+type AttentionStep = (usize, usize, Vec<f32>, [Vec<f32>; 3], String);
+
+/// A training step through one attention: 150 queries after 5 prefix keys
+/// (query i sees the prefix and the keys up to its own), grouped-query
+/// heads, random Q, K, V and R from `seed`, softmax scale `scale`, under
+/// the loss `Σ o ⊙ r`, with the GEMM; the mask declared causal where
+/// `causal`, values rematerialized where `remat`, and the graph reading a
+/// leaf marked for bf16 products where `bf16`.
+fn attention_step(
+    (nh, nkv, hd): Heads,
+    seed: u64,
+    scale: f32,
+    (causal, remat, bf16): (bool, bool, bool),
+) -> AttentionStep {
+    let (n, np) = (150i64, 5i64);
+    let keys = n + np;
+    let mut rng = Rng::new(seed);
+    let mut vals = |len: i64| (0..len).map(|_| rng.normal()).collect::<Vec<f32>>();
+    let (qv, kv, vv, rv) = (
+        vals(hd * n * nh),
+        vals(hd * keys * nkv),
+        vals(hd * keys * nkv),
+        vals(hd * n * nh),
+    );
+    let mut mv = vec![f32::NEG_INFINITY; (keys * n) as usize];
+    for i in 0..n {
+        mv[(i * keys) as usize..(i * keys + np + i + 1) as usize].fill(0.0);
+    }
+    let ctx = Context::new(64, 64, true);
+    let q = ctx.new_tensor(GgmlType::F32, &[hd, n, nh]).set_input().set_param();
+    let k = ctx.new_tensor(GgmlType::F32, &[hd, keys, nkv]).set_input().set_param();
+    let vt = ctx.new_tensor(GgmlType::F32, &[keys, hd, nkv]).set_input().set_param();
+    let r = ctx.new_tensor(GgmlType::F32, &[hd, n, nh]).set_input();
+    let m = ctx.new_tensor(GgmlType::F32, &[keys, n]).set_input();
+    let m = if causal { m.set_causal_offset(np as usize) } else { m };
+    let rows = |t: Tensor<'_>| t.ne()[0];
+    let grouped = |t| ctx.reshape(t, &[rows(t), n * (nh / nkv), nkv]);
+    let s = ctx.reshape(ctx.mul_mat(k, grouped(q)), &[keys, n, nh]);
+    let p = ctx.soft_max_ext(s, Some(m), scale);
+    let o = ctx.reshape(ctx.mul_mat(vt, grouped(p)), &[hd, n, nh]).set_output();
+    let mut loss = ctx.sum(ctx.mul(o, r));
+    // A weight of the graph marked for bf16 products (its own product is
+    // beside the point).
+    let w = bf16.then(|| ctx.new_tensor(GgmlType::F32, &[1]).set_input().set_bf16_products());
+    if let Some(w) = w {
+        loss = ctx.add(loss, ctx.sum(w));
+    }
+    let loss = loss.set_loss().set_output();
+    let (gr, _sched, rewritten, recomputed) = run_backward_remat(&ctx, loss, true, remat, || {
+        for (t, v) in [(q, &qv), (k, &kv), (vt, &vv), (r, &rv), (m, &mv)] {
+            t.write_f32(v);
+        }
+        if let Some(w) = w {
+            w.write_f32(&[0.0]);
+        }
+    });
+    let grads = [q, k, vt].map(|t| gr.grad(t).unwrap().read_f32());
+    (rewritten, recomputed, o.read_f32(), grads, p.op_desc())
+}
+
+/// For an attention's output and dQ, dK, dV (`got` against `want`): the
+/// largest difference and the largest magnitude of `want`'s values.
+fn attention_differences(
+    (o, g): (&[f32], &[Vec<f32>; 3]),
+    (o_want, g_want): (&[f32], &[Vec<f32>; 3]),
+) -> [(&'static str, (f32, f32)); 4] {
+    let diff = |got: &[f32], want: &[f32]| {
+        let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let worst = got.iter().zip(want).fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+        (worst, scale)
+    };
+    [
+        ("output", diff(o, o_want)),
+        ("dQ", diff(&g[0], &g_want[0])),
+        ("dK", diff(&g[1], &g_want[1])),
+        ("dV", diff(&g[2], &g_want[2])),
+    ]
 }
 
 /// In a training graph whose frozen weights run their products in bf16,
@@ -1166,58 +1209,10 @@ fn attention_in_a_bf16_graph_runs_in_bf16() {
         eprintln!("skipped: this CPU has no AVX512-BF16 (attention stays F32, tested elsewhere)");
         return;
     }
-    let (nh, nkv, hd, n, np) = (4i64, 2i64, 64i64, 150i64, 5i64);
-    let keys = n + np;
-    let mut rng = Rng::new(41);
-    let mut vals = |len: i64| (0..len).map(|_| rng.normal()).collect::<Vec<f32>>();
-    let (qv, kv, vv, rv) = (
-        vals(hd * n * nh),
-        vals(hd * keys * nkv),
-        vals(hd * keys * nkv),
-        vals(hd * n * nh),
-    );
-    let mut mv = vec![f32::NEG_INFINITY; (keys * n) as usize];
-    for i in 0..n {
-        mv[(i * keys) as usize..(i * keys + np + i + 1) as usize].fill(0.0);
-    }
-    let hd_or_keys = |t: Tensor<'_>| t.ne()[0];
-    let run = |bf16: bool| {
-        let ctx = Context::new(64, 64, true);
-        let q = ctx.new_tensor(GgmlType::F32, &[hd, n, nh]).set_input().set_param();
-        let k = ctx.new_tensor(GgmlType::F32, &[hd, keys, nkv]).set_input().set_param();
-        let vt = ctx.new_tensor(GgmlType::F32, &[keys, hd, nkv]).set_input().set_param();
-        let r = ctx.new_tensor(GgmlType::F32, &[hd, n, nh]).set_input();
-        let m = ctx
-            .new_tensor(GgmlType::F32, &[keys, n])
-            .set_input()
-            .set_causal_offset(np as usize);
-        // A weight of the graph marked for bf16 products (its own product
-        // is beside the point).
-        let w = ctx.new_tensor(GgmlType::F32, &[1]).set_input();
-        let w = if bf16 { w.set_bf16_products() } else { w };
-        let grouped = |t| ctx.reshape(t, &[hd_or_keys(t), n * (nh / nkv), nkv]);
-        let s = ctx.reshape(ctx.mul_mat(k, grouped(q)), &[keys, n, nh]);
-        let p = ctx.soft_max_ext(s, Some(m), 0.125);
-        let o = ctx.reshape(ctx.mul_mat(vt, grouped(p)), &[hd, n, nh]).set_output();
-        let loss = ctx.add(ctx.sum(ctx.mul(o, r)), ctx.sum(w)).set_loss().set_output();
-        let (gr, _sched, _) = run_backward(&ctx, loss, true, || {
-            for (t, v) in [(q, &qv), (k, &kv), (vt, &vv), (r, &rv), (m, &mv)] {
-                t.write_f32(v);
-            }
-            w.write_f32(&[0.0]);
-        });
-        let grads = [q, k, vt].map(|t| gr.grad(t).unwrap().read_f32());
-        (o.read_f32(), grads)
-    };
-    let ((o_bf, g_bf), (o_f32, g_f32)) = (run(true), run(false));
-    for (what, got, want) in [
-        ("output", &o_bf, &o_f32),
-        ("dQ", &g_bf[0], &g_f32[0]),
-        ("dK", &g_bf[1], &g_f32[1]),
-        ("dV", &g_bf[2], &g_f32[2]),
-    ] {
-        let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
-        let worst = got.iter().zip(want).fold(0f32, |a, (x, y)| a.max((x - y).abs())) / scale;
+    let run = |bf16: bool| attention_step((4, 2, 64), 41, 0.125, (true, false, bf16));
+    let ((_, _, o_bf, g_bf, _), (_, _, o_f32, g_f32, _)) = (run(true), run(false));
+    for (what, (worst, scale)) in attention_differences((&o_bf, &g_bf), (&o_f32, &g_f32)) {
+        let worst = worst / scale;
         println!("{what}: bf16 against F32 {worst:.2e} of the largest value");
         assert!(worst > 1e-4 && worst < 2e-2, "{what}: {worst:.2e}");
     }
