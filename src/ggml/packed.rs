@@ -839,6 +839,27 @@ unsafe fn pack_rows_bf16(w: &Weight, r0: usize, mc: usize, p0: usize, kc: usize,
     }
 }
 
+/// Rounds 16 rows' values of two terms (`lo` the first term's, `hi` the
+/// second's) to bf16 and stores them as 16 slots at `dst`, slot `i` the
+/// pair of row `i`: one panel step of bf16 pairs.
+///
+/// # Safety
+/// `dst` has room for 16 slots; the CPU has AVX512-BF16 and BW.
+#[inline]
+#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512bf16")]
+unsafe fn store_pairs(lo: __m512, hi: __m512, dst: *mut f32) {
+    // Slot i: value i of the first term, then of the second.
+    let interleave = _mm512_set_epi16(
+        31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1,
+        16, 0,
+    );
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        let both = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+        _mm512_storeu_si512(dst as *mut __m512i, _mm512_permutexvar_epi16(interleave, both));
+    }
+}
+
 /// [`pack_columns`] with the terms rounded to bf16 pairs: two of the
 /// weight's rows (terms `2q`, `2q + 1`) dequantized at a time and
 /// interleaved into the panels' slots `q·16 + i`.
@@ -849,11 +870,6 @@ unsafe fn pack_rows_bf16(w: &Weight, r0: usize, mc: usize, p0: usize, kc: usize,
 #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512bf16")]
 unsafe fn pack_columns_bf16(w: &Weight, r0: usize, mc: usize, p0: usize, kc: usize, out: *mut f32, stage: *mut f32) {
     let (kp, padded) = (kc.div_ceil(2), mc.next_multiple_of(MR));
-    // Slot i of the result: value i of the first row, then of the second.
-    let interleave = _mm512_set_epi16(
-        31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1,
-        16, 0,
-    );
     // SAFETY: forwarded from the caller: rows p0..p0+kc of the weight,
     // values r0..r0+mc of each, into a stage of two padded rows.
     unsafe {
@@ -872,9 +888,7 @@ unsafe fn pack_columns_bf16(w: &Weight, r0: usize, mc: usize, p0: usize, kc: usi
                     _mm512_loadu_ps(first.add(ip * MR)),
                     _mm512_loadu_ps(second.add(ip * MR)),
                 );
-                let both = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo));
-                let v = _mm512_permutexvar_epi16(interleave, both);
-                _mm512_storeu_si512(out.add(ip * MR * kp + q * MR) as *mut __m512i, v);
+                store_pairs(lo, hi, out.add(ip * MR * kp + q * MR));
             }
         }
     }
@@ -891,10 +905,6 @@ unsafe fn pack_columns_bf16(w: &Weight, r0: usize, mc: usize, p0: usize, kc: usi
 #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512bf16")]
 unsafe fn pack_f32_bf16(a: Strided, r0: usize, mc: usize, p0: usize, kc: usize, out: *mut f32) {
     let kp = kc.div_ceil(2);
-    let interleave = _mm512_set_epi16(
-        31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1,
-        16, 0,
-    );
     // SAFETY: forwarded from the caller: rows r0..r0+mc, terms p0..p0+kc.
     unsafe {
         for ip in 0..mc.div_ceil(MR) {
@@ -910,11 +920,7 @@ unsafe fn pack_f32_bf16(a: Strided, r0: usize, mc: usize, p0: usize, kc: usize, 
                     } else {
                         _mm512_setzero_ps()
                     };
-                    let both = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo));
-                    _mm512_storeu_si512(
-                        dst.add(q * MR) as *mut __m512i,
-                        _mm512_permutexvar_epi16(interleave, both),
-                    );
+                    store_pairs(lo, hi, dst.add(q * MR));
                     q += 1;
                 }
             } else if rows == MR && a.cs == 1 {
