@@ -992,8 +992,9 @@ impl<'a> Graph<'a> {
     /// F32 OUT_PROD, F32 MUL_MATs over 32 or more tokens, and products with
     /// a plain-layout quantized weight (dequantized in bands) — as strided
     /// GEMMs in a custom op (see `gemm.rs`), with LoRA's scales and adds
-    /// folded into them; on AVX2 CPUs SILU_BACK, softmax and cross-entropy
-    /// run vectorized (`elementwise.rs`). CPU backends only (a custom op
+    /// folded into them; on AVX2 CPUs SILU_BACK, RMS_NORM_BACK, softmax and
+    /// cross-entropy run vectorized, the backward's MULs around SwiGLU and
+    /// the norms fused into them (`elementwise.rs`). CPU backends only (a custom op
     /// runs on the CPU); call after the backward pass is built and
     /// rewritten, before allocating. Returns the number of nodes rewritten.
     pub fn gemm_products(&mut self) -> usize {
@@ -1001,7 +1002,8 @@ impl<'a> Graph<'a> {
         let nodes = self.exec_nodes();
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above, before the per-node rewrites.
-        let compacted = unsafe { super::elementwise::compact_targets(&nodes) };
+        let compacted =
+            unsafe { super::elementwise::compact_targets(&nodes) + super::elementwise::fuse_backward(&nodes) };
         #[cfg(not(target_arch = "x86_64"))]
         let compacted = 0;
         let rewritten = compacted

@@ -386,6 +386,17 @@ unsafe fn make_view(node: *mut sys::ggml_tensor, src: *mut sys::ggml_tensor, of:
     }
 }
 
+/// Turns `node` into a view of `of` (a tensor of its type, shape and
+/// strides) that nothing computes, read from `of`.
+///
+/// # Safety
+/// As for [`make_view`].
+#[cfg(target_pointer_width = "64")]
+pub(super) unsafe fn make_view_of(node: *mut sys::ggml_tensor, of: *mut sys::ggml_tensor) {
+    // SAFETY: forwarded from the caller.
+    unsafe { make_view(node, of, of) }
+}
+
 /// Whether a fold must leave `t` alone: read or written from outside the
 /// graph.
 ///
