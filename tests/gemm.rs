@@ -1358,27 +1358,35 @@ fn lora_gradient_scale_folds_into_its_products() {
 
 /// The training loss against one class per row (`cross_entropy_loss_targets`):
 /// on the CPU the rewrite keeps the class ids (I32, one per row) instead of
-/// one-hot rows, and the gradient takes the logits' memory; the loss and its
-/// gradient equal an f64 evaluation to float rounding, and ggml's dense
-/// one-hot path (the graph without the rewrite) on the same targets.
+/// one-hot rows, and the gradient takes the logits' memory; where the loss
+/// and its backward alone read the logits, the loss leaves its softmax
+/// there for the backward. The loss and its gradient equal an f64
+/// evaluation to float rounding, and ggml's dense one-hot path (the graph
+/// without the rewrite) on the same targets, either way.
 #[test]
 fn class_id_targets_match_one_hot_rows() {
     let (n, rows) = (1003usize, 5usize);
     let xv = hard_logits(&mut Rng::new(31), n, rows);
     // The last class (in a row's scalar tail) and the max logit among them.
     let ids: Vec<i32> = vec![1, 17, n as i32 - 1, 500, 0];
-    let run = |compact: bool| {
+    let run = |compact: bool, scaled: bool| {
         let ctx = Context::new(64, 64, true);
         let x = ctx
             .new_tensor(GgmlType::F32, &[n as i64, rows as i64])
             .set_input()
             .set_param();
+        let ones = (!scaled).then(|| ctx.new_tensor(GgmlType::F32, &[n as i64, rows as i64]).set_input());
         // Logits computed from the parameter (so the gradient may take
-        // their memory), as a model's are.
-        let (loss, t) = ctx.cross_entropy_loss_targets(ctx.scale(x, 1.0));
+        // their memory), as a model's are; a SCALE may yet become a view
+        // of its source, so its memory keeps the logits.
+        let logits = ones.map_or_else(|| ctx.scale(x, 1.0), |ones| ctx.mul(x, ones));
+        let (loss, t) = ctx.cross_entropy_loss_targets(logits);
         let loss = loss.set_loss().set_output();
         let (gr, _sched, rewritten) = run_backward(&ctx, loss, compact, || {
             x.write_f32(&xv);
+            if let Some(ones) = ones {
+                ones.write_f32(&vec![1.0; n * rows]);
+            }
             t.write_targets(&ids);
         });
         if compact {
@@ -1389,14 +1397,18 @@ fn class_id_targets_match_one_hot_rows() {
     };
     let (loss, grad) = f64_cross_entropy(&xv, n, |r, i| f64::from(u8::from(i == ids[r] as usize)));
     let top = grad.iter().fold(0f64, |m, g| m.max(g.abs()));
-    for (what, (l, g)) in [("ids", run(true)), ("one-hot", run(false))] {
-        let off = g
-            .iter()
-            .zip(&grad)
-            .fold(0f64, |m, (&a, &b)| m.max((a as f64 - b).abs()));
-        println!("{what}: loss {l} (f64 {loss}), gradient {off:.1e} off (values up to {top:.1e})");
-        assert!((l - loss).abs() < 1e-6 * loss.abs(), "{what}: loss {l}, f64 {loss}");
-        assert!(off < 1e-6 * top, "{what}: gradient {off:.1e} off");
+    for scaled in [true, false] {
+        let ((li, gi), (lo, go)) = (run(true, scaled), run(false, scaled));
+        for (what, l, g) in [("ids", li, &gi), ("one-hot", lo, &go)] {
+            let off = g
+                .iter()
+                .zip(&grad)
+                .fold(0f64, |m, (&a, &b)| m.max((a as f64 - b).abs()));
+            let logits = if scaled { "scaled" } else { "softmax in place" };
+            println!("{what}, {logits}: loss {l} (f64 {loss}), gradient {off:.1e} off (values up to {top:.1e})");
+            assert!((l - loss).abs() < 1e-6 * loss.abs(), "{what}: loss {l}, f64 {loss}");
+            assert!(off < 1e-6 * top, "{what}: gradient {off:.1e} off");
+        }
     }
 }
 

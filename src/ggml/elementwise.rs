@@ -382,11 +382,28 @@ pub(super) unsafe fn compact_targets(nodes: &[*mut sys::ggml_tensor]) -> usize {
             if !simd || !nodes.iter().all(|&n| logits_of(t, n)) {
                 continue;
             }
+            // The loss leaves its softmax in the logits' memory for its
+            // backward (one exp per logit instead of three) where the two
+            // are the logits' only readers, the loss first.
+            let ops = |n: &*mut sys::ggml_tensor| (*(*n)).op;
+            let probs = match nodes.as_slice() {
+                [ce, back] if ops(ce) == sys::GGML_OP_CROSS_ENTROPY_LOSS => {
+                    let x = (**ce).src[0];
+                    (**back).src[1] == x
+                        && n_readers(x) == 2
+                        // A SCALE may yet become a view (gemm::fold_scale).
+                        && (*x).op != sys::GGML_OP_SCALE
+                        && (*x).view_src.is_null()
+                        && !external(x)
+                }
+                _ => false,
+            };
             for &n in nodes {
+                let flag = probs as usize as *mut c_void;
                 if (*n).op == sys::GGML_OP_CROSS_ENTROPY_LOSS {
-                    make_custom(n, cross_entropy_ids, -1, std::ptr::null_mut());
+                    make_custom(n, cross_entropy_ids, -1, flag);
                 } else {
-                    make_custom(n, cross_entropy_back_ids, -1, std::ptr::null_mut());
+                    make_custom(n, cross_entropy_back_ids, -1, flag);
                     // The gradient may take the logits' memory (each row is
                     // read whole before it is written) where the loss and
                     // its backward are the logits' only readers: one 50 MB
@@ -395,7 +412,6 @@ pub(super) unsafe fn compact_targets(nodes: &[*mut sys::ggml_tensor]) -> usize {
                     let loss_reads = nodes.iter().any(|&m| m != n && (*m).src[0] == x);
                     let in_place = n_readers(x) == 2
                         && loss_reads
-                        // A SCALE may yet become a view (gemm::fold_scale).
                         && (*x).op != sys::GGML_OP_SCALE
                         && (*x).view_src.is_null()
                         && !external(x)
@@ -468,11 +484,13 @@ unsafe fn class_of(ids: &sys::ggml_tensor, r: usize) -> usize {
 
 /// CROSS_ENTROPY_LOSS against class ids (`src[1]`, see
 /// [`compact_targets`]): `−(1/rows) Σ_rows log softmax(x)[id]`, the dense
-/// op's value for one-hot rows.
-unsafe extern "C" fn cross_entropy_ids(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_int, _: *mut c_void) {
+/// op's value for one-hot rows. Where `userdata` is non-null the softmax
+/// replaces the logits, for the backward.
+unsafe extern "C" fn cross_entropy_ids(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_int, userdata: *mut c_void) {
     // SAFETY: ggml calls this on every thread for a node made by
     // `compact_targets`, allocated: 2-D contiguous F32 logits and one id per
-    // row (checked against the classes below); the result is written once.
+    // row (checked against the classes below), which only this node and
+    // its backward (after it) read; the result is written once.
     unsafe {
         let (x, ids) = (&*(*dst).src[0], &*(*dst).src[1]);
         let (n, rows) = (x.ne[0] as usize, x.ne[1] as usize);
@@ -481,7 +499,12 @@ unsafe extern "C" fn cross_entropy_ids(dst: *mut sys::ggml_tensor, ith: c_int, n
                 let (xr, id) = (row(x, r), class_of(ids, r));
                 let max = row_max(n, xr);
                 let picked = if id < n { *xr.add(id) - max } else { f32::NAN };
-                picked as f64 - exp_sum(n, xr, max).ln()
+                let sum = if userdata.is_null() {
+                    exp_sum(n, xr, max)
+                } else {
+                    softmax_in_place(n, xr, max)
+                };
+                picked as f64 - sum.ln()
             })
             .sum();
         if let Some(sum) = combine(dst as usize, ith as usize, nth as usize, part) {
@@ -492,8 +515,9 @@ unsafe extern "C" fn cross_entropy_ids(dst: *mut sys::ggml_tensor, ith: c_int, n
 
 /// CROSS_ENTROPY_LOSS_BACK against class ids (`src[0]` = the loss's
 /// gradient d, `src[1]` = logits, `src[2]` = ids): `(softmax(x) − onehot) ·
-/// d / rows`, rounded in ggml's order, this thread's rows.
-unsafe extern "C" fn cross_entropy_back_ids(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_int, _: *mut c_void) {
+/// d / rows`, rounded in ggml's order, this thread's rows. Where `userdata`
+/// is non-null the loss left the softmax in place of the logits.
+unsafe extern "C" fn cross_entropy_back_ids(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_int, userdata: *mut c_void) {
     // SAFETY: ggml calls this for a node made by `compact_targets`,
     // allocated: logits and dst 2-D contiguous F32 of one shape, one id per
     // row; each thread writes its own rows.
@@ -503,14 +527,73 @@ unsafe extern "C" fn cross_entropy_back_ids(dst: *mut sys::ggml_tensor, ith: c_i
         let scale = *((*(*dst).src[0]).data as *const f32) / rows as f32;
         for r in share(rows, ith, nth) {
             let (xr, dr, id) = (row(x, r), row(d, r), class_of(ids, r));
-            let max = row_max(n, xr);
-            let inv = (1.0 / exp_sum(n, xr, max)) as f32;
             // Read before the row is written: dst may be the logits' memory.
             let picked = (id < n).then(|| *xr.add(id));
+            if !userdata.is_null() {
+                scale_row(n, xr, scale, dr);
+                if let Some(p) = picked {
+                    *dr.add(id) = (p - 1.0) * scale;
+                }
+                continue;
+            }
+            let max = row_max(n, xr);
+            let inv = (1.0 / exp_sum(n, xr, max)) as f32;
             softmax_scaled(n, xr, max, inv, scale, dr);
             if let Some(x) = picked {
                 *dr.add(id) = ((x - max).exp() * inv - 1.0) * scale;
             }
+        }
+    }
+}
+
+/// A row's softmax in place, `x = exp(x − max) · inv` with `inv` the
+/// reciprocal of the sum (summed in f64 lanes), which it returns; the same
+/// values as [`softmax_scaled`]'s before its scale.
+///
+/// # Safety
+/// `x` addresses `n` floats; the CPU has AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn softmax_in_place(n: usize, x: *mut f32, max: f32) -> f64 {
+    // SAFETY: every access lies within the n floats.
+    unsafe {
+        let (m, mut sum) = (_mm256_set1_ps(max), _mm256_setzero_pd());
+        let mut i = 0;
+        while i + 8 <= n {
+            let e = exp(_mm256_sub_ps(_mm256_loadu_ps(x.add(i)), m));
+            _mm256_storeu_ps(x.add(i), e);
+            sum = _mm256_add_pd(sum, _mm256_cvtps_pd(_mm256_castps256_ps128(e)));
+            sum = _mm256_add_pd(sum, _mm256_cvtps_pd(_mm256_extractf128_ps(e, 1)));
+            i += 8;
+        }
+        let mut s4 = [0f64; 4];
+        _mm256_storeu_pd(s4.as_mut_ptr(), sum);
+        let mut total: f64 = s4.iter().sum();
+        for j in i..n {
+            let e = (*x.add(j) - max).exp();
+            *x.add(j) = e;
+            total += e as f64;
+        }
+        scale_row(n, x, (1.0 / total) as f32, x);
+        total
+    }
+}
+
+/// `y = x · s` over a row (`y` may be `x`).
+///
+/// # Safety
+/// `x` and `y` address `n` floats; the CPU has AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn scale_row(n: usize, x: *const f32, s: f32, y: *mut f32) {
+    // SAFETY: every access lies within the n floats.
+    unsafe {
+        let sv = _mm256_set1_ps(s);
+        let mut i = 0;
+        while i + 8 <= n {
+            _mm256_storeu_ps(y.add(i), _mm256_mul_ps(_mm256_loadu_ps(x.add(i)), sv));
+            i += 8;
+        }
+        for j in i..n {
+            *y.add(j) = *x.add(j) * s;
         }
     }
 }
