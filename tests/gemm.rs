@@ -577,13 +577,13 @@ fn vectorized_silu_back_matches_exact_gradient() {
     assert!(wf < 1e-5 && ws < 1e-5, "vectorized {wf:.2e}, ggml {ws:.2e}");
 }
 
-/// The backward's element-wise chains fused into single passes: the
-/// gradient through `rms_norm(x)·w` (ggml's MUL by the weight row, then its
-/// scalar RMS_NORM_BACK) and through SwiGLU (`SILU_BACK(MUL(dy, u), g)` and
-/// `MUL(SILU(g), dy)`) equal an f64 evaluation of the exact gradients to
+/// Element-wise chains fused into single passes: `rms_norm(x)·w` itself,
+/// the gradient through it (ggml's MUL by the weight row, then its scalar
+/// RMS_NORM_BACK) and through SwiGLU (`SILU_BACK(MUL(dy, u), g)` and
+/// `MUL(SILU(g), dy)`) equal an f64 evaluation of the values and exact gradients to
 /// float rounding, and ggml's own kernels, on rows with a scalar tail.
 #[test]
-fn fused_norm_and_swiglu_gradients_match_f64() {
+fn fused_norm_and_swiglu_chains_match_f64() {
     let (n, rows, eps) = (75usize, 6usize, 1e-5f32);
     let mut rng = Rng::new(17);
     let mut normal = |k: usize, s: f32| (0..k).map(|_| rng.normal() * s).collect::<Vec<f32>>();
@@ -597,7 +597,8 @@ fn fused_norm_and_swiglu_gradients_match_f64() {
         let (x, g, u) = (param(), param(), param());
         let (w, dn, ds) = (input(&[n as i64]), input(&shape), input(&shape));
         // Σ dn ⊙ (rms_norm(x)·w) + Σ ds ⊙ swiglu(g, u)
-        let norm = ctx.mul(ctx.mul(ctx.rms_norm(x, eps), w), dn);
+        let normed = ctx.mul(ctx.rms_norm(x, eps), w).set_output();
+        let norm = ctx.mul(normed, dn);
         let glu = ctx.mul(ctx.swiglu_split(g, u), ds);
         let loss = ctx.add(ctx.sum(norm), ctx.sum(glu)).set_loss().set_output();
         let (gr, _sched, rewritten) = run_backward(&ctx, loss, fast, || {
@@ -605,17 +606,19 @@ fn fused_norm_and_swiglu_gradients_match_f64() {
                 t.write_f32(v);
             }
         });
-        assert_eq!(rewritten, 3 * fast as usize, "three fused nodes");
-        [x, g, u].map(|t| gr.grad(t).unwrap().read_f32())
+        assert_eq!(rewritten, 4 * fast as usize, "four fused nodes");
+        let grads = [x, g, u].map(|t| gr.grad(t).unwrap().read_f32());
+        (normed.read_f32(), grads)
     };
-    // The exact gradients, in f64.
-    let (mut dx, mut dg, mut du) = (vec![], vec![], vec![]);
+    // The norm and the exact gradients, in f64.
+    let (mut normed, mut dx, mut dg, mut du) = (vec![], vec![], vec![], vec![]);
     for r in 0..rows {
         let at = |v: &[f32], i: usize| v[r * n + i] as f64;
         let ss: f64 = (0..n).map(|i| at(&xv, i).powi(2)).sum();
         let rms = (ss / n as f64 + eps as f64).sqrt();
         let dot: f64 = (0..n).map(|i| at(&xv, i) * wv[i] as f64 * at(&dnv, i)).sum();
         for (i, &w) in wv.iter().enumerate() {
+            normed.push(at(&xv, i) / rms * w as f64);
             dx.push(w as f64 * at(&dnv, i) / rms - at(&xv, i) * dot / (n as f64 * rms.powi(3)));
             let (g, s) = (at(&gv, i), 1.0 / (1.0 + (-at(&gv, i)).exp()));
             dg.push(at(&dsv, i) * at(&uv, i) * s * (1.0 + g * (1.0 - s)));
@@ -627,7 +630,10 @@ fn fused_norm_and_swiglu_gradients_match_f64() {
         let top = e.iter().fold(0f64, |m, v| m.max(v.abs()));
         got.iter().zip(e).fold(0f64, |m, (&a, b)| m.max((a as f64 - b).abs())) / top
     };
-    let (fast, stock) = (run(true), run(false));
+    let ((nf, fast), (ns, stock)) = (run(true), run(false));
+    let (wf, ws) = (worst(&nf, &normed), worst(&ns, &normed));
+    println!("rms_norm(x)·w: fused {wf:.1e}, ggml {ws:.1e} of the largest");
+    assert!(wf < 1e-6 && ws < 1e-6, "norm: fused {wf:.1e}, ggml {ws:.1e}");
     for (i, what) in ["x (norm)", "g (gate)", "u (up)"].into_iter().enumerate() {
         let (wf, ws) = (worst(&fast[i], &exact[i]), worst(&stock[i], &exact[i]));
         println!("gradient of {what}: fused {wf:.1e}, ggml {ws:.1e} of the largest");

@@ -993,7 +993,7 @@ impl<'a> Graph<'a> {
     /// a plain-layout quantized weight (dequantized in bands) — as strided
     /// GEMMs in a custom op (see `gemm.rs`), with LoRA's scales and adds
     /// folded into them; on AVX2 CPUs SILU_BACK, RMS_NORM_BACK, softmax and
-    /// cross-entropy run vectorized, the backward's MULs around SwiGLU and
+    /// cross-entropy run vectorized, the MULs around SwiGLU's backward and
     /// the norms fused into them (`elementwise.rs`). CPU backends only (a custom op
     /// runs on the CPU); call after the backward pass is built and
     /// rewritten, before allocating. Returns the number of nodes rewritten.
@@ -1003,7 +1003,7 @@ impl<'a> Graph<'a> {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above, before the per-node rewrites.
         let compacted =
-            unsafe { super::elementwise::compact_targets(&nodes) + super::elementwise::fuse_backward(&nodes) };
+            unsafe { super::elementwise::compact_targets(&nodes) + super::elementwise::fuse_chains(&nodes) };
         #[cfg(not(target_arch = "x86_64"))]
         let compacted = 0;
         let rewritten = compacted

@@ -4,8 +4,9 @@
 //!
 //! SILU_BACK (the gradient through the SwiGLU gate) calls `expf` once per
 //! element: on SmolLM2 its 30 nodes of 1536 × 256 took 0.047 s of a 1.9 s
-//! step (ggml's forward SILU, vectorized, 0.006 s). RMS_NORM_BACK is scalar
-//! too; [`fuse_backward`] also folds the MULs around these into them.
+//! step (ggml's forward SILU, vectorized, 0.006 s). RMS_NORM_BACK and the
+//! sums of RMS_NORM are scalar too; [`fuse_chains`] also folds the MULs
+//! around these into them.
 
 use super::gemm::make_custom;
 use llama_cpp_sys_2 as sys;
@@ -49,8 +50,10 @@ pub(super) unsafe fn rewrite(node: *mut sys::ggml_tensor) -> bool {
     }
 }
 
-/// Fuses chains of the backward pass's element-wise ops into single
-/// vectorized passes (custom ops), where the CPU has AVX2, FMA and F16C:
+/// Fuses chains of element-wise ops into single vectorized passes (custom
+/// ops), where the CPU has AVX2, FMA and F16C:
+/// - `MUL(RMS_NORM(x), w)` (ggml's CPU backend fuses the pair too, but sums
+///   each row's squares in a scalar f64 loop: 0.01 s of SmolLM2's forward);
 /// - `RMS_NORM_BACK(MUL(dy, w), x)` (the gradient through `rms_norm(x)·w`,
 ///   `w` one row broadcast) reads `dy`, `w` and `x` at once; an unfused
 ///   RMS_NORM_BACK runs vectorized alone (ggml's kernel is scalar, with
@@ -69,7 +72,7 @@ pub(super) unsafe fn rewrite(node: *mut sys::ggml_tensor) -> bool {
 /// # Safety
 /// `nodes` must be the valid nodes of a graph that is not yet allocated
 /// (sources valid or null), before [`rewrite`] runs on them.
-pub(super) unsafe fn fuse_backward(nodes: &[*mut sys::ggml_tensor]) -> usize {
+pub(super) unsafe fn fuse_chains(nodes: &[*mut sys::ggml_tensor]) -> usize {
     type T = *mut sys::ggml_tensor;
     // SAFETY: forwarded from the caller; every pointer read is a node or a
     // node's non-null source.
@@ -83,8 +86,8 @@ pub(super) unsafe fn fuse_backward(nodes: &[*mut sys::ggml_tensor]) -> usize {
         let readers = super::gemm::readers(nodes);
         let f32_rows =
             |t: T| !t.is_null() && (*t).type_ == sys::GGML_TYPE_F32 && (*t).nb[0] == 4 && sys::ggml_is_contiguous_1(t);
-        // Read by `by` alone, from nowhere else, and made by `op`.
         let is_silu = |t: T| (*t).op == sys::GGML_OP_UNARY && sys::ggml_get_unary_op(t) == sys::GGML_UNARY_OP_SILU;
+        // Read by `by` alone, from nowhere else, and made by `op`.
         let only_for = |t: T, by: T, op: sys::ggml_op| {
             !t.is_null()
                 && (*t).op == op
@@ -105,6 +108,8 @@ pub(super) unsafe fn fuse_backward(nodes: &[*mut sys::ggml_tensor]) -> usize {
             })
         };
         let same = |a: T, b: T| f32_rows(a) && f32_rows(b) && sys::ggml_are_same_shape(a, b);
+        // One row of `of`'s width (a norm's weight, broadcast).
+        let row = |w: T, of: T| f32_rows(w) && (*w).ne[0] == (*of).ne[0] && sys::ggml_nrows(w) == 1;
         // The fused node `m` turned into a view of its source `of`, which
         // has its layout.
         let retire = |m: T, of: T| super::gemm::make_view_of(m, of);
@@ -120,9 +125,8 @@ pub(super) unsafe fn fuse_backward(nodes: &[*mut sys::ggml_tensor]) -> usize {
                     let eps = (*node).op_params[0] as u32 as usize;
                     if only_for(a, node, sys::GGML_OP_MUL) {
                         let (p, q) = ((*a).src[0], (*a).src[1]);
-                        let row = |w: T| f32_rows(w) && (*w).ne[0] == (*node).ne[0] && sys::ggml_nrows(w) == 1;
-                        let (dy, w) = if row(q) { (p, q) } else { (q, p) };
-                        if same(dy, node) && layout(a, dy) && row(w) && never_written(dy) && never_written(w) {
+                        let (dy, w) = if row(q, node) { (p, q) } else { (q, p) };
+                        if same(dy, node) && layout(a, dy) && row(w, node) && never_written(dy) && never_written(w) {
                             retire(a, dy);
                             (*node).src[0] = dy;
                             (*node).src[2] = w;
@@ -140,21 +144,33 @@ pub(super) unsafe fn fuse_backward(nodes: &[*mut sys::ggml_tensor]) -> usize {
                     (*node).src[2] = u;
                     make_custom(node, silu_back, -1, std::ptr::null_mut());
                 }
-                sys::GGML_OP_MUL if same(b, node) => {
+                sys::GGML_OP_MUL => {
+                    // MUL(SILU(g), dy), or MUL(RMS_NORM(x), w).
                     let (s, dy) = if is_silu(a) { (a, b) } else { (b, a) };
-                    let g = (*s).src[0];
-                    if !(only_for(s, node, sys::GGML_OP_UNARY)
-                        && is_silu(s)
-                        && same(g, node)
-                        && layout(s, g)
-                        && never_written(g))
+                    let x = (*a).src[0];
+                    if same(b, node) && only_for(s, node, sys::GGML_OP_UNARY) && is_silu(s) {
+                        let g = (*s).src[0];
+                        if !(same(g, node) && layout(s, g) && never_written(g)) {
+                            continue;
+                        }
+                        retire(s, g);
+                        (*node).src[0] = g;
+                        (*node).src[1] = dy;
+                        make_custom(node, silu_mul, -1, std::ptr::null_mut());
+                    } else if row(b, node)
+                        && only_for(a, node, sys::GGML_OP_RMS_NORM)
+                        && same(x, node)
+                        && layout(a, x)
+                        && never_written(x)
+                        && never_written(b)
                     {
+                        let eps = (*a).op_params[0] as u32 as usize;
+                        retire(a, x);
+                        (*node).src[0] = x;
+                        make_custom(node, rms_norm_mul, -1, eps as *mut c_void);
+                    } else {
                         continue;
                     }
-                    retire(s, g);
-                    (*node).src[0] = g;
-                    (*node).src[1] = dy;
-                    make_custom(node, silu_mul, -1, std::ptr::null_mut());
                 }
                 _ => continue,
             }
@@ -705,11 +721,11 @@ unsafe fn cross_entropy_row(n: usize, x: *const f32, t: *const f32) -> f64 {
 }
 
 /// `dst = dy · s · (1 + x · (1 − s))` with `s = σ(x)`, this thread's rows
-/// (ggml's SILU_BACK: `src[0]` = dy, `src[1]` = x); where [`fuse_backward`]
+/// (ggml's SILU_BACK: `src[0]` = dy, `src[1]` = x); where [`fuse_chains`]
 /// set `src[2]` = u, `dy · u` (rounded) in place of dy.
 unsafe extern "C" fn silu_back(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_int, _: *mut c_void) {
     // SAFETY: ggml calls this for a node made by `rewrite` or
-    // `fuse_backward`, allocated, with F32 sources of its shape whose rows
+    // `fuse_chains`, allocated, with F32 sources of its shape whose rows
     // are contiguous; each thread writes its own rows.
     unsafe {
         let (d, dy, x, u) = (&*dst, &*(*dst).src[0], &*(*dst).src[1], (*dst).src[2]);
@@ -752,9 +768,9 @@ unsafe fn silu_back_row(n: usize, dx: *mut f32, x: *const f32, dy: *const f32, u
 }
 
 /// `dst = silu(g) · dy` (`src[0]` = g, `src[1]` = dy; see
-/// [`fuse_backward`]), this thread's rows.
+/// [`fuse_chains`]), this thread's rows.
 unsafe extern "C" fn silu_mul(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_int, _: *mut c_void) {
-    // SAFETY: ggml calls this for a node made by `fuse_backward`, allocated,
+    // SAFETY: ggml calls this for a node made by `fuse_chains`, allocated,
     // with F32 sources of its shape whose rows are contiguous; each thread
     // writes its own rows.
     unsafe {
@@ -790,13 +806,80 @@ unsafe fn silu_mul_row(n: usize, y: *mut f32, g: *const f32, dy: *const f32) {
     }
 }
 
+/// `rms_norm(x) · w` (`src[0]` = x, `src[1]` = w, one row; eps's bits in
+/// `userdata`; see [`fuse_chains`]): `x · (1/√(Σx²/n + eps)) · w` per row,
+/// rounded as ggml's fused kernel rounds it, the sum in f64. This thread's
+/// rows.
+unsafe extern "C" fn rms_norm_mul(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_int, userdata: *mut c_void) {
+    // SAFETY: ggml calls this for a node made by `fuse_chains`, allocated:
+    // x and dst F32 of one shape with contiguous rows, w one row of ne[0]
+    // floats; each thread writes its own rows.
+    unsafe {
+        let (d, x, w) = (&*dst, &*(*dst).src[0], (*(*dst).src[1]).data as *const f32);
+        let eps = f32::from_bits(userdata as usize as u32);
+        let n = d.ne[0] as usize;
+        let rows = (d.ne[1] * d.ne[2] * d.ne[3]) as usize;
+        for r in share(rows, ith, nth) {
+            rms_norm_mul_row(n, eps, row(x, r), w, row(d, r));
+        }
+    }
+}
+
+/// One row of [`rms_norm_mul`].
+///
+/// # Safety
+/// Each pointer addresses `n` floats; the CPU has AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn rms_norm_mul_row(n: usize, eps: f32, x: *const f32, w: *const f32, y: *mut f32) {
+    // SAFETY: every access lies within the n floats of each row.
+    unsafe {
+        let mut sum = _mm256_setzero_pd();
+        let mut i = 0;
+        while i + 8 <= n {
+            let xv = _mm256_loadu_ps(x.add(i));
+            sum = _mm256_add_pd(sum, widen(_mm256_mul_ps(xv, xv)));
+            i += 8;
+        }
+        let sum = (i..n).fold(lanes(sum), |s, j| s + (*x.add(j) * *x.add(j)) as f64);
+        let scale = 1.0 / ((sum / n as f64) as f32 + eps).sqrt();
+        let sv = _mm256_set1_ps(scale);
+        let mut i = 0;
+        while i + 8 <= n {
+            let v = _mm256_mul_ps(_mm256_loadu_ps(x.add(i)), sv);
+            _mm256_storeu_ps(y.add(i), _mm256_mul_ps(v, _mm256_loadu_ps(w.add(i))));
+            i += 8;
+        }
+        for j in i..n {
+            *y.add(j) = *x.add(j) * scale * *w.add(j);
+        }
+    }
+}
+
+/// The sum of a vector's two halves, widened to f64.
+#[target_feature(enable = "avx2,fma")]
+fn widen(v: __m256) -> __m256d {
+    _mm256_add_pd(
+        _mm256_cvtps_pd(_mm256_castps256_ps128(v)),
+        _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)),
+    )
+}
+
+/// The sum of 4 f64 lanes.
+#[target_feature(enable = "avx2,fma")]
+fn lanes(v: __m256d) -> f64 {
+    let mut a = [0f64; 4];
+    // SAFETY: a holds 4 doubles.
+    unsafe { _mm256_storeu_pd(a.as_mut_ptr(), v) };
+    a.iter().sum()
+}
+
 /// ggml's RMS_NORM_BACK (`src[0]` = dz, `src[1]` = x, eps's bits in
 /// `userdata`): `dx = (dz − x · Σx·dz / (Σx² + n·eps)) / √(Σx²/n + eps)`
-/// per row, ggml's formula with its sums in f64; where [`fuse_backward`]
+/// per row, ggml's formula with its sums in f64; where [`fuse_chains`]
 /// set `src[2]` = w (one row), `dz = dy · w` (rounded) from `src[0]` = dy.
 /// This thread's rows.
 unsafe extern "C" fn rms_norm_back(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_int, userdata: *mut c_void) {
-    // SAFETY: ggml calls this for a node made by `fuse_backward`, allocated:
+    // SAFETY: ggml calls this for a node made by `fuse_chains`, allocated:
     // dz, x and dst F32 of one shape with contiguous rows, w (if any) one
     // row of ne[0] floats; each thread writes its own rows.
     unsafe {
@@ -832,24 +915,13 @@ unsafe fn rms_norm_back_row(
         let dz_one = |i: usize| w.map_or(*dz.add(i), |w| *dz.add(i) * *w.add(i));
         // Σ x² and Σ x·dz: the products rounded to f32, summed in f64 lanes.
         let (mut sxx, mut sxd) = (_mm256_setzero_pd(), _mm256_setzero_pd());
-        let wide = |v: __m256| {
-            _mm256_add_pd(
-                _mm256_cvtps_pd(_mm256_castps256_ps128(v)),
-                _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)),
-            )
-        };
         let mut i = 0;
         while i + 8 <= n {
             let xv = _mm256_loadu_ps(x.add(i));
-            sxx = _mm256_add_pd(sxx, wide(_mm256_mul_ps(xv, xv)));
-            sxd = _mm256_add_pd(sxd, wide(_mm256_mul_ps(xv, dz_at(i))));
+            sxx = _mm256_add_pd(sxx, widen(_mm256_mul_ps(xv, xv)));
+            sxd = _mm256_add_pd(sxd, widen(_mm256_mul_ps(xv, dz_at(i))));
             i += 8;
         }
-        let lanes = |v: __m256d| {
-            let mut a = [0f64; 4];
-            _mm256_storeu_pd(a.as_mut_ptr(), v);
-            a.iter().sum::<f64>()
-        };
         let (mut sum_xx, mut sum_xdz) = (lanes(sxx), lanes(sxd));
         for j in i..n {
             let xj = *x.add(j);
