@@ -516,6 +516,17 @@ impl Sched {
         }
     }
 
+    /// After [`Sched::alloc`]: the bytes of the compute buffers the graph's
+    /// tensors were placed in, over all backends (what ggml's allocator
+    /// needed at its peak).
+    pub fn compute_buffer_bytes(&self) -> usize {
+        self.backends
+            .iter()
+            // SAFETY: valid scheduler and backends of it.
+            .map(|b| unsafe { sys::ggml_backend_sched_get_buffer_size(self.ptr.as_ptr(), b.raw()) })
+            .sum()
+    }
+
     /// After [`Sched::alloc`]: where the scheduler put each node of `g`
     /// (to check that nothing expected on a device falls back to the CPU).
     pub fn assignments(&self, g: &Graph<'_>) -> Vec<NodeAssignment> {
