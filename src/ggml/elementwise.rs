@@ -291,13 +291,25 @@ pub(super) unsafe fn soft_max_row(
             *w.add(j) = *x.add(j) * scale + mask_at(j);
             max = max.max(*w.add(j));
         }
-        // exp(w − max), exactly 0 where that underflows (masked positions:
-        // −∞), summed in f64 lanes.
+        let total = exp_into(n, w, max, y);
+        scale_row(n, y, (1.0 / total) as f32, y);
+    }
+}
+
+/// `y = exp(x − max)` over a row, exactly 0 where that underflows (masked
+/// positions: −∞), and its sum, in f64 lanes. `y` may be `x`.
+///
+/// # Safety
+/// `x` and `y` address `n` floats; the CPU has AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn exp_into(n: usize, x: *const f32, max: f32, y: *mut f32) -> f64 {
+    // SAFETY: every access lies within the n floats.
+    unsafe {
         let (m, floor) = (_mm256_set1_ps(max), _mm256_set1_ps(-87.336_54));
         let mut sum = _mm256_setzero_pd();
         let mut i = 0;
         while i + 8 <= n {
-            let t = _mm256_sub_ps(_mm256_loadu_ps(w.add(i)), m);
+            let t = _mm256_sub_ps(_mm256_loadu_ps(x.add(i)), m);
             let e = _mm256_and_ps(exp(t), _mm256_cmp_ps::<_CMP_GE_OQ>(t, floor));
             _mm256_storeu_ps(y.add(i), e);
             sum = _mm256_add_pd(sum, _mm256_cvtps_pd(_mm256_castps256_ps128(e)));
@@ -308,19 +320,11 @@ pub(super) unsafe fn soft_max_row(
         _mm256_storeu_pd(s4.as_mut_ptr(), sum);
         let mut total: f64 = s4.iter().sum();
         for j in i..n {
-            let e = (*w.add(j) - max).exp();
+            let e = (*x.add(j) - max).exp();
             *y.add(j) = e;
             total += e as f64;
         }
-        let inv = _mm256_set1_ps((1.0 / total) as f32);
-        let mut i = 0;
-        while i + 8 <= n {
-            _mm256_storeu_ps(y.add(i), _mm256_mul_ps(_mm256_loadu_ps(y.add(i)), inv));
-            i += 8;
-        }
-        for j in i..n {
-            *y.add(j) *= (1.0 / total) as f32;
-        }
+        total
     }
 }
 
@@ -572,31 +576,16 @@ unsafe extern "C" fn cross_entropy_back_ids(dst: *mut sys::ggml_tensor, ith: c_i
 
 /// A row's softmax in place, `x = exp(x − max) · inv` with `inv` the
 /// reciprocal of the sum (summed in f64 lanes), which it returns; the same
-/// values as [`softmax_scaled`]'s before its scale.
+/// values as [`softmax_scaled`]'s before its scale (exactly 0 where exp
+/// underflows).
 ///
 /// # Safety
 /// `x` addresses `n` floats; the CPU has AVX2 and FMA.
 #[target_feature(enable = "avx2,fma")]
 unsafe fn softmax_in_place(n: usize, x: *mut f32, max: f32) -> f64 {
-    // SAFETY: every access lies within the n floats.
+    // SAFETY: forwarded from the caller.
     unsafe {
-        let (m, mut sum) = (_mm256_set1_ps(max), _mm256_setzero_pd());
-        let mut i = 0;
-        while i + 8 <= n {
-            let e = exp(_mm256_sub_ps(_mm256_loadu_ps(x.add(i)), m));
-            _mm256_storeu_ps(x.add(i), e);
-            sum = _mm256_add_pd(sum, _mm256_cvtps_pd(_mm256_castps256_ps128(e)));
-            sum = _mm256_add_pd(sum, _mm256_cvtps_pd(_mm256_extractf128_ps(e, 1)));
-            i += 8;
-        }
-        let mut s4 = [0f64; 4];
-        _mm256_storeu_pd(s4.as_mut_ptr(), sum);
-        let mut total: f64 = s4.iter().sum();
-        for j in i..n {
-            let e = (*x.add(j) - max).exp();
-            *x.add(j) = e;
-            total += e as f64;
-        }
+        let total = exp_into(n, x, max, x);
         scale_row(n, x, (1.0 / total) as f32, x);
         total
     }
