@@ -1161,8 +1161,9 @@ fn sums_of_several_short_products_match_ggml() {
 /// blocks and thread shares that end inside a query group): the six
 /// products around the softmax — scores, `P·V`, and the gradients of P, V,
 /// K and Q — skip what the mask hides, the forward's softmax runs inside the
-/// scores' product, and the output and every gradient match the same graph
-/// whose mask is not declared causal. Rematerialized (P recomputed from the
+/// scores' product and its backward inside P's gradient, and the output and
+/// every gradient match the same graph whose mask is not declared causal
+/// (where ggml's kernels run both). Rematerialized (P recomputed from the
 /// scores in the backward, by a softmax of its own), the recomputed scores
 /// skip the same entries and every value is bit for bit the graph's without
 /// it.
@@ -1180,8 +1181,8 @@ fn causal_attention_products_skip_what_the_mask_hides() {
             (run(true, false), run(false, false));
         assert_eq!(
             n_causal - n_plain,
-            7,
-            "six attention products marked, the softmax fused into the scores' product"
+            8,
+            "six attention products marked, the softmax fused into the scores' product, its backward into P's gradient"
         );
         assert_eq!((p_causal.as_str(), p_plain.as_str()), ("VIEW", "CUSTOM"));
         let (n_remat, recomputed, o_remat, g_remat, _) = run(true, true);

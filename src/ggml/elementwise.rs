@@ -328,6 +328,44 @@ unsafe fn exp_into(n: usize, x: *const f32, max: f32, y: *mut f32) -> f64 {
     }
 }
 
+/// ggml's SOFT_MAX_BACK over one row: `dy = (dy − Σ y·dy) · y · scale`, in
+/// place (`dy` the output's gradient, `y` the softmax's output).
+///
+/// # Safety
+/// `dy` and `y` address `n` floats; the CPU has AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn soft_max_back_row(n: usize, dy: *mut f32, y: *const f32, scale: f32) {
+    // SAFETY: every access lies within the n floats.
+    unsafe {
+        let mut acc = _mm256_setzero_ps();
+        let mut i = 0;
+        while i + 8 <= n {
+            acc = _mm256_fmadd_ps(_mm256_loadu_ps(y.add(i)), _mm256_loadu_ps(dy.add(i)), acc);
+            i += 8;
+        }
+        let dot = (i..n).fold(hsum(acc), |s, j| (*y.add(j)).mul_add(*dy.add(j), s));
+        let (dv, sv) = (_mm256_set1_ps(dot), _mm256_set1_ps(scale));
+        let mut i = 0;
+        while i + 8 <= n {
+            let t = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(dy.add(i)), dv), _mm256_loadu_ps(y.add(i)));
+            _mm256_storeu_ps(dy.add(i), _mm256_mul_ps(t, sv));
+            i += 8;
+        }
+        for j in i..n {
+            *dy.add(j) = (*dy.add(j) - dot) * *y.add(j) * scale;
+        }
+    }
+}
+
+/// The sum of 8 lanes.
+#[target_feature(enable = "avx2,fma")]
+fn hsum(v: __m256) -> f32 {
+    let mut lanes = [0f32; 8];
+    // SAFETY: lanes holds 8 floats.
+    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), v) };
+    lanes.into_iter().sum()
+}
+
 /// Thread `ith` of `nth`'s share of `rows` rows.
 fn share(rows: usize, ith: c_int, nth: c_int) -> std::ops::Range<usize> {
     let (ith, nth) = (ith as usize, nth as usize);

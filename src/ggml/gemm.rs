@@ -931,48 +931,144 @@ unsafe fn fuse_soft_max(
     }
 }
 
-/// The softmax a scores product applies to its columns (see
-/// [`fuse_soft_max`]).
+/// The mark in [`SOFT_MAX_SLOT`] of a product computing the softmax's
+/// backward too (see [`fuse_soft_max_back`]).
+const SOFT_MAX_BACK_TAG: i32 = 0x736d_6262;
+
+/// Fuses a SOFT_MAX_BACK `scale · y ⊙ (dy − Σ y·dy)` over a product marked
+/// [`Causal::Entries`] (dy, the probabilities' gradient `dO·Vᵀ`) into that
+/// product: it applies the backward to each block of query columns as soon
+/// as it has computed it, still in cache, reading the probabilities y (its
+/// `src[2]`), and the SOFT_MAX_BACK becomes a view of it. dy no longer goes
+/// to memory and back, nor takes a buffer of its own beside dS (37.7 MB a
+/// node for 1024 tokens on SmolLM2), and ggml's scalar-tailed passes go.
+/// Only where the product alone is read by the SOFT_MAX_BACK, which has no
+/// ALiBi, and the three are laid out alike.
+///
+/// # Safety
+/// As for [`fuse_soft_max`].
+#[cfg(all(target_pointer_width = "64", target_arch = "x86_64"))]
+unsafe fn fuse_soft_max_back(
+    node: *mut sys::ggml_tensor,
+    consumers: &std::collections::HashMap<*const sys::ggml_tensor, usize>,
+) -> bool {
+    // SAFETY: forwarded from the caller; every pointer read is a node, a
+    // node's source or a view's source.
+    unsafe {
+        if (*node).op != sys::GGML_OP_SOFT_MAX_BACK {
+            return false;
+        }
+        let (scale, max_bias) = (
+            f32::from_bits((*node).op_params[0] as u32),
+            f32::from_bits((*node).op_params[1] as u32),
+        );
+        let (x, y) = ((*node).src[0], (*node).src[1]);
+        let s = whole_view_source(x);
+        let Some(u) = gemm_userdata(s) else {
+            return false;
+        };
+        let only = |t: *mut sys::ggml_tensor| consumers.get(&(t as *const _)) == Some(&1) && !external(t);
+        // Contiguous F32 of the node's columns and size (the product's
+        // result may be the grouped-query shape of it): the same offset in
+        // each is the same entry.
+        let like = |t: *mut sys::ggml_tensor| {
+            (*t).type_ == sys::GGML_TYPE_F32
+                && sys::ggml_is_contiguous(t)
+                && (*t).ne[0] == (*node).ne[0]
+                && sys::ggml_nbytes(t) == sys::ggml_nbytes(node)
+        };
+        let fits = matches!(causal_of(u), Some((Causal::Entries, _, _)))
+            && (*s).op_params[SOFT_MAX_SLOT] == 0
+            && max_bias == 0.0
+            && only(s)
+            && (x == s || only(x))
+            && !external(node)
+            && sys::ggml_is_contiguous(x)
+            && like(s)
+            && like(y)
+            && like(node);
+        if !fits {
+            return false;
+        }
+        (*s).src[2] = y;
+        (*s).op_params[SOFT_MAX_SLOT] = SOFT_MAX_BACK_TAG;
+        (*s).op_params[SOFT_MAX_SLOT + 1] = scale.to_bits() as i32;
+        make_view(node, x, s);
+        true
+    }
+}
+
+/// What a product marked [`Causal::Entries`] applies to its columns: the
+/// scores' softmax (see [`fuse_soft_max`]), or the softmax's backward over
+/// the probabilities' gradient (see [`fuse_soft_max_back`]).
 #[derive(Clone, Copy)]
-struct SoftMax<'t> {
-    scale: f32,
-    mask: &'t sys::ggml_tensor,
+enum SoftMax<'t> {
+    Forward {
+        scale: f32,
+        mask: &'t sys::ggml_tensor,
+    },
+    /// `y` the probabilities, laid out as the product's result `d` (the
+    /// same offset in each is the same entry).
+    Backward {
+        scale: f32,
+        y: &'t sys::ggml_tensor,
+        d: &'t sys::ggml_tensor,
+    },
 }
 
 impl<'t> SoftMax<'t> {
-    /// The softmax of node `d`, if it computes one.
+    /// The softmax (or its backward) of node `d`, if it computes one.
     ///
     /// # Safety
     /// `d` must be an allocated node made by [`rewrite`].
     unsafe fn of(d: &'t sys::ggml_tensor) -> Option<Self> {
-        if d.op_params[SOFT_MAX_SLOT] != SOFT_MAX_TAG {
-            return None;
+        let scale = f32::from_bits(d.op_params[SOFT_MAX_SLOT + 1] as u32);
+        // SAFETY: fuse_soft_max and fuse_soft_max_back set src[2] (the
+        // mask, the probabilities) with their tags.
+        match d.op_params[SOFT_MAX_SLOT] {
+            SOFT_MAX_TAG => Some(SoftMax::Forward {
+                scale,
+                mask: unsafe { &*d.src[2] },
+            }),
+            SOFT_MAX_BACK_TAG => Some(SoftMax::Backward {
+                scale,
+                y: unsafe { &*d.src[2] },
+                d,
+            }),
+            _ => None,
         }
-        Some(SoftMax {
-            scale: f32::from_bits(d.op_params[SOFT_MAX_SLOT + 1] as u32),
-            // SAFETY: fuse_soft_max set the mask with the tag.
-            mask: unsafe { &*d.src[2] },
-        })
     }
 
-    /// The softmax of column `j` (`n` keys at `col`, those from `seen` on
-    /// already zero and hidden), in place. It runs over the visible keys
-    /// rounded up to 8 — the rest stay zero, as the whole column's softmax
-    /// leaves them — so each value is that softmax's, bit for bit.
+    /// The softmax (or its backward) of column `j` (`n` keys at `col`,
+    /// those from `seen` on already zero and hidden), in place. It runs
+    /// over the visible keys rounded up to 8 — the rest stay zero, as the
+    /// whole column's leaves them — so each value is that column's, bit for
+    /// bit.
     ///
     /// # Safety
-    /// `col` addresses the column's `n` floats, which no other thread
-    /// touches; `j % nq` is a row of the mask.
+    /// `col` addresses the column's `n` floats (in `d`'s data, for the
+    /// backward), which no other thread touches; `j % nq` is a row of the
+    /// mask.
     #[cfg(target_arch = "x86_64")]
     unsafe fn column(&self, j: usize, nq: usize, col: *mut f32, n: usize, seen: usize, w: &mut [f32]) {
         let len = seen.min(n).next_multiple_of(8).min(n);
-        let m = self.mask;
-        // SAFETY: forwarded from the caller; the mask row holds at least
-        // n values (mark_causal checked its shape).
+        // SAFETY: forwarded from the caller; the mask row holds at least n
+        // values (mark_causal checked its shape); y has d's layout
+        // (fuse_soft_max_back checked it), so the column's offset in d is
+        // its offset in y.
         unsafe {
-            let row = (m.data as *const u8).add(j % nq * m.nb[1]);
-            let mask = Some((row, m.type_ == sys::GGML_TYPE_F16));
-            super::elementwise::soft_max_row(len, col, self.scale, mask, w.as_mut_ptr(), col);
+            match *self {
+                SoftMax::Forward { scale, mask: m } => {
+                    let row = (m.data as *const u8).add(j % nq * m.nb[1]);
+                    let mask = Some((row, m.type_ == sys::GGML_TYPE_F16));
+                    super::elementwise::soft_max_row(len, col, scale, mask, w.as_mut_ptr(), col);
+                }
+                SoftMax::Backward { scale, y, d } => {
+                    let at = (col as *const u8).offset_from(d.data as *const u8);
+                    let yc = (y.data as *const u8).offset(at) as *const f32;
+                    super::elementwise::soft_max_back_row(len, col, yc, scale);
+                }
+            }
         }
     }
 }
@@ -1195,10 +1291,15 @@ pub(super) unsafe fn fold(nodes: &[*mut sys::ggml_tensor], moves: &mut Vec<Move>
             let flag = sys::GGML_TENSOR_FLAG_LOSS as i32;
             let loss = nodes.iter().position(|&n| unsafe { (*n).flags } & flag != 0);
             let forward = &nodes[..loss.unwrap_or(nodes.len())];
-            forward
+            let forward = forward
                 .iter()
                 .filter(|&&n| unsafe { fuse_soft_max(n, &consumers) })
-                .count()
+                .count();
+            forward
+                + nodes
+                    .iter()
+                    .filter(|&&n| unsafe { fuse_soft_max_back(n, &consumers) })
+                    .count()
         };
         let scales = nodes.iter().filter(|&&n| unsafe { fold_scale(n, &consumers) }).count();
         let gradient_scales = nodes
