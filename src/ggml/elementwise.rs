@@ -448,19 +448,16 @@ pub(super) unsafe fn compact_targets(nodes: &[*mut sys::ggml_tensor]) -> usize {
             if !simd || !nodes.iter().all(|&n| logits_of(t, n)) {
                 continue;
             }
-            // The loss leaves its softmax in the logits' memory for its
-            // backward (one exp per logit instead of three) where the two
-            // are the logits' only readers, the loss first.
-            let ops = |n: &*mut sys::ggml_tensor| (*(*n)).op;
+            // Logits the loss and its backward alone read, in memory of
+            // their own (a SCALE may yet become a view: gemm::fold_scale).
+            let theirs = |x: *mut sys::ggml_tensor| {
+                n_readers(x) == 2 && (*x).op != sys::GGML_OP_SCALE && (*x).view_src.is_null() && !external(x)
+            };
+            // The loss then leaves its softmax there for its backward (one
+            // exp per logit instead of three); the loss runs first.
             let probs = match nodes.as_slice() {
-                [ce, back] if ops(ce) == sys::GGML_OP_CROSS_ENTROPY_LOSS => {
-                    let x = (**ce).src[0];
-                    (**back).src[1] == x
-                        && n_readers(x) == 2
-                        // A SCALE may yet become a view (gemm::fold_scale).
-                        && (*x).op != sys::GGML_OP_SCALE
-                        && (*x).view_src.is_null()
-                        && !external(x)
+                &[ce, back] if (*ce).op == sys::GGML_OP_CROSS_ENTROPY_LOSS => {
+                    (*back).src[1] == (*ce).src[0] && theirs((*ce).src[0])
                 }
                 _ => false,
             };
@@ -476,13 +473,7 @@ pub(super) unsafe fn compact_targets(nodes: &[*mut sys::ggml_tensor]) -> usize {
                     // buffer instead of two at the backward's start.
                     let x = (*n).src[1];
                     let loss_reads = nodes.iter().any(|&m| m != n && (*m).src[0] == x);
-                    let in_place = n_readers(x) == 2
-                        && loss_reads
-                        && (*x).op != sys::GGML_OP_SCALE
-                        && (*x).view_src.is_null()
-                        && !external(x)
-                        && !external(n)
-                        && (*n).nb == (*x).nb;
+                    let in_place = theirs(x) && loss_reads && !external(n) && (*n).nb == (*x).nb;
                     if in_place {
                         (*n).view_src = x;
                         (*n).view_offs = 0;

@@ -941,9 +941,10 @@ const SOFT_MAX_BACK_TAG: i32 = 0x736d_6262;
 /// as it has computed it, still in cache, reading the probabilities y (its
 /// `src[2]`), and the SOFT_MAX_BACK becomes a view of it. dy no longer goes
 /// to memory and back, nor takes a buffer of its own beside dS (37.7 MB a
-/// node for 1024 tokens on SmolLM2), and ggml's scalar-tailed passes go.
+/// node for 1024 tokens on SmolLM2), and ggml's own pass over both goes.
 /// Only where the product alone is read by the SOFT_MAX_BACK, which has no
-/// ALiBi, and the three are laid out alike.
+/// ALiBi, the three are laid out alike, and y is computed before the
+/// product (`order` gives each node's position).
 ///
 /// # Safety
 /// As for [`fuse_soft_max`].
@@ -951,6 +952,7 @@ const SOFT_MAX_BACK_TAG: i32 = 0x736d_6262;
 unsafe fn fuse_soft_max_back(
     node: *mut sys::ggml_tensor,
     consumers: &std::collections::HashMap<*const sys::ggml_tensor, usize>,
+    order: &std::collections::HashMap<*const sys::ggml_tensor, usize>,
 ) -> bool {
     // SAFETY: forwarded from the caller; every pointer read is a node, a
     // node's source or a view's source.
@@ -977,9 +979,16 @@ unsafe fn fuse_soft_max_back(
                 && (*t).ne[0] == (*node).ne[0]
                 && sys::ggml_nbytes(t) == sys::ggml_nbytes(node)
         };
+        // A leaf, or a node that runs before the product (a view stands
+        // after what it shows).
+        let before = |t: *mut sys::ggml_tensor| {
+            let at = |t: *mut sys::ggml_tensor| order.get(&(t as *const _)).copied();
+            at(t).is_none_or(|i| at(s).is_some_and(|j| i < j))
+        };
         let fits = matches!(causal_of(u), Some((Causal::Entries, _, _)))
             && (*s).op_params[SOFT_MAX_SLOT] == 0
             && max_bias == 0.0
+            && before(y)
             && only(s)
             && (x == s || only(x))
             && !external(node)
@@ -1295,10 +1304,11 @@ pub(super) unsafe fn fold(nodes: &[*mut sys::ggml_tensor], moves: &mut Vec<Move>
                 .iter()
                 .filter(|&&n| unsafe { fuse_soft_max(n, &consumers) })
                 .count();
+            let order = nodes.iter().enumerate().map(|(i, &n)| (n as *const _, i)).collect();
             forward
                 + nodes
                     .iter()
-                    .filter(|&&n| unsafe { fuse_soft_max_back(n, &consumers) })
+                    .filter(|&&n| unsafe { fuse_soft_max_back(n, &consumers, &order) })
                     .count()
         };
         let scales = nodes.iter().filter(|&&n| unsafe { fold_scale(n, &consumers) }).count();
