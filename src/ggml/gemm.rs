@@ -391,7 +391,7 @@ unsafe fn make_view(node: *mut sys::ggml_tensor, src: *mut sys::ggml_tensor, of:
 ///
 /// # Safety
 /// As for [`make_view`].
-#[cfg(target_pointer_width = "64")]
+#[cfg(all(target_pointer_width = "64", target_arch = "x86_64"))]
 pub(super) unsafe fn make_view_of(node: *mut sys::ggml_tensor, of: *mut sys::ggml_tensor) {
     // SAFETY: forwarded from the caller.
     unsafe { make_view(node, of, of) }
