@@ -923,11 +923,31 @@ unsafe fn fuse_soft_max(
         if !fits {
             return false;
         }
-        (*s).src[2] = mask;
-        (*s).op_params[SOFT_MAX_SLOT] = SOFT_MAX_TAG;
+        fuse_columns(s, (SOFT_MAX_TAG, scale, mask), node, x);
+        true
+    }
+}
+
+/// Has product `s` apply to its columns the op marked `tag` (with `scale`,
+/// reading `with` as its `src[2]`: see [`SoftMax`]), and turns `node`, the
+/// op's node, which read `x` (s or a whole view of it), into a view of s.
+///
+/// # Safety
+/// As for [`make_view`]; `s`'s `src[2]` and the slots from
+/// [`SOFT_MAX_SLOT`] on are free.
+#[cfg(all(target_pointer_width = "64", target_arch = "x86_64"))]
+unsafe fn fuse_columns(
+    s: *mut sys::ggml_tensor,
+    (tag, scale, with): (i32, f32, *mut sys::ggml_tensor),
+    node: *mut sys::ggml_tensor,
+    x: *mut sys::ggml_tensor,
+) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        (*s).src[2] = with;
+        (*s).op_params[SOFT_MAX_SLOT] = tag;
         (*s).op_params[SOFT_MAX_SLOT + 1] = scale.to_bits() as i32;
         make_view(node, x, s);
-        true
     }
 }
 
@@ -999,10 +1019,7 @@ unsafe fn fuse_soft_max_back(
         if !fits {
             return false;
         }
-        (*s).src[2] = y;
-        (*s).op_params[SOFT_MAX_SLOT] = SOFT_MAX_BACK_TAG;
-        (*s).op_params[SOFT_MAX_SLOT + 1] = scale.to_bits() as i32;
-        make_view(node, x, s);
+        fuse_columns(s, (SOFT_MAX_BACK_TAG, scale, y), node, x);
         true
     }
 }
