@@ -21,12 +21,26 @@ type Case = (&'static str, Vec<(GgmlType, [i64; 4])>, Build);
 /// The product's result, on random inputs of `shapes`, with the GEMM on or
 /// off, and the f64 loop's result from the operands' logical values.
 fn run(inputs: &[(GgmlType, [i64; 4])], gemm: bool, build: Build) -> (Vec<f32>, Vec<f64>) {
+    run_rounded(inputs, gemm, build, None)
+}
+
+/// [`run`]; where `bf16` gives a rounding, the first input is marked for
+/// bf16 products and the loop sums over operands passed through it.
+fn run_rounded(
+    inputs: &[(GgmlType, [i64; 4])],
+    gemm: bool,
+    build: Build,
+    bf16: Option<fn(f32) -> f64>,
+) -> (Vec<f32>, Vec<f64>) {
     let backend = Backend::cpu(threads());
     let ctx = Context::new(64, 64, false);
     let ins: Vec<Tensor> = inputs
         .iter()
         .map(|(ty, ne)| ctx.new_tensor(*ty, ne).set_input())
         .collect();
+    if bf16.is_some() {
+        ins[0].set_bf16_products();
+    }
     let (outer, a, b, out) = build(&ctx, &ins);
     out.set_output();
     let mut g = ctx.new_graph(64, false);
@@ -38,7 +52,8 @@ fn run(inputs: &[(GgmlType, [i64; 4])], gemm: bool, build: Build) -> (Vec<f32>, 
     sched.alloc(&g).unwrap();
     fill(&ins);
     sched.compute(&g).unwrap();
-    (out.read_f32(), reference(outer, a, b, out.ne()))
+    let round = bf16.unwrap_or(|x| x as f64);
+    (out.read_f32(), reference_rounded(outer, a, b, out.ne(), round))
 }
 
 /// Random normal values (quantized where the input is).
@@ -98,12 +113,8 @@ fn run_backward_remat<'a>(
     (gr, sched, rewritten, recomputed)
 }
 
-/// The product by definition, `a` broadcast over dims 2 and 3 (GQA).
-fn reference(outer: bool, a: Tensor<'_>, b: Tensor<'_>, ne: [i64; 4]) -> Vec<f64> {
-    reference_rounded(outer, a, b, ne, |x| x as f64)
-}
-
-/// [`reference`] over the operands' values passed through `round`.
+/// The product by definition, `a` broadcast over dims 2 and 3 (GQA), over
+/// the operands' values passed through `round`.
 fn reference_rounded(outer: bool, a: Tensor<'_>, b: Tensor<'_>, ne: [i64; 4], round: fn(f32) -> f64) -> Vec<f64> {
     let (av, bv, an, bn) = (values(a), values(b), a.ne(), b.ne());
     let at =
@@ -149,7 +160,7 @@ fn bf16_products_match_a_loop_over_rounded_operands() {
     }
     const Q4_1: GgmlType = GgmlType::Q4_1;
     const F32: GgmlType = GgmlType::F32;
-    let round = |x: f32| half::bf16::from_f32(x).to_f64();
+    let round: fn(f32) -> f64 = |x| half::bf16::from_f32(x).to_f64();
     let cases: [Case; 6] = [
         (
             "forward, Q4_1",
@@ -184,23 +195,7 @@ fn bf16_products_match_a_loop_over_rounded_operands() {
         ),
     ];
     for (case, inputs, build) in cases {
-        let backend = Backend::cpu(threads());
-        let ctx = Context::new(64, 64, false);
-        let ins: Vec<Tensor> = inputs
-            .iter()
-            .map(|(ty, ne)| ctx.new_tensor(*ty, ne).set_input())
-            .collect();
-        ins[0].set_bf16_products();
-        let (outer, a, b, out) = build(&ctx, &ins);
-        out.set_output();
-        let mut g = ctx.new_graph(64, false);
-        g.build_forward(out);
-        assert_eq!(g.gemm_products(), 1, "{case}: the product is rewritten");
-        let mut sched = Sched::new(std::slice::from_ref(&backend), 64);
-        sched.alloc(&g).unwrap();
-        fill(&ins);
-        sched.compute(&g).unwrap();
-        let (got, want) = (out.read_f32(), reference_rounded(outer, a, b, out.ne(), round));
+        let (got, want) = run_rounded(&inputs, true, build, Some(round));
         let rms = (want.iter().map(|w| w * w).sum::<f64>() / want.len() as f64).sqrt();
         let worst = got
             .iter()
