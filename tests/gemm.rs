@@ -1504,3 +1504,123 @@ fn rematerialized_values_give_the_same_gradients() {
         assert_eq!(differ(p, q), 0, "{what}: values differ");
     }
 }
+
+/// `blocks` residual blocks `x ← x + swiglu(c_g·x, c_u·x)` (the gate and up
+/// products over scaled identity weights marked for bf16 products) under
+/// `Σ r ⊙ x`: a training step with the CPU's kernels, SwiGLU's inputs held
+/// in bf16 where `hold`. Returns the first block's SwiGLU output, the
+/// input's gradient, the nodes `hold` inserted and the compute buffer's
+/// bytes.
+fn swiglu_step(n: usize, rows: usize, blocks: usize, (c_g, c_u): (f32, f32), hold: bool) -> SwigluStep {
+    let (xv, rv) = swiglu_inputs(n * rows);
+    let eye = |c: f32| {
+        (0..n * n)
+            .map(|i| if i % (n + 1) == 0 { c } else { 0.0 })
+            .collect::<Vec<f32>>()
+    };
+    let backend = Backend::cpu(threads());
+    let ctx = Context::new(64, 256, true);
+    let x0 = ctx
+        .new_tensor(GgmlType::F32, &[n as i64, rows as i64])
+        .set_input()
+        .set_param();
+    let r = ctx.new_tensor(GgmlType::F32, &[n as i64, rows as i64]).set_input();
+    let weight = || {
+        ctx.new_tensor(GgmlType::F32, &[n as i64, n as i64])
+            .set_input()
+            .set_bf16_products()
+    };
+    let (wg, wu) = (weight(), weight());
+    let mut x = x0;
+    let mut first = None;
+    for _ in 0..blocks {
+        let h = ctx.swiglu_split(ctx.mul_mat(wg, x), ctx.mul_mat(wu, x));
+        first.get_or_insert(h.set_output());
+        x = ctx.add(x, h);
+    }
+    let loss = ctx.sum(ctx.mul(x, r)).set_loss().set_output();
+    let mut gr = ctx.new_graph(256, true);
+    gr.build_forward(loss);
+    gr.build_backward(&ctx);
+    gr.gemm_products();
+    let held = if hold { gr.hold_swiglu_inputs_bf16(&ctx) } else { 0 };
+    let mut sched = Sched::new(std::slice::from_ref(&backend), 256);
+    sched.alloc(&gr).unwrap();
+    for (t, v) in [(x0, xv), (r, rv), (wg, eye(c_g)), (wu, eye(c_u))] {
+        t.write_f32(&v);
+    }
+    gr.reset();
+    sched.compute(&gr).unwrap();
+    let h = first.unwrap().read_f32();
+    (h, gr.grad(x0).unwrap().read_f32(), held, sched.compute_buffer_bytes())
+}
+
+/// [`swiglu_step`]'s input (bf16 values, which the products take as they
+/// are) and output weights, `len` of each.
+fn swiglu_inputs(len: usize) -> (Vec<f32>, Vec<f32>) {
+    let mut rng = Rng::new(23);
+    let x = (0..len)
+        .map(|_| half::bf16::from_f32(rng.normal() * 2.0).to_f32())
+        .collect();
+    (x, (0..len).map(|_| rng.normal()).collect())
+}
+
+/// What [`swiglu_step`] returns.
+type SwigluStep = (Vec<f32>, Vec<f32>, usize, usize);
+
+/// In a training graph of bf16 products, SwiGLU's inputs (the gate and up
+/// projections' outputs) are held in bf16, as torch's autocast holds
+/// linear outputs: SwiGLU reads them rounded (its values match an f64
+/// evaluation over the rounded inputs to float rounding, and differ from
+/// one over the F32 inputs by far more), the input's gradient matches f64
+/// through them, and the step's compute buffer shrinks.
+#[test]
+fn swiglu_inputs_held_in_bf16() {
+    if !gguf_peft::ggml::bf16_products_supported() {
+        eprintln!("skipped: this CPU has no AVX512-BF16 (no bf16 products, SwiGLU's inputs stay F32)");
+        return;
+    }
+    let (n, rows) = (72usize, 40usize);
+    // Their products with bf16 values are exact in F32 but not in bf16.
+    let (c_g, c_u) = (1.0 + 1.0 / 128.0, -(1.0 + 3.0 / 128.0));
+    let (h, dx, held, _) = swiglu_step(n, rows, 1, (c_g, c_u), true);
+    assert_eq!(held, 2, "the gate and up outputs are rounded by two new nodes");
+    let round = |v: f64| half::bf16::from_f64(v).to_f64();
+    let (xv, rv) = swiglu_inputs(n * rows);
+    let silu = |v: f64| v / (1.0 + (-v).exp());
+    let (mut want, mut unrounded, mut dx_want) = (vec![], vec![], vec![]);
+    for (&x, &r) in xv.iter().zip(&rv) {
+        let (x, r) = (x as f64, r as f64);
+        let (g, u) = ((c_g as f64 * x) as f32 as f64, (c_u as f64 * x) as f32 as f64);
+        let (gb, ub) = (round(g), round(u));
+        want.push(silu(gb) * ub);
+        unrounded.push(silu(g) * u);
+        // d/dx of r·(x + silu(g)·u) through the rounded values (the
+        // backward's products round their gradients to bf16 too).
+        let s = 1.0 / (1.0 + (-gb).exp());
+        let (dg, du) = (r * ub * s * (1.0 + gb * (1.0 - s)), r * silu(gb));
+        dx_want.push(r + c_g as f64 * round(dg) + c_u as f64 * round(du));
+    }
+    let worst = |got: &[f32], e: &[f64]| {
+        let top = e.iter().fold(0f64, |m, v| m.max(v.abs()));
+        got.iter().zip(e).fold(0f64, |m, (&a, b)| m.max((a as f64 - b).abs())) / top
+    };
+    let (wh, wu, wd) = (worst(&h, &want), worst(&h, &unrounded), worst(&dx, &dx_want));
+    println!(
+        "SwiGLU: {wh:.1e} of the largest from f64 over bf16 inputs, {wu:.1e} from f64 over F32 inputs; dx {wd:.1e}"
+    );
+    assert!(wh < 1e-6, "SwiGLU values {wh:.1e} from the rounded inputs'");
+    assert!(wu > 1e-4, "SwiGLU values only {wu:.1e} from the unrounded inputs'");
+    assert!(wd < 1e-2, "input gradient {wd:.1e} from f64's");
+
+    // Four blocks: the backward holds four gates and ups, in half the bytes.
+    let ((_, dx_held, held, with), (_, dx_f32, _, without)) = (
+        swiglu_step(256, 64, 4, (c_g, c_u), true),
+        swiglu_step(256, 64, 4, (c_g, c_u), false),
+    );
+    let held_bytes = 4 * 2 * 256 * 64 * 2;
+    println!("compute buffer: {with} bytes held in bf16, {without} in F32 ({held} nodes)");
+    assert_eq!(held, 8);
+    assert!(with + held_bytes / 4 <= without, "held {with} bytes, F32 {without}");
+    assert!(worst(&dx_held, &dx_f32.iter().map(|&v| v as f64).collect::<Vec<_>>()) < 2e-2);
+}

@@ -58,7 +58,8 @@ pub struct BenchArgs {
     #[arg(long, default_value = "attn_q,attn_k,attn_v,attn_output,ffn_gate,ffn_up,ffn_down")]
     targets: String,
     /// How the frozen base is held: native (file types), f32, bf16 (native,
-    /// the CPU's products over it with bf16 operands and F32 sums) or auto
+    /// the CPU's products over it with bf16 operands and F32 sums, SwiGLU's
+    /// inputs held in bf16) or auto
     /// (bf16 where the CPU has AVX512-BF16, else native), as in finetune.
     #[arg(long, default_value = "auto", value_parser = ["auto", "native", "f32", "bf16"])]
     base_compute: String,
@@ -367,7 +368,7 @@ fn forward_as_trained(
     let (logits, f) = model.build_logits(&ctx, batch, method, true);
     let mut g = ctx.new_graph(gs, false);
     g.build_forward(logits);
-    model.gemm_products_in(&mut g);
+    model.gemm_products_in(&mut g, &ctx);
     sched.alloc(&g)?;
     f.fill_inputs();
     method.fill_inputs(&g);

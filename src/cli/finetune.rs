@@ -167,7 +167,8 @@ pub struct FinetuneArgs {
     /// load: 4 bytes per weight, exact everywhere), `bf16` (native, with the
     /// CPU's products over the base, and attention's, taking bf16
     /// operands with F32 sums, as torch's bf16 autocast: about twice their
-    /// speed on CPUs with AVX512-BF16, such as Zen 4 or Sapphire Rapids)
+    /// speed on CPUs with AVX512-BF16, such as Zen 4 or Sapphire Rapids;
+    /// SwiGLU's inputs are then held in bf16 too, half their memory)
     /// or `auto` (`bf16` where the CPU has AVX512-BF16, else `native`).
     #[arg(long, default_value = "auto", value_parser = ["auto", "native", "f32", "bf16"])]
     base_compute: String,

@@ -1032,6 +1032,42 @@ impl<'a> Graph<'a> {
         rewritten + folded
     }
 
+    /// In a graph of bf16 products on a CPU that runs them, holds each
+    /// SwiGLU's two inputs in bf16 (`held_bf16.rs`): new nodes round them
+    /// right before the SwiGLU, and the backward reads the rounded values,
+    /// half the memory. Call after [`Graph::gemm_products`], before
+    /// allocating, with the context of the graph's tensors. Returns the
+    /// number of nodes inserted.
+    pub fn hold_swiglu_inputs_bf16(&mut self, ctx: &'a Context) -> usize {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let nodes = self.exec_nodes();
+            let g = self.exec_raw();
+            // SAFETY: valid graph.
+            let room = (unsafe { sys::ggml_graph_size(g) } as usize).saturating_sub(nodes.len());
+            // SAFETY: nodes are the valid nodes of this unallocated graph,
+            // whose tensors ctx holds.
+            let made = unsafe { super::held_bf16::swiglu_inputs(ctx.raw(), &nodes, room) };
+            for &(c, _) in &made {
+                // SAFETY: room was checked; c is a valid node of ctx.
+                unsafe { sys::ggml_graph_add_node(g, c) };
+            }
+            // SAFETY: the array holds the graph's nodes, the new ones last.
+            let order = unsafe { std::slice::from_raw_parts_mut(sys::ggml_graph_nodes(g), nodes.len() + made.len()) };
+            for &(c, before) in &made {
+                let at = |t| order.iter().position(|&n| n == t).expect("a node of the graph");
+                let (from, to) = (at(c), at(before));
+                order[to..=from].rotate_right(1);
+            }
+            made.len()
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = ctx;
+            0
+        }
+    }
+
     /// Zeroes gradients and sets the loss gradient to 1 (after allocation).
     pub fn reset(&mut self) {
         // SAFETY: valid, allocated graph with grads.

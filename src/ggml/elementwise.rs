@@ -367,7 +367,7 @@ fn hsum(v: __m256) -> f32 {
 }
 
 /// Thread `ith` of `nth`'s share of `rows` rows.
-fn share(rows: usize, ith: c_int, nth: c_int) -> std::ops::Range<usize> {
+pub(super) fn share(rows: usize, ith: c_int, nth: c_int) -> std::ops::Range<usize> {
     let (ith, nth) = (ith as usize, nth as usize);
     rows * ith / nth..rows * (ith + 1) / nth
 }
@@ -391,7 +391,7 @@ fn row_index(t: &sys::ggml_tensor, r: usize) -> (usize, usize, usize) {
 ///
 /// # Safety
 /// `t` must be allocated and `r` one of its rows.
-unsafe fn row(t: &sys::ggml_tensor, r: usize) -> *mut f32 {
+pub(super) unsafe fn row(t: &sys::ggml_tensor, r: usize) -> *mut f32 {
     let (i1, i2, i3) = row_index(t, r);
     // SAFETY: the row lies within t's data, as the caller guarantees.
     unsafe { (t.data as *mut u8).add(i1 * t.nb[1] + i2 * t.nb[2] + i3 * t.nb[3]) as *mut f32 }
@@ -748,18 +748,24 @@ unsafe fn cross_entropy_row(n: usize, x: *const f32, t: *const f32) -> f64 {
 
 /// `dst = dy · s · (1 + x · (1 − s))` with `s = σ(x)`, this thread's rows
 /// (ggml's SILU_BACK: `src[0]` = dy, `src[1]` = x); where [`fuse_chains`]
-/// set `src[2]` = u, `dy · u` (rounded) in place of dy.
-unsafe extern "C" fn silu_back(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_int, _: *mut c_void) {
+/// set `src[2]` = u, `dy · u` (rounded) in place of dy. x and u may be
+/// held in bf16 (both, see [`super::held_bf16`]).
+pub(super) unsafe extern "C" fn silu_back(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_int, _: *mut c_void) {
     // SAFETY: ggml calls this for a node made by `rewrite` or
-    // `fuse_chains`, allocated, with F32 sources of its shape whose rows
-    // are contiguous; each thread writes its own rows.
+    // `fuse_chains`, allocated, with F32 (x and u maybe BF16) sources of
+    // its shape whose rows are contiguous; each thread writes its own rows.
     unsafe {
         let (d, dy, x, u) = (&*dst, &*(*dst).src[0], &*(*dst).src[1], (*dst).src[2]);
         let n = d.ne[0] as usize;
         let rows = (d.ne[1] * d.ne[2] * d.ne[3]) as usize;
+        let u = (!u.is_null()).then(|| &*u);
         for r in share(rows, ith, nth) {
-            let u = (!u.is_null()).then(|| row(&*u, r) as *const f32);
-            silu_back_row(n, row(d, r), row(x, r), row(dy, r), u);
+            let (dx, dy) = (row(d, r), row(dy, r));
+            if x.type_ == sys::GGML_TYPE_BF16 {
+                silu_back_row(n, dx, Bf16::of(x, r), dy, u.map(|u| Bf16::of(u, r)));
+            } else {
+                silu_back_row(n, dx, row(x, r) as *const f32, dy, u.map(|u| row(u, r) as *const f32));
+            }
         }
     }
 }
@@ -767,68 +773,132 @@ unsafe extern "C" fn silu_back(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_in
 /// One row of [`silu_back`].
 ///
 /// # Safety
-/// Each pointer addresses `n` floats; the CPU has AVX2 and FMA.
+/// Each pointer addresses `n` values; the CPU has AVX2 and FMA.
 #[target_feature(enable = "avx2,fma")]
-unsafe fn silu_back_row(n: usize, dx: *mut f32, x: *const f32, dy: *const f32, u: Option<*const f32>) {
-    // SAFETY: every access lies within the n floats of each row.
+unsafe fn silu_back_row<V: Values>(n: usize, dx: *mut f32, x: V, dy: *const f32, u: Option<V>) {
+    // SAFETY: every access lies within the n values of each row.
     unsafe {
         let one = _mm256_set1_ps(1.0);
         let dy_at = |i: usize| match u {
-            Some(u) => _mm256_mul_ps(_mm256_loadu_ps(dy.add(i)), _mm256_loadu_ps(u.add(i))),
+            Some(u) => _mm256_mul_ps(_mm256_loadu_ps(dy.add(i)), u.load8(i)),
             None => _mm256_loadu_ps(dy.add(i)),
         };
         let mut i = 0;
         while i + 8 <= n {
-            let xv = _mm256_loadu_ps(x.add(i));
+            let xv = x.load8(i);
             let s = _mm256_div_ps(one, _mm256_add_ps(one, exp(_mm256_sub_ps(_mm256_setzero_ps(), xv))));
             let t = _mm256_fmadd_ps(xv, _mm256_sub_ps(one, s), one);
             _mm256_storeu_ps(dx.add(i), _mm256_mul_ps(_mm256_mul_ps(dy_at(i), s), t));
             i += 8;
         }
         for i in i..n {
-            let (xi, s) = (*x.add(i), 1.0 / (1.0 + (-*x.add(i)).exp()));
-            let g = u.map_or(*dy.add(i), |u| *dy.add(i) * *u.add(i));
+            let (xi, s) = (x.at(i), 1.0 / (1.0 + (-x.at(i)).exp()));
+            let g = u.map_or(*dy.add(i), |u| *dy.add(i) * u.at(i));
             *dx.add(i) = g * s * (1.0 + xi * (1.0 - s));
         }
     }
 }
 
-/// `dst = silu(g) · dy` (`src[0]` = g, `src[1]` = dy; see
-/// [`fuse_chains`]), this thread's rows.
-unsafe extern "C" fn silu_mul(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_int, _: *mut c_void) {
+/// `dst = silu(g) · dy` (`src[0]` = g, maybe held in bf16; `src[1]` = dy;
+/// see [`fuse_chains`]), this thread's rows.
+pub(super) unsafe extern "C" fn silu_mul(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_int, _: *mut c_void) {
     // SAFETY: ggml calls this for a node made by `fuse_chains`, allocated,
-    // with F32 sources of its shape whose rows are contiguous; each thread
-    // writes its own rows.
+    // with F32 (g maybe BF16) sources of its shape whose rows are
+    // contiguous; each thread writes its own rows.
     unsafe {
         let (d, g, dy) = (&*dst, &*(*dst).src[0], &*(*dst).src[1]);
         let n = d.ne[0] as usize;
         let rows = (d.ne[1] * d.ne[2] * d.ne[3]) as usize;
         for r in share(rows, ith, nth) {
-            silu_mul_row(n, row(d, r), row(g, r), row(dy, r));
+            if g.type_ == sys::GGML_TYPE_BF16 {
+                silu_mul_row(n, row(d, r), Bf16::of(g, r), row(dy, r) as *const f32);
+            } else {
+                silu_mul_row(n, row(d, r), row(g, r) as *const f32, row(dy, r) as *const f32);
+            }
         }
     }
 }
 
-/// One row of [`silu_mul`]: `y = g · σ(g) · dy`.
+/// One row of [`silu_mul`]: `y = g · σ(g) · dy`, and of
+/// [`super::held_bf16`]'s SwiGLU (`dy` = u).
 ///
 /// # Safety
-/// Each pointer addresses `n` floats; the CPU has AVX2 and FMA.
+/// Each pointer addresses `n` values; the CPU has AVX2 and FMA.
 #[target_feature(enable = "avx2,fma")]
-unsafe fn silu_mul_row(n: usize, y: *mut f32, g: *const f32, dy: *const f32) {
-    // SAFETY: every access lies within the n floats of each row.
+pub(super) unsafe fn silu_mul_row<V: Values, W: Values>(n: usize, y: *mut f32, g: V, dy: W) {
+    // SAFETY: every access lies within the n values of each row.
     unsafe {
         let one = _mm256_set1_ps(1.0);
         let mut i = 0;
         while i + 8 <= n {
-            let gv = _mm256_loadu_ps(g.add(i));
+            let gv = g.load8(i);
             let s = _mm256_div_ps(gv, _mm256_add_ps(one, exp(_mm256_sub_ps(_mm256_setzero_ps(), gv))));
-            _mm256_storeu_ps(y.add(i), _mm256_mul_ps(s, _mm256_loadu_ps(dy.add(i))));
+            _mm256_storeu_ps(y.add(i), _mm256_mul_ps(s, dy.load8(i)));
             i += 8;
         }
         for i in i..n {
-            let gi = *g.add(i);
-            *y.add(i) = gi / (1.0 + (-gi).exp()) * *dy.add(i);
+            let gi = g.at(i);
+            *y.add(i) = gi / (1.0 + (-gi).exp()) * dy.at(i);
         }
+    }
+}
+
+/// A row of values read as F32: F32 itself, or [`Bf16`].
+pub(super) trait Values: Copy {
+    /// Values `i..i + 8`.
+    ///
+    /// # Safety
+    /// They lie within the row; the CPU has AVX2.
+    unsafe fn load8(self, i: usize) -> __m256;
+    /// Value `i`.
+    ///
+    /// # Safety
+    /// It lies within the row.
+    unsafe fn at(self, i: usize) -> f32;
+}
+
+impl Values for *const f32 {
+    #[inline(always)]
+    unsafe fn load8(self, i: usize) -> __m256 {
+        // SAFETY: forwarded from the caller.
+        unsafe { _mm256_loadu_ps(self.add(i)) }
+    }
+    #[inline(always)]
+    unsafe fn at(self, i: usize) -> f32 {
+        // SAFETY: forwarded from the caller.
+        unsafe { *self.add(i) }
+    }
+}
+
+/// A row of bf16 values (the high halves of F32s).
+#[derive(Clone, Copy)]
+pub(super) struct Bf16(pub(super) *const u16);
+
+impl Bf16 {
+    /// Row `r` of `t`, a BF16 tensor with contiguous rows.
+    ///
+    /// # Safety
+    /// As for [`row`].
+    pub(super) unsafe fn of(t: &sys::ggml_tensor, r: usize) -> Self {
+        // SAFETY: forwarded from the caller.
+        Bf16(unsafe { row(t, r) } as *const u16)
+    }
+}
+
+impl Values for Bf16 {
+    #[inline(always)]
+    unsafe fn load8(self, i: usize) -> __m256 {
+        // SAFETY: forwarded from the caller; bf16 is the high half of an
+        // F32's bits.
+        unsafe {
+            let h = _mm_loadu_si128(self.0.add(i) as *const __m128i);
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+        }
+    }
+    #[inline(always)]
+    unsafe fn at(self, i: usize) -> f32 {
+        // SAFETY: forwarded from the caller.
+        f32::from_bits((unsafe { *self.0.add(i) } as u32) << 16)
     }
 }
 

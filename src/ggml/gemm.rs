@@ -278,6 +278,19 @@ pub(super) unsafe fn set_bf16(t: *mut sys::ggml_tensor) {
     unsafe { tag_leaf(t, BF16_TAG, 1) };
 }
 
+/// Whether `nodes` (a graph's) read weights marked [`set_bf16`], on a CPU
+/// that runs their products in bf16.
+///
+/// # Safety
+/// `nodes` must be valid nodes, their sources valid or null.
+pub(super) unsafe fn bf16_graph(nodes: &[*mut sys::ggml_tensor]) -> bool {
+    // SAFETY: forwarded from the caller.
+    super::bf16_products_supported()
+        && nodes
+            .iter()
+            .any(|&n| unsafe { (*n).src.iter().any(|&s| leaf_tag(s, BF16_TAG).is_some()) })
+}
+
 /// The causal offset recorded on `t` by [`set_causal_offset`].
 ///
 /// # Safety
@@ -807,10 +820,7 @@ unsafe fn mark_causal(
         }
         // A graph over weights marked for bf16 products, on a CPU that
         // runs them.
-        let bf16 = super::bf16_products_supported()
-            && nodes
-                .iter()
-                .any(|&n| (*n).src.iter().any(|&s| leaf_tag(s, BF16_TAG).is_some()));
+        let bf16 = bf16_graph(nodes);
         let mut marked = 0;
         for &node in nodes {
             let Some(u) = gemm_userdata(node) else {

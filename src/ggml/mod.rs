@@ -12,6 +12,8 @@ mod elementwise;
 mod gemm;
 #[cfg(target_arch = "x86_64")]
 mod gemm_small;
+#[cfg(target_arch = "x86_64")]
+mod held_bf16;
 pub mod llama;
 #[cfg(target_arch = "x86_64")]
 mod packed;

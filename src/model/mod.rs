@@ -508,9 +508,10 @@ impl Model {
     /// slow products as GEMMs (`Graph::gemm_products`). Every graph of a
     /// training step gets the same kernels, so recomputed blocks repeat the
     /// forward pass exactly.
-    pub(crate) fn gemm_products_in(&self, g: &mut Graph<'_>) {
+    pub(crate) fn gemm_products_in<'a>(&self, g: &mut Graph<'a>, ctx: &'a Context) {
         if self.gemm_products && self.backend.is_cpu() {
             g.gemm_products();
+            g.hold_swiglu_inputs_bf16(ctx);
         }
     }
 
@@ -545,7 +546,7 @@ impl Model {
         // up to 3 % from llama.cpp's, which ggml's own kernels reproduce
         // exactly. (F32 weights: 6e-5, float rounding.)
         if as_trained || !self.has_quantized_weights() {
-            self.gemm_products_in(&mut g);
+            self.gemm_products_in(&mut g, &ctx);
         }
         sched.alloc(&g)?;
         f.fill_inputs();

@@ -123,7 +123,7 @@ pub(crate) fn build_backward<'a>(model: &'a Model, ctx: &'a Context, g: &mut cra
     } else {
         g.contiguous_out_prod_inputs(ctx, |t| dev.supports(t));
     }
-    model.gemm_products_in(g);
+    model.gemm_products_in(g, ctx);
 }
 
 /// Loss, loss rows and gradients of one micro-batch, with or without

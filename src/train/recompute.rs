@@ -168,7 +168,7 @@ pub fn loss_and_grads_recompute(
         }
         let mut g = ctx.new_graph(gs, false);
         g.build_forward(x);
-        model.gemm_products_in(&mut g);
+        model.gemm_products_in(&mut g, &ctx);
         sched.alloc(&g)?;
         f.fill_inputs();
         method.fill_inputs(&g);
