@@ -271,7 +271,9 @@ fn chunked_head_step<'a>(
     let profile = obs.as_ref().and_then(|o| o.profile.then_some(o.shapes));
     let times = sched.compute_paused(&g, h, profile, "LM head and loss (graphs of their own)", |side| {
         let hidden = h.read_f32();
-        let (l, up) = recompute::head_backward(model, method, side, &hidden, batch, targets, params, &mut grads)?;
+        let chunk = recompute::HEAD_CHUNK_HELD;
+        let (l, up) =
+            recompute::head_backward(model, method, side, &hidden, batch, targets, params, &mut grads, chunk)?;
         dh.write_f32(&up);
         loss = l;
         Ok::<(), Error>(())
