@@ -505,9 +505,11 @@ impl Model {
     }
 
     /// On the CPU (unless [`Model::gemm_products`] is off), runs the graph's
-    /// slow products as GEMMs (`Graph::gemm_products`). Every graph of a
-    /// training step gets the same kernels, so recomputed blocks repeat the
-    /// forward pass exactly.
+    /// slow products as GEMMs (`Graph::gemm_products`) and, where they take
+    /// bf16 operands, holds SwiGLU's inputs in bf16
+    /// (`Graph::hold_swiglu_inputs_bf16`). Every graph of a training step
+    /// gets the same kernels, so recomputed blocks repeat the forward pass
+    /// exactly.
     pub(crate) fn gemm_products_in<'a>(&self, g: &mut Graph<'a>, ctx: &'a Context) {
         if self.gemm_products && self.backend.is_cpu() {
             g.gemm_products();
