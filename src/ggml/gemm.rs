@@ -1146,10 +1146,14 @@ unsafe fn causal_run(
             );
         }
     };
+    // Each column's rows are contiguous: one memset a column (the masked
+    // half of a 1024-token scores' result, element by element, took ~3 %
+    // of the step).
     let zero = |(i0a, i0b): (usize, usize), (i1a, i1b): (usize, usize)| unsafe {
-        for i1 in i1a..i1b {
-            for i0 in i0a..i0b {
-                *pc.offset((i0 - r0) as isize + (i1 - c0) as isize * c_i1) = 0.0;
+        if i0a < i0b {
+            for i1 in i1a..i1b {
+                let col = pc.offset((i0a - r0) as isize + (i1 - c0) as isize * c_i1);
+                std::ptr::write_bytes(col, 0, i0b - i0a);
             }
         }
     };
