@@ -53,7 +53,8 @@ pub(super) unsafe fn swiglu_inputs(ctx: *mut sys::ggml_context, nodes: &[T], roo
         // src[3] (showing the GEMM result where g has become a view of it).
         let retired = |v: T, g: T| {
             (*v).op == sys::GGML_OP_VIEW
-                && ((*v).view_src == g || (*v).view_src == (*g).view_src && (*g).view_offs == 0)
+                && ((*v).view_src == g
+                    || !(*g).view_src.is_null() && (*v).view_src == (*g).view_src && (*g).view_offs == 0)
                 && (*v).view_offs == 0
                 && (*v).src[0] == g
                 && readers_of(v)
@@ -70,7 +71,7 @@ pub(super) unsafe fn swiglu_inputs(ctx: *mut sys::ggml_context, nodes: &[T], roo
             if !inputs || external(g) || external(u) {
                 continue;
             }
-            // Each reader, with the slots where it reads g and u.
+            // How many of r's sources are t.
             let reads = |r: T, t: T| (*r).src.iter().filter(|&&s| s == t).count();
             let g_ok = readers_of(g).iter().all(|&r| {
                 let once = reads(r, g) == 1;
