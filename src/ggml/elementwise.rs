@@ -233,6 +233,16 @@ unsafe extern "C" fn soft_max(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_int
         let scale = f32::from_bits(userdata as usize as u32);
         let n = d.ne[0] as usize;
         let rows = (d.ne[1] * d.ne[2] * d.ne[3]) as usize;
+        // A causal mask (see `gemm::set_causal_offset`) hides key j from its
+        // row i where j > i + off: those entries are exactly zero, so the
+        // row runs over the visible keys rounded up to 8 and the rest is
+        // zeroed, the same values (as the scores' product's fused softmax
+        // does). Half the exps of a long sequence's recomputed softmax.
+        let off = if mask.is_null() {
+            None
+        } else {
+            super::gemm::causal_offset(mask)
+        };
         let mut w = vec![0f32; n];
         for r in share(rows, ith, nth) {
             let (i1, i2, i3) = row_index(d, r);
@@ -243,7 +253,9 @@ unsafe extern "C" fn soft_max(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_int
                 let p = (m.data as *const u8).add(i1 * m.nb[1] + j2 * m.nb[2] + j3 * m.nb[3]);
                 (p, m.type_ == sys::GGML_TYPE_F16)
             });
-            soft_max_row(n, xr, scale, m, w.as_mut_ptr(), dr);
+            let len = off.map_or(n, |off| (i1 + off + 1).next_multiple_of(8).min(n));
+            soft_max_row(len, xr, scale, m, w.as_mut_ptr(), dr);
+            std::ptr::write_bytes(dr.add(len), 0, n - len);
         }
     }
 }

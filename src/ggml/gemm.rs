@@ -295,7 +295,7 @@ pub(super) unsafe fn bf16_graph(nodes: &[*mut sys::ggml_tensor]) -> bool {
 ///
 /// # Safety
 /// `t` must be a valid tensor or null.
-unsafe fn causal_offset(t: *const sys::ggml_tensor) -> Option<usize> {
+pub(super) unsafe fn causal_offset(t: *const sys::ggml_tensor) -> Option<usize> {
     // SAFETY: forwarded from the caller.
     unsafe { leaf_tag(t, CAUSAL_TAG).map(|off| off as usize) }
 }
