@@ -1182,9 +1182,14 @@ fn causal_attention_products_skip_what_the_mask_hides() {
         assert_eq!((p_causal.as_str(), p_plain.as_str()), ("VIEW", "CUSTOM"));
         let (n_remat, recomputed, o_remat, g_remat, _) = run(true, true);
         assert_eq!(recomputed, 1, "the probabilities recomputed");
-        // The scores' product and softmax once more, and the product marked
-        // (the recomputed softmax stays a node of its own).
-        assert_eq!(n_remat - n_causal, 3, "the recomputed scores skip hidden entries");
+        // The scores' product and softmax once more, the product marked and
+        // the softmax fused into it, as the forward's: the same values, bit
+        // for bit.
+        assert_eq!(
+            n_remat - n_causal,
+            4,
+            "the recomputed scores skip hidden entries and compute their softmax"
+        );
         let differ = |p: &[f32], q: &[f32]| p.iter().zip(q).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
         assert_eq!(differ(&o_remat, &o_causal), 0, "output");
         for (what, (p, q)) in ["dQ", "dK", "dV"].iter().zip(g_remat.iter().zip(&g_causal)) {

@@ -897,7 +897,7 @@ const _: () = assert!(std::mem::size_of::<CustomOpParams>() <= SOFT_MAX_SLOT * s
 /// becomes a view of it. The scores no longer go to memory and back
 /// (37.7 MB a node for 1024 tokens on SmolLM2). Only where the softmax
 /// alone reads the scores and its mask is the same for every head; [`fold`]
-/// offers it the forward's softmaxes.
+/// offers it every softmax (the backward recomputes the forward's).
 ///
 /// # Safety
 /// As for [`fold_scale`], after [`mark_causal`] ran on the graph's nodes.
@@ -1322,21 +1322,19 @@ pub(super) unsafe fn fold(nodes: &[*mut sys::ggml_tensor], moves: &mut Vec<Move>
         let readers = readers(nodes);
         let consumers = readers.iter().map(|(&t, r)| (t, r.len())).collect();
         let causal = unsafe { mark_causal(nodes, &consumers) };
-        // The forward's softmaxes only: fusing the backward's recomputed
-        // ones (after the loss) saved ~1 % of a 1024-token step but left
-        // ggml's allocator one probabilities' size more at its peak
-        // (748 → 784 MiB there; +5 MiB at 384 tokens, +81 at 1536).
+        // The forward's softmaxes and the backward's recomputed ones: for
+        // the latter 2.7 % less time at 1024 tokens (12 alternating steps),
+        // 2.6 % at 2048, ~1 % at 256, for at most 3 MiB more at the
+        // allocator's peak (it was one probabilities' size more before the
+        // SwiGLU inputs went to bf16: 748 → 784 MiB at 1024 tokens).
         #[cfg(target_arch = "x86_64")]
         let causal = causal + {
-            let flag = sys::GGML_TENSOR_FLAG_LOSS as i32;
-            let loss = nodes.iter().position(|&n| unsafe { (*n).flags } & flag != 0);
-            let forward = &nodes[..loss.unwrap_or(nodes.len())];
-            let forward = forward
+            let soft_max = nodes
                 .iter()
                 .filter(|&&n| unsafe { fuse_soft_max(n, &consumers) })
                 .count();
             let order = nodes.iter().enumerate().map(|(i, &n)| (n as *const _, i)).collect();
-            forward
+            soft_max
                 + nodes
                     .iter()
                     .filter(|&&n| unsafe { fuse_soft_max_back(n, &consumers, &order) })
