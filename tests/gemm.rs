@@ -107,6 +107,8 @@ fn run_backward_remat<'a>(
     let rewritten = if rewrite { gr.gemm_products() } else { 0 };
     let mut sched = Sched::new(std::slice::from_ref(&backend), 64);
     sched.alloc(&gr).unwrap();
+    // Memory no node writes reads as NaN, not as fresh pages' zeros.
+    gr.poison_compute_buffers();
     fill();
     gr.reset();
     sched.compute(&gr).unwrap();
@@ -1282,7 +1284,15 @@ fn attention_differences(
 ) -> [(&'static str, (f32, f32)); 4] {
     let diff = |got: &[f32], want: &[f32]| {
         let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
-        let worst = got.iter().zip(want).fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+        // f32::max passes over NaN: a NaN difference counts as infinite.
+        let worst = got.iter().zip(want).fold(0f32, |a, (x, y)| {
+            let d = (x - y).abs();
+            if d.is_nan() {
+                f32::INFINITY
+            } else {
+                a.max(d)
+            }
+        });
         (worst, scale)
     };
     [

@@ -1068,6 +1068,26 @@ impl<'a> Graph<'a> {
         }
     }
 
+    /// After allocation, for tests: fills the memory of the tensors the
+    /// graph computes with NaNs (`0xFF` bytes), so that a node reading
+    /// memory no node wrote shows in the results instead of reading the
+    /// zeros of fresh pages. Input leaves sharing that memory must be
+    /// written afterwards.
+    pub fn poison_compute_buffers(&self) {
+        let mut cleared = std::collections::HashSet::new();
+        for node in self.exec_nodes() {
+            // SAFETY: an allocated node of this graph; a computed tensor that
+            // is not a view lives in a compute buffer of the scheduler's
+            // (never a weights' buffer), valid while the graph is.
+            unsafe {
+                let b = (*node).buffer;
+                if (*node).view_src.is_null() && !b.is_null() && cleared.insert(b as usize) {
+                    sys::ggml_backend_buffer_clear(b, 0xFF);
+                }
+            }
+        }
+    }
+
     /// Zeroes gradients and sets the loss gradient to 1 (after allocation).
     pub fn reset(&mut self) {
         // SAFETY: valid, allocated graph with grads.

@@ -176,6 +176,17 @@ const ADDEND: usize = 1 << 15;
 /// autocast rounds attention's.
 const BF16_OPERANDS: usize = 1 << 16;
 
+/// Set in the userdata of a product marked [`Causal::Entries`] whose every
+/// reader reads it causally (see [`band_zeroing`]): it zeroes only the
+/// [`BAND_ROWS`] hidden rows after each block's visible ones.
+const BAND: usize = 1 << 17;
+
+/// Hidden rows past a block's last visible key that a causal reader of the
+/// block's columns may read: its own blocks span at most
+/// [`CAUSAL_BLOCK`] rows or columns, and a fused softmax (or its backward)
+/// reads on to a multiple of 8.
+const BAND_ROWS: usize = CAUSAL_BLOCK + 8;
+
 /// The tensor a node marked [`ADDEND`] adds to its result, if it is one.
 ///
 /// # Safety
@@ -1109,6 +1120,12 @@ impl<'t> SoftMax<'t> {
     }
 }
 
+/// Rows or columns per GEMM call of a causal product: the triangle's
+/// ragged edge costs about half a block of the queries' product, each call
+/// a packing of its own (on SmolLM2's step, 256 queries: 32 and 128
+/// measured slower than 64).
+const CAUSAL_BLOCK: usize = 64;
+
 /// One run of a product marked [`CAUSAL`] (see [`mark_causal`]): rows
 /// `r0..r1` and columns `c0..c1` of one slice, `A` (`i0 × k`), `B`
 /// (`k × i1`) and `C` given at the run's first row and column with element
@@ -1119,7 +1136,7 @@ impl<'t> SoftMax<'t> {
 /// As for [`run`]: the pointers and strides address one slice's operands.
 #[allow(clippy::type_complexity)]
 unsafe fn causal_run(
-    ((pattern, off, nq), soft_max, bf16): ((Causal, usize, usize), Option<SoftMax<'_>>, bool),
+    ((pattern, off, nq), soft_max, (bf16, band)): ((Causal, usize, usize), Option<SoftMax<'_>>, (bool, bool)),
     (r0, r1): (usize, usize),
     (c0, c1): (usize, usize),
     k: usize,
@@ -1127,10 +1144,6 @@ unsafe fn causal_run(
     (pb, b_k, b_i1): (*const f32, isize, isize),
     (pc, c_i1): (*mut f32, isize),
 ) {
-    // Rows or columns per GEMM call: the triangle's ragged edge costs about
-    // BLOCK / 2 of n_queries of the product, each call a packing of its own
-    // (on SmolLM2's step, 256 queries: 32 and 128 measured slower than 64).
-    const BLOCK: usize = 64;
     // SAFETY (all three closures): the ranges lie within the run, as the
     // caller's pointers and strides address it.
     // C[i0, i1] = beta·C[i0, i1] + Σ_{ka ≤ p < kb} A[i0, p]·B[p, i1].
@@ -1177,7 +1190,7 @@ unsafe fn causal_run(
         let mut at = lo;
         std::iter::from_fn(move || {
             let group_end = if queries { (at / nq + 1) * nq } else { usize::MAX };
-            let end = (at + BLOCK).min(hi).min(group_end);
+            let end = (at + CAUSAL_BLOCK).min(hi).min(group_end);
             (at < hi).then(|| (std::mem::replace(&mut at, end), end))
         })
     };
@@ -1191,7 +1204,8 @@ unsafe fn causal_run(
                 let seen = (j1 - 1) % nq + off + 1;
                 if pattern == Causal::Entries {
                     gemm((r0, r1.min(seen)), (j0, j1), (0, k), 0.0);
-                    zero((r0.max(seen), r1), (j0, j1));
+                    let hidden_end = if band { r1.min(seen + BAND_ROWS) } else { r1 };
+                    zero((r0.max(seen), hidden_end), (j0, j1));
                     // Whole columns (a softmax's rows), still in cache.
                     #[cfg(target_arch = "x86_64")]
                     if let Some(sm) = soft_max {
@@ -1375,10 +1389,109 @@ pub(super) unsafe fn fold(nodes: &[*mut sys::ggml_tensor], moves: &mut Vec<Move>
         };
         #[cfg(not(target_arch = "x86_64"))]
         let addends = 0;
+        // Last: it reads the readers the folds left. (A mode, like the bf16
+        // operands', not counted as a fold.)
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            band_zeroing(nodes)
+        };
         causal + scales + gradient_scales + adds + addends
     }
     #[cfg(not(target_pointer_width = "64"))]
     0
+}
+
+/// Marks [`BAND`] each product marked [`Causal::Entries`] whose result
+/// (through any views of it) is read only causally: by attention products
+/// marked causal for the same mask, or as the probabilities a fused
+/// softmax backward reads (see [`fuse_soft_max_back`]). None of those
+/// reads a hidden entry more than [`BAND_ROWS`] rows past its column's
+/// block's last visible key, so the rest of the hidden half (most of it
+/// for long sequences: 25 MB a node for 2048 tokens on SmolLM2) need not
+/// be zeroed. Returns the number of products marked.
+///
+/// # Safety
+/// As for [`fold`], after its folds.
+#[cfg(all(target_pointer_width = "64", target_arch = "x86_64"))]
+unsafe fn band_zeroing(nodes: &[*mut sys::ggml_tensor]) -> usize {
+    // SAFETY: forwarded from the caller; every pointer read is a node, a
+    // node's source or a view's source.
+    unsafe {
+        let readers = readers(nodes);
+        let root = |mut t: *mut sys::ggml_tensor| {
+            while !(*t).view_src.is_null() {
+                t = (*t).view_src;
+            }
+            t
+        };
+        let mut marked = 0;
+        for &e in nodes {
+            let Some(u) = gemm_userdata(e) else {
+                continue;
+            };
+            let Some((Causal::Entries, off, nq)) = causal_of(u) else {
+                continue;
+            };
+            // e and the views of it, each reader checked once.
+            let mut shown = vec![e];
+            let mut i = 0;
+            let mut causal_only = !external(e);
+            while causal_only && i < shown.len() {
+                let t = shown[i];
+                i += 1;
+                for &r in readers.get(&(t as *const _)).map_or(&[][..], |v| &v[..]) {
+                    let reads_as = |k: usize| (*r).src[k] == t;
+                    let ok = if !(*r).view_src.is_null() && root(r) == e {
+                        if !shown.contains(&r) {
+                            shown.push(r);
+                        }
+                        !external(r)
+                    } else if let Some(ru) = gemm_userdata(r) {
+                        match causal_of(ru) {
+                            // A fused softmax backward's probabilities.
+                            Some((Causal::Entries, o, q)) => {
+                                (o, q) == (off, nq)
+                                    && (*r).op_params[SOFT_MAX_SLOT] == SOFT_MAX_BACK_TAG
+                                    && reads_as(2)
+                                    && !reads_as(0)
+                                    && !reads_as(1)
+                            }
+                            Some((_, o, q)) => (o, q) == (off, nq) && (reads_as(0) || reads_as(1)) && !reads_as(2),
+                            None => false,
+                        }
+                    } else {
+                        false
+                    };
+                    if !ok {
+                        causal_only = false;
+                        break;
+                    }
+                }
+            }
+            if causal_only {
+                set_userdata(e, u | BAND);
+                marked += 1;
+            }
+        }
+        marked
+    }
+}
+
+/// Replaces a custom op's userdata, leaving the rest of its `op_params`.
+///
+/// # Safety
+/// `node` must be a valid `GGML_OP_CUSTOM` node of a graph not yet
+/// allocated.
+#[cfg(all(target_pointer_width = "64", target_arch = "x86_64"))]
+unsafe fn set_userdata(node: *mut sys::ggml_tensor, userdata: usize) {
+    // SAFETY: forwarded from the caller; op_params hold the node's
+    // CustomOpParams, unaligned.
+    unsafe {
+        let p = (*node).op_params.as_mut_ptr() as *mut CustomOpParams;
+        let mut params = std::ptr::read_unaligned(p);
+        params.userdata = userdata as *mut c_void;
+        std::ptr::write_unaligned(p, params);
+    }
 }
 
 /// Points every view among `nodes` at the memory it shows, as ggml does
@@ -1606,7 +1719,11 @@ unsafe extern "C" fn run(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_int, use
                 if let Some(c) = causal {
                     let b_ops = (pb, s(b_k), s(b_i1));
                     causal_run(
-                        (c, soft_max, userdata as usize & BF16_OPERANDS != 0),
+                        (
+                            c,
+                            soft_max,
+                            (userdata as usize & BF16_OPERANDS != 0, userdata as usize & BAND != 0),
+                        ),
                         (r0, r1),
                         (c0, c1),
                         k,
