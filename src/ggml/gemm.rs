@@ -1456,7 +1456,16 @@ unsafe fn band_zeroing(nodes: &[*mut sys::ggml_tensor]) -> usize {
                                     && !reads_as(0)
                                     && !reads_as(1)
                             }
-                            Some((_, o, q)) => (o, q) == (off, nq) && (reads_as(0) || reads_as(1)) && !reads_as(2),
+                            // Reading it as the operand mark_causal found
+                            // to be probabilities (or their gradient).
+                            Some((pattern, o, q)) => {
+                                let (at, other) = if pattern == Causal::ColumnsByRow {
+                                    (0, 1)
+                                } else {
+                                    (1, 0)
+                                };
+                                (o, q) == (off, nq) && reads_as(at) && !reads_as(other) && !reads_as(2)
+                            }
                             None => false,
                         }
                     } else {
