@@ -625,7 +625,10 @@ fn fused_norm_and_swiglu_chains_match_f64() {
     let exact = [dx, dg, du];
     let worst = |got: &[f32], e: &[f64]| {
         let top = e.iter().fold(0f64, |m, v| m.max(v.abs()));
-        got.iter().zip(e).fold(0f64, |m, (&a, b)| m.max((a as f64 - b).abs())) / top
+        got.iter()
+            .zip(e)
+            .fold(0f64, |m, (&a, b)| worse(m, (a as f64 - b).abs()))
+            / top
     };
     let ((nf, fast), (ns, stock)) = (run(true), run(false));
     let (wf, ws) = (worst(&nf, &normed), worst(&ns, &normed));
@@ -741,7 +744,7 @@ fn vectorized_cross_entropy_matches_f64() {
     let worst = |g: &[f32]| {
         g.iter()
             .zip(&exact_grad)
-            .fold(0f64, |m, (&g, &e)| m.max((g as f64 - e).abs()))
+            .fold(0f64, |m, (&g, &e)| worse(m, (g as f64 - e).abs()))
     };
     let top = exact_grad.iter().fold(0f64, |m, e| m.max(e.abs()));
     println!("gradient (values up to {top:.1e}): {:.1e} off", worst(&gs));
@@ -1140,7 +1143,7 @@ fn sums_of_several_short_products_match_ggml() {
         };
         let ((got, op), (want, _)) = (run(true), run(false));
         let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let worst = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        let worst = got.iter().zip(&want).fold(0f32, |m, (a, b)| worse32(m, (a - b).abs()));
         let case = format!("{wty:?}, {tokens} tokens, nested {nested}");
         println!("{case}: largest difference {worst:.2e} (values up to {scale:.2e}), the sum a {op}");
         assert!(
@@ -1284,15 +1287,7 @@ fn attention_differences(
 ) -> [(&'static str, (f32, f32)); 4] {
     let diff = |got: &[f32], want: &[f32]| {
         let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
-        // f32::max passes over NaN: a NaN difference counts as infinite.
-        let worst = got.iter().zip(want).fold(0f32, |a, (x, y)| {
-            let d = (x - y).abs();
-            if d.is_nan() {
-                f32::INFINITY
-            } else {
-                a.max(d)
-            }
-        });
+        let worst = got.iter().zip(want).fold(0f32, |a, (x, y)| worse32(a, (x - y).abs()));
         (worst, scale)
     };
     [
@@ -1394,7 +1389,7 @@ fn lora_gradient_scale_folds_into_its_products() {
         let worst = got
             .iter()
             .zip(want)
-            .fold(0f64, |m, (g, w)| m.max((*g as f64 - w).abs()));
+            .fold(0f64, |m, (g, w)| worse(m, (*g as f64 - w).abs()));
         println!("{what}: largest difference {worst:.2e} (values up to {scale:.2e})");
         assert!(
             worst <= 1e-5 * scale,
@@ -1450,7 +1445,7 @@ fn class_id_targets_match_one_hot_rows() {
             let off = g
                 .iter()
                 .zip(&grad)
-                .fold(0f64, |m, (&a, &b)| m.max((a as f64 - b).abs()));
+                .fold(0f64, |m, (&a, &b)| worse(m, (a as f64 - b).abs()));
             let logits = if scaled { "scaled" } else { "softmax in place" };
             println!("{what}, {logits}: loss {l} (f64 {loss}), gradient {off:.1e} off (values up to {top:.1e})");
             assert!((l - loss).abs() < 1e-6 * loss.abs(), "{what}: loss {l}, f64 {loss}");
@@ -1561,6 +1556,7 @@ fn swiglu_step(n: usize, rows: usize, blocks: usize, (c_g, c_u): (f32, f32), hol
     let held = if hold { gr.hold_swiglu_inputs_bf16(&ctx) } else { 0 };
     let mut sched = Sched::new(std::slice::from_ref(&backend), 256);
     sched.alloc(&gr).unwrap();
+    gr.poison_compute_buffers();
     for (t, v) in [(x0, xv), (r, rv), (wg, eye(c_g)), (wu, eye(c_u))] {
         t.write_f32(&v);
     }
@@ -1618,7 +1614,10 @@ fn swiglu_inputs_held_in_bf16() {
     }
     let worst = |got: &[f32], e: &[f64]| {
         let top = e.iter().fold(0f64, |m, v| m.max(v.abs()));
-        got.iter().zip(e).fold(0f64, |m, (&a, b)| m.max((a as f64 - b).abs())) / top
+        got.iter()
+            .zip(e)
+            .fold(0f64, |m, (&a, b)| worse(m, (a as f64 - b).abs()))
+            / top
     };
     let (wh, wu, wd) = (worst(&h, &want), worst(&h, &unrounded), worst(&dx, &dx_want));
     println!(

@@ -94,7 +94,10 @@ fn check_gradients(name: &str, model: &Model, m: &dyn Trainable, refs: &[&Exampl
     for (i, pname) in m.param_names().iter().enumerate() {
         let g = &grads[i];
         let scale = g.iter().fold(0f32, |a, x| a.max(x.abs()));
-        let rc = g.iter().zip(&grads_rc[i]).fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+        let rc = g
+            .iter()
+            .zip(&grads_rc[i])
+            .fold(0f32, |a, (x, y)| worse32(a, (x - y).abs()));
         assert!(
             rc <= 1e-4 * scale.max(1e-6),
             "{name} {pname}: recomputed gradient differs by {rc:.2e}"

@@ -89,6 +89,25 @@ pub fn compare(a: &[Vec<f32>], b: &[Vec<f32>]) -> (f32, f32) {
     (d, m)
 }
 
+/// The larger of a running worst difference `m` and `d`, a NaN counting as
+/// infinite (`f64::max` passes over NaN, which would hide a NaN result).
+pub fn worse(m: f64, d: f64) -> f64 {
+    if d.is_nan() {
+        f64::INFINITY
+    } else {
+        m.max(d)
+    }
+}
+
+/// [`worse`] in f32.
+pub fn worse32(m: f32, d: f32) -> f32 {
+    if d.is_nan() {
+        f32::INFINITY
+    } else {
+        m.max(d)
+    }
+}
+
 /// Deterministic pseudo-random tokens in [3, n_vocab).
 pub fn some_tokens(n: usize, n_vocab: usize, seed: u64) -> Vec<i32> {
     let mut r = gguf_peft::rng::Rng::new(seed);
