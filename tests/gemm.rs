@@ -203,7 +203,7 @@ fn bf16_products_match_a_loop_over_rounded_operands() {
             .iter()
             .zip(&want)
             .map(|(&g, w)| (g as f64 - w).abs() / rms)
-            .fold(0.0, f64::max);
+            .fold(0f64, worse);
         assert!(worst < 1e-5, "{case}: off by {worst:e} of the rms {rms}");
     }
 }
@@ -348,7 +348,7 @@ fn gemm_matches_a_loop_and_ggml() {
             got.iter()
                 .zip(&want)
                 .map(|(g, w)| (*g as f64 - w).abs())
-                .fold(0f64, f64::max)
+                .fold(0f64, worse)
         };
         let (wg, ws) = (worst(&gemm), worst(&stock));
         println!("{name}: worst |Δ| vs the f64 loop: GEMM {wg:.2e}, ggml {ws:.2e}");
@@ -566,7 +566,7 @@ fn vectorized_silu_back_matches_exact_gradient() {
         got.iter()
             .zip(&exact)
             .map(|(x, e)| (*x as f64 - e).abs() / e.abs().max(1e-3))
-            .fold(0f64, f64::max)
+            .fold(0f64, worse)
     };
     let (fast, stock) = (grad(true), grad(false));
     let (wf, ws) = (worst(&fast), worst(&stock));
@@ -623,19 +623,15 @@ fn fused_norm_and_swiglu_chains_match_f64() {
         }
     }
     let exact = [dx, dg, du];
-    let worst = |got: &[f32], e: &[f64]| {
-        let top = e.iter().fold(0f64, |m, v| m.max(v.abs()));
-        got.iter()
-            .zip(e)
-            .fold(0f64, |m, (&a, b)| worse(m, (a as f64 - b).abs()))
-            / top
-    };
     let ((nf, fast), (ns, stock)) = (run(true), run(false));
-    let (wf, ws) = (worst(&nf, &normed), worst(&ns, &normed));
+    let (wf, ws) = (worst_relative(&nf, &normed), worst_relative(&ns, &normed));
     println!("rms_norm(x)·w: fused {wf:.1e}, ggml {ws:.1e} of the largest");
     assert!(wf < 1e-6 && ws < 1e-6, "norm: fused {wf:.1e}, ggml {ws:.1e}");
     for (i, what) in ["x (norm)", "g (gate)", "u (up)"].into_iter().enumerate() {
-        let (wf, ws) = (worst(&fast[i], &exact[i]), worst(&stock[i], &exact[i]));
+        let (wf, ws) = (
+            worst_relative(&fast[i], &exact[i]),
+            worst_relative(&stock[i], &exact[i]),
+        );
         println!("gradient of {what}: fused {wf:.1e}, ggml {ws:.1e} of the largest");
         assert!(wf < 1e-6 && ws < 1e-6, "{what}: fused {wf:.1e}, ggml {ws:.1e}");
     }
@@ -822,14 +818,14 @@ fn vectorized_soft_max_matches_f64() {
             y.iter()
                 .zip(&exact)
                 .map(|(&v, &e)| (v as f64 - e).abs() / e.max(1e-30))
-                .fold(0f64, f64::max)
+                .fold(0f64, worse)
         };
         let zeros = yf.iter().zip(&exact).all(|(&v, &e)| (e == 0.0) == (v == 0.0));
         let gdiff = gf
             .iter()
             .zip(&gs)
             .map(|(a, b)| (a - b).abs() / b.abs().max(1e-3))
-            .fold(0f32, f32::max);
+            .fold(0f32, worse32);
         println!(
             "softmax, {} {} mask: vectorized {:.1e}, ggml {:.1e} from f64; input gradient {gdiff:.1e} from ggml's",
             if packed { "packed" } else { "causal" },
@@ -1612,14 +1608,11 @@ fn swiglu_inputs_held_in_bf16() {
         let (dg, du) = (r * ub * s * (1.0 + gb * (1.0 - s)), r * silu(gb));
         dx_want.push(r + c_g as f64 * round(dg) + c_u as f64 * round(du));
     }
-    let worst = |got: &[f32], e: &[f64]| {
-        let top = e.iter().fold(0f64, |m, v| m.max(v.abs()));
-        got.iter()
-            .zip(e)
-            .fold(0f64, |m, (&a, b)| worse(m, (a as f64 - b).abs()))
-            / top
-    };
-    let (wh, wu, wd) = (worst(&h, &want), worst(&h, &unrounded), worst(&dx, &dx_want));
+    let (wh, wu, wd) = (
+        worst_relative(&h, &want),
+        worst_relative(&h, &unrounded),
+        worst_relative(&dx, &dx_want),
+    );
     println!(
         "SwiGLU: {wh:.1e} of the largest from f64 over bf16 inputs, {wu:.1e} from f64 over F32 inputs; dx {wd:.1e}"
     );
@@ -1636,5 +1629,5 @@ fn swiglu_inputs_held_in_bf16() {
     println!("compute buffer: {with} bytes held in bf16, {without} in F32 ({held} nodes)");
     assert_eq!(held, 8);
     assert!(with + held_bytes / 4 <= without, "held {with} bytes, F32 {without}");
-    assert!(worst(&dx_held, &dx_f32.iter().map(|&v| v as f64).collect::<Vec<_>>()) < 2e-2);
+    assert!(worst_relative(&dx_held, &dx_f32.iter().map(|&v| v as f64).collect::<Vec<_>>()) < 2e-2);
 }

@@ -99,6 +99,16 @@ pub fn worse(m: f64, d: f64) -> f64 {
     }
 }
 
+/// The largest difference of `got` from `want`, relative to `want`'s
+/// largest magnitude (a NaN counting as infinite).
+pub fn worst_relative(got: &[f32], want: &[f64]) -> f64 {
+    let top = want.iter().fold(0f64, |m, v| m.max(v.abs()));
+    got.iter()
+        .zip(want)
+        .fold(0f64, |m, (&a, b)| worse(m, (a as f64 - b).abs()))
+        / top
+}
+
 /// [`worse`] in f32.
 pub fn worse32(m: f32, d: f32) -> f32 {
     if d.is_nan() {
