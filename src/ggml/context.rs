@@ -719,12 +719,7 @@ impl<'a> Graph<'a> {
                 return 0;
             };
             let pos: std::collections::HashMap<T, usize> = nodes.iter().enumerate().map(|(i, &n)| (n, i)).collect();
-            let root_of = |mut t: T| {
-                while !(*t).view_src.is_null() {
-                    t = (*t).view_src;
-                }
-                t
-            };
+            let root_of = |t: T| super::gemm::view_root(t);
             let readers = super::gemm::readers(&nodes);
             let readers_of = |t: T| readers.get(&(t as *const _)).map_or(&[][..], |v| &v[..]);
             // Views of each tensor, and the last node that reads each

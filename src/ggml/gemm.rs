@@ -766,6 +766,21 @@ unsafe fn fold_gradient_scale(
     }
 }
 
+/// The tensor whose memory `t` shows: itself if it is not a view, else the
+/// end of its chain of view sources.
+///
+/// # Safety
+/// `t` must be a valid tensor.
+pub(super) unsafe fn view_root(mut t: *mut sys::ggml_tensor) -> *mut sys::ggml_tensor {
+    // SAFETY: forwarded from the caller; view sources are valid tensors.
+    unsafe {
+        while !(*t).view_src.is_null() {
+            t = (*t).view_src;
+        }
+    }
+    t
+}
+
 /// The tensor `t` shows whole from its start (itself if it is not a view;
 /// an offset would move the columns' queries): null for other views.
 ///
@@ -1394,7 +1409,7 @@ pub(super) unsafe fn fold(nodes: &[*mut sys::ggml_tensor], moves: &mut Vec<Move>
         #[cfg(target_arch = "x86_64")]
         unsafe {
             band_zeroing(nodes)
-        };
+        }
         causal + scales + gradient_scales + adds + addends
     }
     #[cfg(not(target_pointer_width = "64"))]
@@ -1408,23 +1423,16 @@ pub(super) unsafe fn fold(nodes: &[*mut sys::ggml_tensor], moves: &mut Vec<Move>
 /// reads a hidden entry more than [`BAND_ROWS`] rows past its column's
 /// block's last visible key, so the rest of the hidden half (most of it
 /// for long sequences: 25 MB a node for 2048 tokens on SmolLM2) need not
-/// be zeroed. Returns the number of products marked.
+/// be zeroed.
 ///
 /// # Safety
 /// As for [`fold`], after its folds.
 #[cfg(all(target_pointer_width = "64", target_arch = "x86_64"))]
-unsafe fn band_zeroing(nodes: &[*mut sys::ggml_tensor]) -> usize {
+unsafe fn band_zeroing(nodes: &[*mut sys::ggml_tensor]) {
     // SAFETY: forwarded from the caller; every pointer read is a node, a
     // node's source or a view's source.
     unsafe {
         let readers = readers(nodes);
-        let root = |mut t: *mut sys::ggml_tensor| {
-            while !(*t).view_src.is_null() {
-                t = (*t).view_src;
-            }
-            t
-        };
-        let mut marked = 0;
         for &e in nodes {
             let Some(u) = gemm_userdata(e) else {
                 continue;
@@ -1441,7 +1449,7 @@ unsafe fn band_zeroing(nodes: &[*mut sys::ggml_tensor]) -> usize {
                 i += 1;
                 for &r in readers.get(&(t as *const _)).map_or(&[][..], |v| &v[..]) {
                     let reads_as = |k: usize| (*r).src[k] == t;
-                    let ok = if !(*r).view_src.is_null() && root(r) == e {
+                    let ok = if !(*r).view_src.is_null() && view_root(r) == e {
                         if !shown.contains(&r) {
                             shown.push(r);
                         }
@@ -1479,10 +1487,8 @@ unsafe fn band_zeroing(nodes: &[*mut sys::ggml_tensor]) -> usize {
             }
             if causal_only {
                 set_userdata(e, u | BAND);
-                marked += 1;
             }
         }
-        marked
     }
 }
 
