@@ -476,8 +476,12 @@ fn native_base_trains_like_the_dequantized_base() {
             };
             a.iter()
                 .zip(b)
-                .map(|(x, y)| d(x.1, y.1).max(d(x.2, y.2)).max(d(x.3, y.3)))
-                .fold(0f32, f32::max)
+                .map(|(x, y)| {
+                    [d(x.1, y.1), d(x.2, y.2), d(x.3, y.3)]
+                        .into_iter()
+                        .fold(0f32, common::worse32)
+                })
+                .fold(0f32, common::worse32)
         };
         let (dn, ds, db) = (worst(&native, &exact), worst(&stock, &exact), worst(&bf16, &exact));
         println!(
