@@ -603,25 +603,27 @@ unsafe fn pack_b(b: Strided, p0: usize, kc: usize, n: usize, out: *mut f32) {
             let nn = NR.min(n - jp * NR);
             let col = |j: usize| b.p.offset((p0 as isize) * b.rs + ((jp * NR + j) as isize) * b.cs);
             let mut p = 0;
-            if nn == NR && b.rs == 1 {
+            // The last panel's missing columns read as zeros here too (see
+            // pack_b_bf16).
+            if b.rs == 1 {
                 // Six columns' runs of 8 terms, transposed; each store of 8
                 // overshoots by 2, which the next store (or panel) rewrites.
-                let cols: [*const f32; NR] = std::array::from_fn(col);
                 while p + 8 <= kc {
                     let mut r = [_mm256_setzero_ps(); 8];
-                    for (r, cj) in r.iter_mut().zip(cols) {
-                        *r = _mm256_loadu_ps(cj.add(p));
+                    for (j, r) in r.iter_mut().enumerate().take(nn) {
+                        *r = _mm256_loadu_ps(col(j).add(p));
                     }
                     for (q, v) in transpose8(r).into_iter().enumerate() {
                         _mm256_storeu_ps(dst.add((p + q) * NR), v);
                     }
                     p += 8;
                 }
-            } else if nn == NR && b.cs == 1 {
+            } else if b.cs == 1 {
                 // Each term's six columns are contiguous already.
                 let row = col(0);
                 while p < kc {
-                    std::ptr::copy_nonoverlapping(row.offset(p as isize * b.rs), dst.add(p * NR), NR);
+                    std::ptr::copy_nonoverlapping(row.offset(p as isize * b.rs), dst.add(p * NR), nn);
+                    std::ptr::write_bytes(dst.add(p * NR + nn), 0, NR - nn);
                     p += 1;
                 }
             }
@@ -979,29 +981,32 @@ unsafe fn pack_b_bf16(b: Strided, p0: usize, kc: usize, n: usize, out: *mut f32)
             let nn = NR.min(n - jp * NR);
             let col = |j: usize| b.p.offset((p0 as isize) * b.rs + ((jp * NR + j) as isize) * b.cs);
             let mut q = 0;
-            if nn == NR && b.rs == 1 {
+            // The last panel's missing columns (a token count not a
+            // multiple of 6) read as zeros in the vector paths too: one
+            // value at a time, that panel cost as much as the ten before
+            // it in the attention's 64-column products.
+            if b.rs == 1 {
                 // Runs of 16 terms of the six columns as 8 slots each,
                 // transposed; each store of 8 overshoots by 2, which the
                 // next store (or panel) rewrites.
-                let cols: [*const f32; NR] = std::array::from_fn(col);
                 while 2 * q + 16 <= kc {
                     let mut r = [_mm256_setzero_ps(); 8];
-                    for (r, cj) in r.iter_mut().zip(cols) {
-                        *r = bf16_pairs(cj.add(2 * q), 16);
+                    for (j, r) in r.iter_mut().enumerate().take(nn) {
+                        *r = bf16_pairs(col(j).add(2 * q), 16);
                     }
                     for (u, v) in transpose8(r).into_iter().enumerate() {
                         _mm256_storeu_ps(dst.add((q + u) * NR), v);
                     }
                     q += 8;
                 }
-            } else if nn == NR && b.cs == 1 {
+            } else if b.cs == 1 {
                 // Each term's six columns are contiguous: two terms'
                 // rounded and interleaved (8-wide stores, as above).
-                let row = |p: usize| col(0).offset(p as isize * b.rs);
+                let (row, mask) = (|p: usize| col(0).offset(p as isize * b.rs), (1u8 << nn) - 1);
                 while q < kp {
-                    let lo = _mm256_maskz_loadu_ps(0x3F, row(2 * q));
+                    let lo = _mm256_maskz_loadu_ps(mask, row(2 * q));
                     let hi = if 2 * q + 1 < kc {
-                        _mm256_maskz_loadu_ps(0x3F, row(2 * q + 1))
+                        _mm256_maskz_loadu_ps(mask, row(2 * q + 1))
                     } else {
                         _mm256_setzero_ps()
                     };
