@@ -217,6 +217,37 @@ enum Causal {
     ColumnsByColumn = 3,
 }
 
+/// About how many multiply-adds column `j` of a causal product over
+/// `m × k` takes — row `j` for [`Causal::ColumnsByRow`], which is split by
+/// rows — plus one, so that none is free: the keys its query sees, or the
+/// queries that see its key.
+fn causal_work((pattern, off, nq): (Causal, usize, usize), j: usize, (m, k): (usize, usize)) -> usize {
+    1 + match pattern {
+        Causal::Entries => m.min(j % nq + off + 1),
+        Causal::KeysByColumn => k.min(j % nq + off + 1),
+        Causal::ColumnsByRow | Causal::ColumnsByColumn => nq - nq.min(j.saturating_sub(off)),
+    }
+}
+
+/// Where thread `t`'s share of `units` begins (`t == nth`: the end) when
+/// the shares are of equal `work` rather than equal counts: with 2 threads
+/// an even split of a 1024-key step's keys' gradient gave one thread 1.75
+/// triangles of work and the other 1.25.
+fn split_point(units: usize, t: usize, nth: usize, work: impl Fn(usize) -> usize) -> usize {
+    if t == 0 || t >= nth {
+        return if t == 0 { 0 } else { units };
+    }
+    let total: usize = (0..units).map(&work).sum();
+    let mut done = 0;
+    for u in 0..units {
+        if done * nth >= total * t {
+            return u;
+        }
+        done += work(u);
+    }
+    units
+}
+
 /// The causal pattern, offset and query count of a GEMM node's userdata.
 fn causal_of(userdata: usize) -> Option<(Causal, usize, usize)> {
     if !cfg!(target_pointer_width = "64") || userdata & CAUSAL == 0 {
@@ -1707,9 +1738,23 @@ unsafe extern "C" fn run(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_int, use
         let (ith, nth) = (ith as usize, nth as usize);
         // A softmax needs whole columns.
         let soft_max = SoftMax::of(d);
-        let by_rows = n * slices < 8 * nth && soft_max.is_none();
-        let (units, per) = if by_rows { (m, 1) } else { (slices * n, n) };
-        let (u0, u1) = (units * ith / nth, units * (ith + 1) / nth);
+        // The values' gradient (key rows, 64 columns a head) too: split by
+        // columns, a thread's share cut a head's columns in two, and both
+        // threads packed its probabilities.
+        let key_rows = matches!(causal, Some((Causal::ColumnsByRow, ..)));
+        let by_rows = (n * slices < 8 * nth || key_rows) && soft_max.is_none();
+        let (units, per) = if by_rows { (m, m) } else { (slices * n, n) };
+        let (u0, u1) = match causal {
+            // A causal product's rows or columns differ in work: split by it.
+            Some(c) if (!by_rows || key_rows) && nth > 1 => {
+                let work = |u: usize| causal_work(c, u % per, (m, k));
+                (
+                    split_point(units, ith, nth, work),
+                    split_point(units, ith + 1, nth, work),
+                )
+            }
+            _ => (units * ith / nth, units * (ith + 1) / nth),
+        };
         let mut u = u0;
         while u < u1 {
             // One run: rows [r0, r1) × columns [c0, c1) of slice `sl`.
@@ -2066,4 +2111,43 @@ fn scratch_in<R>(key: &'static std::thread::LocalKey<Scratch>, len: usize, f: im
         }
         f(&mut v[..len])
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The shares cover every unit once, in order, and each holds its part
+    /// of the work to within one unit's (the oracle: the work summed
+    /// directly).
+    #[test]
+    fn causal_split_balances_work() {
+        let (nq, per, slices) = (1024, 1024, 3);
+        for pattern in [
+            Causal::Entries,
+            Causal::KeysByColumn,
+            Causal::ColumnsByRow,
+            Causal::ColumnsByColumn,
+        ] {
+            for nth in [2, 3, 4, 7] {
+                let work = |u: usize| causal_work((pattern, 0, nq), u % per, (1024, 1024));
+                let units = per * slices;
+                let total: usize = (0..units).map(work).sum();
+                let points: Vec<usize> = (0..=nth).map(|t| split_point(units, t, nth, work)).collect();
+                assert_eq!((points[0], points[nth]), (0, units));
+                for t in 0..nth {
+                    assert!(points[t] <= points[t + 1], "{pattern:?} {nth}: {points:?}");
+                    let share: usize = (points[t]..points[t + 1]).map(work).sum();
+                    let most = (0..units).map(work).max().unwrap();
+                    assert!(
+                        share.abs_diff(total / nth) <= most,
+                        "{pattern:?} {nth}: share {share} of {total}"
+                    );
+                }
+            }
+        }
+        // Keys' gradient: the first key is seen by every query, the last by one.
+        let w = |j| causal_work((Causal::ColumnsByColumn, 0, nq), j, (64, 1024));
+        assert_eq!((w(0), w(nq - 1)), (nq + 1, 2));
+    }
 }
