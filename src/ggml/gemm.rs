@@ -1738,9 +1738,9 @@ unsafe extern "C" fn run(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_int, use
         let (ith, nth) = (ith as usize, nth as usize);
         // A softmax needs whole columns.
         let soft_max = SoftMax::of(d);
-        // The values' gradient (key rows, 64 columns a head) too: split by
-        // columns, a thread's share cut a head's columns in two, and both
-        // threads packed its probabilities.
+        // The values' gradient (key rows; 64 columns a head) is split by
+        // rows as well: split by columns, one head's columns fell to both
+        // threads, and both packed its probabilities.
         let key_rows = matches!(causal, Some((Causal::ColumnsByRow, ..)));
         let by_rows = (n * slices < 8 * nth || key_rows) && soft_max.is_none();
         let (units, per) = if by_rows { (m, m) } else { (slices * n, n) };
