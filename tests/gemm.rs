@@ -99,7 +99,18 @@ fn run_backward_remat<'a>(
     remat: bool,
     fill: impl FnOnce(),
 ) -> (Graph<'a>, Sched, usize, usize) {
-    let backend = Backend::cpu(threads());
+    run_backward_remat_on(threads(), ctx, loss, (rewrite, remat), fill)
+}
+
+/// [`run_backward_remat`] on `n_threads` threads.
+fn run_backward_remat_on<'a>(
+    n_threads: usize,
+    ctx: &'a Context,
+    loss: Tensor<'a>,
+    (rewrite, remat): (bool, bool),
+    fill: impl FnOnce(),
+) -> (Graph<'a>, Sched, usize, usize) {
+    let backend = Backend::cpu(n_threads);
     let mut gr = ctx.new_graph(64, true);
     gr.build_forward(loss);
     gr.build_backward(ctx);
@@ -1223,7 +1234,13 @@ type AttentionStep = (usize, usize, Vec<f32>, [Vec<f32>; 3], String);
 /// the loss `Σ o ⊙ r`, with the GEMM; the mask declared causal where
 /// `causal`, values rematerialized where `remat`, and the graph reading a
 /// leaf marked for bf16 products where `bf16`.
-fn attention_step(
+fn attention_step(heads: Heads, seed: u64, scale: f32, flags: (bool, bool, bool)) -> AttentionStep {
+    attention_step_on(threads(), heads, seed, scale, flags)
+}
+
+/// [`attention_step`] on `n_threads` threads.
+fn attention_step_on(
+    n_threads: usize,
     (nh, nkv, hd): Heads,
     seed: u64,
     scale: f32,
@@ -1263,7 +1280,7 @@ fn attention_step(
         loss = ctx.add(loss, ctx.sum(w));
     }
     let loss = loss.set_loss().set_output();
-    let (gr, _sched, rewritten, recomputed) = run_backward_remat(&ctx, loss, true, remat, || {
+    let (gr, _sched, rewritten, recomputed) = run_backward_remat_on(n_threads, &ctx, loss, (true, remat), || {
         for (t, v) in [(q, &qv), (k, &kv), (vt, &vv), (r, &rv), (m, &mv)] {
             t.write_f32(v);
         }
@@ -1311,6 +1328,41 @@ fn attention_in_a_bf16_graph_runs_in_bf16() {
         let worst = worst / scale;
         println!("{what}: bf16 against F32 {worst:.2e} of the largest value");
         assert!(worst > 1e-4 && worst < 2e-2, "{what}: {worst:.2e}");
+    }
+}
+
+/// Attention's output and gradients are the same, bit for bit, on 1 to 4
+/// threads, in F32 and in bf16, with the probabilities held or recomputed:
+/// each causal product's pieces follow a fixed grid of blocks, so every
+/// value is summed alike wherever the threads' shares end. (Pieces that
+/// started at a share's end summed their bf16 pairs from another first
+/// term, and a bf16 step's loss changed with the thread count.)
+#[test]
+fn attention_is_the_same_on_any_thread_count() {
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+    for bf16 in [false, true] {
+        if bf16 && !gguf_peft::ggml::bf16_products_supported() {
+            eprintln!("bf16 skipped: this CPU has no AVX512-BF16");
+            continue;
+        }
+        for remat in [false, true] {
+            let run = |t| attention_step_on(t, (4, 2, 64), 41, 0.125, (true, remat, bf16));
+            let (_, _, o1, g1, _) = run(1);
+            for t in 2..=4 {
+                let (_, _, o, g, _) = run(t);
+                for (what, got, want) in [
+                    ("output", &o, &o1),
+                    ("dQ", &g[0], &g1[0]),
+                    ("dK", &g[1], &g1[1]),
+                    ("dV", &g[2], &g1[2]),
+                ] {
+                    assert!(
+                        bits(got) == bits(want),
+                        "bf16 {bf16}, recomputed {remat}: {what} on {t} threads differs from 1's"
+                    );
+                }
+            }
+        }
     }
 }
 

@@ -1231,12 +1231,26 @@ unsafe fn causal_run(
             );
         }
     };
-    // [lo, hi) in blocks, which for query columns stay within one group.
-    let blocks = |lo: usize, hi: usize, queries: bool| {
+    // The grid of blocks (CAUSAL_BLOCK keys, or queries from each group's
+    // start) that index `i` lies in: its start and end. Blocks follow the
+    // grid, not the thread's share, and each sums the same terms as the
+    // grid block around it, so every value is summed alike whatever the
+    // threads' split (bf16 pairs its terms from the sum's first, and a
+    // longer sum splits into passes at other points).
+    let grid = |i: usize, queries: bool| {
+        let (base, end) = if queries {
+            (i / nq * nq, (i / nq + 1) * nq)
+        } else {
+            (0, usize::MAX)
+        };
+        let start = base + (i - base) / CAUSAL_BLOCK * CAUSAL_BLOCK;
+        (start, (start + CAUSAL_BLOCK).min(end))
+    };
+    // [lo, hi) in pieces of the grid's blocks.
+    let blocks = move |lo: usize, hi: usize, queries: bool| {
         let mut at = lo;
         std::iter::from_fn(move || {
-            let group_end = if queries { (at / nq + 1) * nq } else { usize::MAX };
-            let end = (at + CAUSAL_BLOCK).min(hi).min(group_end);
+            let end = grid(at, queries).1.min(hi);
             (at < hi).then(|| (std::mem::replace(&mut at, end), end))
         })
     };
@@ -1246,8 +1260,8 @@ unsafe fn causal_run(
     match pattern {
         Causal::Entries | Causal::KeysByColumn => {
             for (j0, j1) in blocks(c0, c1, true) {
-                // Keys the block's last (latest) query sees.
-                let seen = (j1 - 1) % nq + off + 1;
+                // Keys the grid block's last (latest) query sees.
+                let seen = (grid(j0, true).1 - 1) % nq + off + 1;
                 if pattern == Causal::Entries {
                     gemm((r0, r1.min(seen)), (j0, j1), (0, k), 0.0);
                     let hidden_end = if band { r1.min(seen + BAND_ROWS) } else { r1 };
@@ -1267,12 +1281,12 @@ unsafe fn causal_run(
         }
         Causal::ColumnsByRow => {
             for (i0a, i0b) in blocks(r0, r1, false) {
-                from_query((i0a, i0b), (c0, c1), i0a.saturating_sub(off));
+                from_query((i0a, i0b), (c0, c1), grid(i0a, false).0.saturating_sub(off));
             }
         }
         Causal::ColumnsByColumn => {
             for (j0, j1) in blocks(c0, c1, false) {
-                from_query((r0, r1), (j0, j1), j0.saturating_sub(off));
+                from_query((r0, r1), (j0, j1), grid(j0, false).0.saturating_sub(off));
             }
         }
     }
@@ -1297,9 +1311,12 @@ unsafe fn f32_product(
     (accumulate, bf16): (bool, bool),
 ) {
     // Smaller products (a LoRA gradient's rank-wide side) leave most of a
-    // 16 × 6 tile empty; matrixmultiply's 8 × 8 fits them better.
+    // 16 × 6 tile empty; matrixmultiply's 8 × 8 fits them better. Not in
+    // bf16: its sums would differ from the packed kernel's (which adds
+    // each pair's second term first), so a causal product's short pieces
+    // (where the threads' shares end) would sum otherwise than the rest.
     #[cfg(target_arch = "x86_64")]
-    if m >= 32 && n >= 24 && k >= 16 {
+    if (m >= 32 && n >= 24 && k >= 16) || (bf16 && super::packed::bf16_supported()) {
         use super::gemm_small::Strided;
         use super::packed::{product, Out, Source, Team};
         let sa = Strided {
