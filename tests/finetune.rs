@@ -447,6 +447,36 @@ fn grad_checkpointing_run_matches_plain_run() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// Training gives the same losses and gradient norms, bit for bit, on 1, 2
+/// and 3 threads, with exact (`native`) and bf16 products: how ggml and
+/// the GEMM share work out among threads must not change what is summed
+/// in which order. (bf16 runs did change with the thread count, through
+/// attention's causal products.)
+#[test]
+fn training_is_the_same_on_any_thread_count() {
+    let (dir, model, data, _) = tiny_run("ft-threads", "llama", GgmlType::Q4_1);
+    for compute in ["native", "bf16"] {
+        let run = |threads: &str| {
+            let out = dir.join(format!("{compute}-{threads}"));
+            let extra = format!("--max-steps 3 -b 2 --lr 3e-3 --base-compute {compute}");
+            let mut args = finetune_args(&model, &data, &out, &extra);
+            let t = args.iter().position(|a| a == "-t").unwrap();
+            args[t + 1] = threads.into();
+            let (ok, err) = cli_owned(&args);
+            assert!(ok, "{err}");
+            let bits = |x: Option<f32>| x.map(f32::to_bits);
+            let ms = read(&out.join("metrics.jsonl")).unwrap();
+            ms.iter().map(|m| (bits(m.loss), bits(m.grad_norm))).collect::<Vec<_>>()
+        };
+        let one = run("1");
+        assert_eq!(one.len(), 3);
+        for t in ["2", "3"] {
+            assert_eq!(run(t), one, "{compute}: {t} threads against 1");
+        }
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// `native` (the base in its Q4_1 / Q4_K types) trains on the same values
 /// as the base dequantized to F32 at load: the CPU's training products
 /// dequantize the weights exactly, so every step's loss, gradient norm and
