@@ -94,6 +94,16 @@ impl ComputeArgs {
     /// conversions and transposed copies, gets as many threads).
     fn backend(&self) -> Result<std::sync::Arc<Backend>> {
         self.threads.apply();
+        let cpus = std::thread::available_parallelism().map_or(usize::MAX, |n| n.get());
+        if self.threads() > cpus {
+            // ggml's threads spin at each node's end waiting for the rest:
+            // a thread without a CPU of its own stalls them all (the demo's
+            // steps ran 15× slower on 3 threads over 2 CPUs).
+            eprintln!(
+                "warning: --threads {} is more than the {cpus} CPUs this process may use; expect a many times slower run (use --threads {cpus} or fewer)",
+                self.threads()
+            );
+        }
         Ok(Backend::open(&self.device, self.threads())?)
     }
 }
