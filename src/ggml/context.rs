@@ -719,7 +719,7 @@ impl<'a> Graph<'a> {
                 return 0;
             };
             let pos: std::collections::HashMap<T, usize> = nodes.iter().enumerate().map(|(i, &n)| (n, i)).collect();
-            let root_of = |t: T| super::gemm::view_root(t);
+            let root_of = super::gemm::view_root;
             let readers = super::gemm::readers(&nodes);
             let readers_of = |t: T| readers.get(&(t as *const _)).map_or(&[][..], |v| &v[..]);
             // Views of each tensor, and the last node that reads each

@@ -238,11 +238,7 @@ unsafe extern "C" fn soft_max(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_int
         // row runs over the visible keys rounded up to 8 and the rest is
         // zeroed, the same values (as the scores' product's fused softmax
         // does). Half the exps of a long sequence's recomputed softmax.
-        let off = if mask.is_null() {
-            None
-        } else {
-            super::gemm::causal_offset(mask)
-        };
+        let off = super::gemm::causal_offset(mask);
         let mut w = vec![0f32; n];
         for r in share(rows, ith, nth) {
             let (i1, i2, i3) = row_index(d, r);

@@ -229,23 +229,25 @@ fn causal_work((pattern, off, nq): (Causal, usize, usize), j: usize, (m, k): (us
     }
 }
 
-/// Where thread `t`'s share of `units` begins (`t == nth`: the end) when
-/// the shares are of equal `work` rather than equal counts: with 2 threads
-/// an even split of a 1024-key step's keys' gradient gave one thread 1.75
-/// triangles of work and the other 1.25.
-fn split_point(units: usize, t: usize, nth: usize, work: impl Fn(usize) -> usize) -> usize {
-    if t == 0 || t >= nth {
-        return if t == 0 { 0 } else { units };
-    }
+/// Thread `ith` of `nth`'s share of `units` when the shares are of equal
+/// `work` rather than equal counts: with 2 threads an even split of a
+/// 1024-key step's keys' gradient gave one thread 1.75 triangles of work
+/// and the other 1.25. One walk over the units finds both ends.
+fn weighted_share(units: usize, ith: usize, nth: usize, work: impl Fn(usize) -> usize) -> std::ops::Range<usize> {
     let total: usize = (0..units).map(&work).sum();
-    let mut done = 0;
+    // Each end: the first unit at which the work before it reaches
+    // ith/nth (ith+1/nth) of the total.
+    let (mut done, mut start) = (0, None);
     for u in 0..units {
-        if done * nth >= total * t {
-            return u;
+        if start.is_none() && done * nth >= total * ith {
+            start = Some(u);
+        }
+        if ith + 1 < nth && done * nth >= total * (ith + 1) {
+            return start.unwrap_or(u)..u;
         }
         done += work(u);
     }
-    units
+    start.unwrap_or(units)..units
 }
 
 /// The causal pattern, offset and query count of a GEMM node's userdata.
@@ -1764,11 +1766,8 @@ unsafe extern "C" fn run(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_int, use
         let (u0, u1) = match causal {
             // A causal product's rows or columns differ in work: split by it.
             Some(c) if (!by_rows || key_rows) && nth > 1 => {
-                let work = |u: usize| causal_work(c, u % per, (m, k));
-                (
-                    split_point(units, ith, nth, work),
-                    split_point(units, ith + 1, nth, work),
-                )
+                let share = weighted_share(units, ith, nth, |u| causal_work(c, u % per, (m, k)));
+                (share.start, share.end)
             }
             _ => (units * ith / nth, units * (ith + 1) / nth),
         };
@@ -2150,7 +2149,12 @@ mod tests {
                 let work = |u: usize| causal_work((pattern, 0, nq), u % per, (1024, 1024));
                 let units = per * slices;
                 let total: usize = (0..units).map(work).sum();
-                let points: Vec<usize> = (0..=nth).map(|t| split_point(units, t, nth, work)).collect();
+                let shares: Vec<_> = (0..nth).map(|t| weighted_share(units, t, nth, work)).collect();
+                assert!(
+                    shares.windows(2).all(|w| w[0].end == w[1].start),
+                    "{pattern:?} {nth}: {shares:?}"
+                );
+                let points: Vec<usize> = shares.iter().map(|r| r.start).chain([shares[nth - 1].end]).collect();
                 assert_eq!((points[0], points[nth]), (0, units));
                 for t in 0..nth {
                     assert!(points[t] <= points[t + 1], "{pattern:?} {nth}: {points:?}");
